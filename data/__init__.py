@@ -1,0 +1,1 @@
+"""Storage by URL, image preprocessing, the shard formats and their readers, built-in datasets."""

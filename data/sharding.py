@@ -1,0 +1,351 @@
+"""The shard stage: raw inputs → validated, deduplicated, resized WebDataset shards.
+
+Three steps, each an importable function that the Prefect flow in ``flows/shard.py`` runs
+as a task:
+
+1. :func:`plan` lists the source once, finds exact duplicates (same bytes: only inputs
+   whose sizes collide are hashed), and deals the unique inputs into chunks of
+   ``shard_size`` in sorted order. Chunk *i* becomes ``shard-i.tar``.
+2. :func:`write_chunk` fetches, validates and preprocesses one chunk and writes its shard
+   atomically, then a small part record (``_parts/shard-i.json``: rejects, statistics,
+   the shard's hash, and a digest of the chunk's inputs and config). A chunk whose part
+   record matches its digest is already done and is skipped, which is what makes a killed
+   run resumable.
+3. :func:`finalize` gathers the part records into ``rejects.jsonl``,
+   ``duplicates.jsonl`` and, last, ``manifest.json``.
+
+The same inputs and config give byte-identical shards and the same manifest, whether the
+run was interrupted or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from data import config as configs
+from data import images, shards, storage
+from data.sources import Listing, RawItem, Reject, Vanished, fetch, list_source
+
+PARTS = "_parts"
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Configuration of the shard stage (section ``shard:`` of a config file)."""
+
+    resolution: int = 256  # output side in pixels: short side resized, then centre crop
+    shard_size: int = 1000  # inputs per shard (fewer samples where some are refused)
+    format: Literal["png", "jpg"] = "png"
+    jpeg_quality: int = 95
+    min_size: int = 0  # refuse images whose short side is smaller; 0 accepts any size
+    max_pixels: int = 64_000_000  # refuse larger images as decompression bombs
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bicubic"
+    limit: int = 0  # take only the first N inputs in sorted order; 0 takes all
+    workers: int = 2  # chunks processed concurrently
+
+    def __post_init__(self) -> None:
+        for name in ("resolution", "shard_size", "jpeg_quality", "max_pixels", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("min_size", "limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.jpeg_quality > 100:
+            raise ValueError(f"jpeg_quality must be at most 100, got {self.jpeg_quality}")
+
+    def output_fields(self) -> dict[str, Any]:
+        """The fields that change what is written (``workers`` does not)."""
+        values = configs.to_dict(self)
+        del values["workers"]
+        return values
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    source: str
+    duplicate_of: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    items: tuple[tuple[int, RawItem], ...]  # (input index in the sorted listing, item)
+
+    @property
+    def shard(self) -> str:
+        return shards.shard_name(self.index)
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: str
+    num_inputs: int
+    chunks: tuple[Chunk, ...]
+    duplicates: tuple[Duplicate, ...]
+    listing_rejects: tuple[Reject, ...]
+    class_names: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Part:
+    """What writing one chunk produced; saved as ``_parts/shard-i.json``."""
+
+    shard: str
+    digest: str
+    num_inputs: int
+    shard_info: shards.ShardInfo | None  # None when every input was refused
+    rejects: tuple[Reject, ...]
+    pixel_sum: tuple[float, ...]  # per channel, pixels in [0, 1]
+    pixel_sq_sum: tuple[float, ...]
+    pixel_count: int
+    skipped: bool = field(default=False, compare=False)  # already complete on disk
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        del body["skipped"]
+        return json.dumps(body, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Part:
+        body = json.loads(text)
+        info = body["shard_info"]
+        return cls(
+            shard=body["shard"],
+            digest=body["digest"],
+            num_inputs=body["num_inputs"],
+            shard_info=shards.ShardInfo(**info) if info else None,
+            rejects=tuple(Reject(**r) for r in body["rejects"]),
+            pixel_sum=tuple(body["pixel_sum"]),
+            pixel_sq_sum=tuple(body["pixel_sq_sum"]),
+            pixel_count=body["pixel_count"],
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Plan
+
+
+def plan(source: str, config: ShardConfig) -> Plan:
+    """List ``source`` once, mark exact duplicates, and deal the rest into chunks."""
+    listing = list_source(source, limit=config.limit)
+    hashes = _content_hashes(listing)
+    seen: dict[str, str] = {}
+    duplicates: list[Duplicate] = []
+    unique: list[tuple[int, RawItem]] = []
+    for index, item in enumerate(listing.items):
+        digest = hashes.get(item.source)
+        if digest is not None and digest in seen:
+            duplicates.append(Duplicate(item.source, seen[digest]))
+            continue
+        if digest is not None:
+            seen[digest] = item.source
+        unique.append((index, item))
+    chunks = tuple(
+        Chunk(i, tuple(unique[start : start + config.shard_size]))
+        for i, start in enumerate(range(0, len(unique), config.shard_size))
+    )
+    return Plan(
+        source=source,
+        num_inputs=len(listing.items) + len(listing.rejects),
+        chunks=chunks,
+        duplicates=tuple(duplicates),
+        listing_rejects=listing.rejects,
+        class_names=listing.class_names,
+    )
+
+
+def _content_hashes(listing: Listing) -> dict[str, str]:
+    """sha256 of every non-empty input that could have a twin (same size), by source."""
+    by_size: dict[int, list[RawItem]] = defaultdict(list)
+    for item in listing.items:
+        if item.size > 0:
+            by_size[item.size].append(item)
+    candidates = [item for group in by_size.values() if len(group) > 1 for item in group]
+    known = {item.source: item.sha256 for item in candidates if item.sha256 is not None}
+    todo = [item for item in candidates if item.sha256 is None]
+
+    def digest(item: RawItem) -> str | None:
+        try:
+            return hashlib.sha256(storage.read_bytes(item.url)).hexdigest()
+        except storage.NotFound:
+            return None  # vanished: write_chunk will reject it
+        except storage.StorageError:
+            raise
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for item, value in zip(todo, pool.map(digest, todo)):
+            if value is not None:
+                known[item.source] = value
+    return known
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Write one chunk
+
+
+def chunk_digest(chunk: Chunk, config: ShardConfig, class_names: Sequence[str] | None) -> str:
+    """Identifies a chunk's output: its inputs (as listed) and the output config."""
+    body = {
+        "config": config.output_fields(),
+        "class_names": list(class_names) if class_names is not None else None,
+        "items": [[index, item.source, item.size, item.caption, item.label, item.sha256] for index, item in chunk.items],
+        "format": [shards.FORMAT_NAME, shards.FORMAT_VERSION],
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def part_url(dest: str, shard: str) -> str:
+    return storage.join(dest, PARTS, shard.replace(".tar", ".json"))
+
+
+def completed_part(dest: str, chunk: Chunk, digest: str) -> Part | None:
+    """The part record of a chunk already written with this digest, if any."""
+    try:
+        part = Part.from_json(storage.read_text(part_url(dest, chunk.shard)))
+    except storage.NotFound:
+        return None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # unreadable record: redo the chunk
+    if part.digest != digest:
+        return None
+    if part.shard_info is not None and not storage.exists(storage.join(dest, part.shard_info.url)):
+        return None
+    return part
+
+
+def write_chunk(chunk: Chunk, dest: str, config: ShardConfig, class_names: Sequence[str] | None = None) -> Part:
+    """Fetch, validate and preprocess one chunk; write its shard, then its part record."""
+    digest = chunk_digest(chunk, config, class_names)
+    done = completed_part(dest, chunk, digest)
+    if done is not None:
+        return replace(done, skipped=True)
+
+    samples: list[shards.Sample] = []
+    rejects: list[Reject] = []
+    pixel_sum = np.zeros(3, dtype=np.float64)
+    pixel_sq_sum = np.zeros(3, dtype=np.float64)
+    pixel_count = 0
+    inputs = [item for _, item in chunk.items]
+    for (index, item), (_, data) in zip(chunk.items, fetch(inputs)):
+        if isinstance(data, Vanished):
+            rejects.append(Reject(item.source, str(data)))
+            continue
+        try:
+            decoded = images.preprocess(
+                data,
+                config.resolution,
+                min_size=config.min_size,
+                max_pixels=config.max_pixels,
+                resample=config.resample,
+            )
+        except images.Rejected as exc:
+            rejects.append(Reject(item.source, str(exc)))
+            continue
+        pixels = np.asarray(decoded.image, dtype=np.float64).reshape(-1, 3) / 255.0
+        pixel_sum += pixels.sum(axis=0)
+        pixel_sq_sum += np.square(pixels).sum(axis=0)
+        pixel_count += pixels.shape[0]
+        meta = {
+            "source": item.source,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "width": decoded.width,
+            "height": decoded.height,
+            "mode": decoded.mode,
+            "format": decoded.format,
+        }
+        samples.append(
+            shards.Sample(
+                key=shards.sample_key(index),
+                image=images.encode(decoded.image, config.format, config.jpeg_quality),
+                image_ext=config.format,
+                meta=meta,
+                caption=item.caption,
+                label=item.label,
+            )
+        )
+
+    info = None
+    if samples:
+        written = shards.write_shard(storage.join(dest, chunk.shard), samples)
+        info = shards.ShardInfo(chunk.shard, written.num_samples, written.bytes, written.sha256)
+    part = Part(
+        shard=chunk.shard,
+        digest=digest,
+        num_inputs=len(chunk.items),
+        shard_info=info,
+        rejects=tuple(rejects),
+        pixel_sum=tuple(float(v) for v in pixel_sum),
+        pixel_sq_sum=tuple(float(v) for v in pixel_sq_sum),
+        pixel_count=pixel_count,
+    )
+    storage.write_text(part_url(dest, chunk.shard), part.to_json())
+    return part
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Finalize
+
+
+def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig) -> shards.ImageManifest:
+    """Write rejects, duplicates and (last) the manifest; remove shards no longer planned."""
+    parts = sorted(parts, key=lambda part: part.shard)
+    if [part.shard for part in parts] != [chunk.shard for chunk in plan.chunks]:
+        raise RuntimeError("finalize needs exactly one part per planned chunk")
+    rejects = sorted([*plan.listing_rejects, *(r for part in parts for r in part.rejects)], key=lambda r: r.source)
+    shards.write_jsonl(storage.join(dest, shards.REJECTS), (asdict(r) for r in rejects))
+    shards.write_jsonl(storage.join(dest, shards.DUPLICATES), (asdict(d) for d in plan.duplicates))
+
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for part in parts:
+        total += np.asarray(part.pixel_sum)
+        total_sq += np.asarray(part.pixel_sq_sum)
+        count += part.pixel_count
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(total_sq / max(count, 1) - np.square(mean), 0.0))
+    infos = tuple(part.shard_info for part in parts if part.shard_info is not None)
+    manifest = shards.ImageManifest(
+        source=plan.source,
+        config=configs.to_dict(config),
+        num_inputs=plan.num_inputs,
+        num_samples=sum(info.num_samples for info in infos),
+        num_duplicates=len(plan.duplicates),
+        num_rejected=len(rejects),
+        shards=infos,
+        class_names=plan.class_names,
+        stats={"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]},
+    )
+    _remove_unplanned(dest, {info.url for info in infos}, {part.shard for part in parts})
+    storage.write_text(shards.manifest_url(dest), manifest.to_json())
+    return manifest
+
+
+def _remove_unplanned(dest: str, keep_shards: set[str], keep_parts: set[str]) -> None:
+    """Delete shards and part records left by an earlier run with another plan."""
+    for entry in storage.list_prefix(dest):
+        rel = storage.relative_to(entry.url, dest)
+        if rel.startswith("shard-") and rel.endswith(".tar") and rel not in keep_shards:
+            storage.delete(entry.url)
+        elif rel.startswith(PARTS + "/") and rel.endswith(".json"):
+            if storage.basename(rel).replace(".json", ".tar") not in keep_parts:
+                storage.delete(entry.url)
+
+
+def summary_line(manifest: shards.ImageManifest, dest: str, written: int, skipped: int, seconds: float) -> str:
+    rate = manifest.num_inputs / seconds if seconds > 0 else math.inf
+    return (
+        f"shard: {manifest.summary()} -> {dest} "
+        f"[{written} shards written, {skipped} already complete, {seconds:.1f}s, {rate:.0f} inputs/s]"
+    )

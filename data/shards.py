@@ -1,0 +1,449 @@
+"""The image-shard format, defined once: its writer, its manifest, and its streaming reader.
+
+A dataset is a folder (local or ``s3://``) of WebDataset tars named ``shard-000000.tar``
+and so on, with ``manifest.json``, ``rejects.jsonl`` and ``duplicates.jsonl`` beside them.
+Each sample in a tar is a group of members sharing a key (a zero-padded input index):
+
+=============  ===========================================================
+``KEY.png``    the image (or ``KEY.jpg``), RGB, ``resolution`` pixels square
+``KEY.txt``    the caption, UTF-8, where known
+``KEY.cls``    the integer label as ASCII digits, where known
+``KEY.json``   ``source``, ``sha256`` of the original bytes, original
+               ``width`` and ``height``, original ``mode`` and ``format``
+=============  ===========================================================
+
+Tars are written with a fixed mtime, owner and mode, so the same samples always give the
+same bytes. The manifest lists every shard with its sample count, byte size and sha256;
+shard URLs in it are relative to the manifest, so a dataset can be copied as a folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from data import storage
+from data.images import decode_rgb
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "ldmflow.image-shards"
+FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = ("png", "jpg")
+KEY_CAPTION = "txt"
+KEY_LABEL = "cls"
+KEY_META = "json"
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+DUPLICATES = "duplicates.jsonl"
+TAR_MTIME = 0  # fixed: the same samples give byte-identical tars
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    """The key of the input at ``index`` in a dataset's sorted input list."""
+    return f"{index:09d}"
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample as stored: the encoded image and what is known about it."""
+
+    key: str
+    image: bytes
+    image_ext: str  # "png" or "jpg"
+    meta: dict[str, Any]
+    caption: str | None = None
+    label: int | None = None
+
+    def members(self) -> dict[str, bytes | str]:
+        members: dict[str, bytes | str] = {"__key__": self.key, self.image_ext: self.image}
+        if self.caption is not None:
+            members[KEY_CAPTION] = self.caption.encode("utf-8")
+        if self.label is not None:
+            members[KEY_LABEL] = str(int(self.label)).encode("ascii")
+        members[KEY_META] = json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return members
+
+
+class _HashingWriter(io.RawIOBase):
+    """Passes writes through to ``target`` while counting bytes and hashing them."""
+
+    def __init__(self, target):
+        self.target = target
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        self.target.write(data)
+        return len(data)
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    url: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+def write_shard(url: str, samples: Iterable[Sample]) -> WrittenShard:
+    """Write ``samples`` as one WebDataset tar at ``url``, atomically."""
+    import webdataset as wds
+
+    count = 0
+    with storage.open_write(url) as handle:
+        hashing = _HashingWriter(handle)
+        writer = wds.TarWriter(hashing, encoder=False, mtime=TAR_MTIME, user="ldmflow", group="ldmflow", mode=0o444)
+        for sample in samples:
+            writer.write(sample.members())
+            count += 1
+        writer.close()
+    return WrittenShard(url, count, hashing.bytes, hashing.sha256.hexdigest())
+
+
+def write_jsonl(url: str, rows: Iterable[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    storage.write_text(url, text)
+
+
+def read_jsonl(url: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in storage.read_text(url).splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------
+# The manifest
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable, or of another format."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str  # relative to the manifest's folder
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ImageManifest:
+    """What a shard run produced; ``num_inputs == num_samples + num_duplicates + num_rejected``."""
+
+    source: str
+    config: dict[str, Any]
+    num_inputs: int
+    num_samples: int
+    num_duplicates: int
+    num_rejected: int
+    shards: tuple[ShardInfo, ...]
+    class_names: tuple[str, ...] | None
+    stats: dict[str, list[float]]  # per-channel "mean" and "std" of pixels in [0, 1]
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        total = self.num_samples + self.num_duplicates + self.num_rejected
+        if self.num_inputs != total:
+            raise ManifestError(
+                f"counts do not reconcile: {self.num_inputs} inputs != {self.num_samples} samples "
+                f"+ {self.num_duplicates} duplicates + {self.num_rejected} rejected"
+            )
+        if sum(shard.num_samples for shard in self.shards) != self.num_samples:
+            raise ManifestError("shard sample counts do not add up to num_samples")
+
+    def to_json(self) -> str:
+        body = {
+            "format": self.format,
+            "version": self.version,
+            "source": self.source,
+            "num_inputs": self.num_inputs,
+            "num_samples": self.num_samples,
+            "num_duplicates": self.num_duplicates,
+            "num_rejected": self.num_rejected,
+            "class_names": list(self.class_names) if self.class_names is not None else None,
+            "stats": self.stats,
+            "config": self.config,
+            "shards": [vars(shard) for shard in self.shards],
+        }
+        return json.dumps(body, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest") -> ImageManifest:
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{where}: not JSON: {exc}") from exc
+        if body.get("format") != FORMAT_NAME:
+            raise ManifestError(f"{where}: format is {body.get('format')!r}, expected {FORMAT_NAME!r}")
+        if body.get("version") != FORMAT_VERSION:
+            raise ManifestError(f"{where}: version {body.get('version')} is not supported (expected {FORMAT_VERSION})")
+        try:
+            return cls(
+                source=body["source"],
+                config=body["config"],
+                num_inputs=body["num_inputs"],
+                num_samples=body["num_samples"],
+                num_duplicates=body["num_duplicates"],
+                num_rejected=body["num_rejected"],
+                shards=tuple(ShardInfo(**shard) for shard in body["shards"]),
+                class_names=tuple(body["class_names"]) if body["class_names"] is not None else None,
+                stats=body["stats"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"{where}: missing or malformed field: {exc}") from exc
+
+    def summary(self) -> str:
+        classes = f", {len(self.class_names)} classes" if self.class_names else ""
+        return (
+            f"{self.num_inputs} inputs -> {self.num_samples} samples in {len(self.shards)} shards"
+            f" ({self.num_duplicates} duplicates, {self.num_rejected} rejected{classes})"
+        )
+
+
+def manifest_url(dataset: str) -> str:
+    """The manifest of a dataset folder, or ``dataset`` itself if it names the manifest."""
+    return dataset if dataset.endswith(".json") else storage.join(dataset, MANIFEST)
+
+
+def read_manifest(dataset: str) -> ImageManifest:
+    url = manifest_url(dataset)
+    try:
+        text = storage.read_text(url)
+    except storage.NotFound as exc:
+        raise ManifestError(f"{url}: no manifest (has the shard stage finished here?)") from exc
+    return ImageManifest.from_json(text, where=url)
+
+
+def shard_urls(dataset: str, manifest: ImageManifest | None = None) -> list[str]:
+    """Absolute URLs of a dataset's shards, in manifest order."""
+    manifest = manifest or read_manifest(dataset)
+    folder = storage.dirname(manifest_url(dataset))
+    return [storage.join(folder, shard.url) for shard in manifest.shards]
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def assign_shards(
+    num_shards: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    worker: int = 0,
+    num_workers: int = 1,
+    epoch: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> tuple[list[int], tuple[int, int] | None]:
+    """Which shards one reader (a rank's dataloader worker) reads this epoch.
+
+    Shards are reshuffled each epoch from ``(seed, epoch)`` and dealt round-robin to the
+    ``world_size * num_workers`` readers, so readers get disjoint sets that together cover
+    every shard. When there are fewer shards than readers, every reader reads every shard
+    and keeps one sample in ``n``: the second value is then ``(index, n)``, else ``None``.
+    """
+    order = list(range(num_shards))
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    readers = world_size * num_workers
+    reader = rank * num_workers + worker
+    if num_shards >= readers:
+        return order[reader::readers], None
+    return order, (reader, readers)
+
+
+class SkipCounter:
+    """Counts (and logs) corrupt samples and unreadable shards instead of raising."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self.errors: list[str] = []
+
+    def __call__(self, exc: Exception) -> bool:
+        self.skipped += 1
+        message = f"{type(exc).__name__}: {str(exc.args[0]) if exc.args else exc}"
+        if len(self.errors) < 100:
+            self.errors.append(message)
+        log.warning("skipped a corrupt sample or shard: %s", message)
+        return True
+
+
+def iter_raw_samples(urls: Sequence[str], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Raw member dicts (``__key__``, ``png``, ``txt``…) from tars read through storage."""
+    from webdataset import tariterators
+
+    def opened() -> Iterator[dict[str, Any]]:
+        for url in urls:
+            try:
+                stream = storage.open_read(url)
+            except storage.StorageError as exc:
+                if handler(exc):
+                    continue
+                raise
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
+    files = tariterators.tar_file_expander(opened(), handler=handler)
+    yield from tariterators.group_by_keys(files, handler=handler)
+
+
+@dataclass
+class DecodedSample:
+    key: str
+    image: np.ndarray  # (3, H, W) float32 in [-1, 1]
+    label: int  # -1 where unknown
+    caption: str  # "" where unknown
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_sample(raw: dict[str, Any]) -> DecodedSample:
+    """A raw member dict as arrays; raises ``ValueError`` for a corrupt or incomplete one."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if ext is None:
+        raise ValueError(f"sample {raw.get('__key__')!r} in {raw.get('__url__')} has no image")
+    try:
+        pixels = decode_rgb(raw[ext])
+    except Exception as exc:
+        raise ValueError(f"sample {raw['__key__']!r} in {raw.get('__url__')}: undecodable image: {exc}") from exc
+    image = pixels.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    label = int(raw[KEY_LABEL].decode("ascii")) if KEY_LABEL in raw else -1
+    caption = raw[KEY_CAPTION].decode("utf-8") if KEY_CAPTION in raw else ""
+    meta = json.loads(raw[KEY_META]) if KEY_META in raw else {}
+    return DecodedSample(raw["__key__"], image, label, caption, meta)
+
+
+def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of ``buffer_size`` items (1 or less: no shuffle)."""
+    if buffer_size <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _torch_worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Stream decoded samples from image shards, split across ranks and loader workers.
+
+    A ``torch.utils.data.IterableDataset``: each pass reads the
+    shards assigned to this rank and dataloader worker for the current ``epoch``, through a
+    shuffle buffer, and skips (and counts in ``skips``) a sample or shard that is corrupt.
+    Call :meth:`set_epoch` before each epoch to reshuffle.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        decode: Callable[[dict[str, Any]], Any] = decode_sample,
+    ) -> None:
+        if not urls:
+            raise ValueError("no shards to read")
+        self.urls = list(urls)
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.decode = decode
+        self.epoch = 0
+        self.skips = SkipCounter()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        worker, num_workers = _torch_worker()
+        indices, sample_split = assign_shards(
+            len(self.urls),
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            epoch=self.epoch,
+            seed=self.seed,
+            shuffle=self.shuffle_buffer > 1,
+        )
+        raw = iter_raw_samples([self.urls[i] for i in indices], self.skips)
+        if sample_split is not None:
+            reader, readers = sample_split
+            raw = (sample for i, sample in enumerate(raw) if i % readers == reader)
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        for sample in shuffled(raw, self.shuffle_buffer, rng):
+            try:
+                yield self.decode(sample)
+            except ValueError as exc:
+                self.skips(exc)
+
+
+def collate(samples: Sequence[DecodedSample]) -> dict[str, Any]:
+    """Stack decoded samples into a batch: ``image`` (B, 3, H, W), ``label`` (B,), lists."""
+    return {
+        "image": torch.from_numpy(np.stack([s.image for s in samples])),
+        "label": torch.tensor([s.label for s in samples], dtype=torch.long),
+        "caption": [s.caption for s in samples],
+        "key": [s.key for s in samples],
+    }
+
+
+def make_loader(
+    dataset: str,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    drop_last: bool = False,
+):
+    """A ``torch.utils.data.DataLoader`` of batches from the image dataset at ``dataset``."""
+    stream = ShardStream(shard_urls(dataset), rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer, seed=seed)
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        persistent_workers=False,
+    )

@@ -1,0 +1,325 @@
+"""Raw datasets: list the inputs of a source once, then fetch their bytes chunk by chunk.
+
+A source is one of
+
+- a local folder or an ``s3://`` prefix: flat, or one sub-folder per class (torchvision's
+  ImageFolder layout);
+- a ``.tar`` file, or a folder/prefix holding tars (WebDataset or plain tars of a tree);
+- ``builtin:digits`` or ``builtin:mnist`` (:mod:`data.builtin`).
+
+Captions and labels come from a sidecar beside the image (``NAME.txt`` caption,
+``NAME.cls`` label, ``NAME.json`` with ``caption`` and/or ``label``), from a
+``metadata.jsonl`` or ``metadata.csv`` with a ``file_name`` column (the Hugging Face
+imagefolder convention; ``caption``/``text`` and ``label`` columns), or for labels from the
+class folder. A sidecar wins over metadata, metadata over the folder.
+
+Every file that is neither a sidecar nor a metadata file is an input; whatever cannot be
+used becomes a reject with its reason, so ``inputs = samples + duplicates + rejects``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from data import builtin, storage
+
+SIDECAR_SUFFIXES = (".txt", ".cls", ".json")
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+CAPTION_COLUMNS = ("caption", "text", "txt")
+LABEL_COLUMNS = ("label", "cls")
+
+
+@dataclass(frozen=True)
+class RawItem:
+    """One input: where its bytes are and what is known of it before decoding."""
+
+    source: str  # path relative to SOURCE; unique; the sort order of the dataset
+    url: str  # file or object URL, "TAR_URL#member", or "builtin:NAME#index"
+    size: int
+    caption: str | None = None
+    label: int | None = None
+    sha256: str | None = None  # known at listing for tar members and built-ins
+
+
+@dataclass(frozen=True)
+class Reject:
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    items: tuple[RawItem, ...]  # sorted by source
+    rejects: tuple[Reject, ...]  # inputs refused while listing (orphan sidecars, broken tars)
+    class_names: tuple[str, ...] | None
+
+
+class SourceError(ValueError):
+    """A source that cannot be listed at all (missing folder, unknown scheme)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Listing
+
+
+@dataclass(frozen=True)
+class _File:
+    rel: str  # relative to the tree's root
+    url: str
+    size: int
+    sha256: str | None = None
+    content: bytes | None = None  # kept for small files read while listing (tar members)
+
+
+def list_source(source: str, limit: int = 0) -> Listing:
+    """List every input of ``source`` once, sorted, with captions and labels resolved."""
+    if builtin.is_builtin(source):
+        return _list_builtin(source, limit)
+    if source.endswith(".tar") and not source.endswith("/"):
+        trees = [(storage.basename(source), _list_tar(source))]
+    else:
+        try:
+            entries = list(storage.list_prefix(source))
+        except storage.NotFound as exc:
+            raise SourceError(f"{source}: no such folder or prefix") from exc
+        loose: list[_File] = []
+        trees = []
+        for entry in entries:
+            rel = storage.relative_to(entry.url, source)
+            if rel.endswith(".tar"):
+                trees.append((rel, _list_tar(entry.url)))
+            else:
+                loose.append(_File(rel, entry.url, entry.size))
+        trees.insert(0, ("", (loose, [])))
+    items: list[tuple[RawItem, str | int | None]] = []
+    rejects: list[Reject] = []
+    for root, (files, tree_rejects) in trees:
+        tree_items, more_rejects = _resolve_tree(root, files)
+        items.extend(tree_items)
+        rejects.extend(tree_rejects)
+        rejects.extend(more_rejects)
+    items.sort(key=lambda pair: pair[0].source)
+    if limit:
+        items = items[:limit]
+    resolved, class_names = _number_labels(items)
+    rejects.sort(key=lambda reject: reject.source)
+    return Listing(tuple(resolved), tuple(rejects), class_names)
+
+
+def _list_builtin(source: str, limit: int) -> Listing:
+    dataset = builtin.load(source)
+    count = len(dataset.labels) if not limit else min(limit, len(dataset.labels))
+    items = []
+    for index in range(count):
+        png = dataset.png(index)
+        items.append(
+            RawItem(
+                source=f"{dataset.name}/{index:05d}.png",
+                url=f"{source}#{index}",
+                size=len(png),
+                caption=dataset.caption(index),
+                label=int(dataset.labels[index]),
+                sha256=hashlib.sha256(png).hexdigest(),
+            )
+        )
+    return Listing(tuple(items), (), dataset.class_names)
+
+
+def _list_tar(url: str) -> tuple[list[_File], list[Reject]]:
+    """Members of a tar, hashed as they stream by; small sidecars are kept in memory."""
+    files: list[_File] = []
+    rejects: list[Reject] = []
+    name = storage.basename(url)
+    try:
+        with storage.open_read(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                data = tar.extractfile(member).read()
+                keep = data if _is_sidecar_or_metadata(member.name) else None
+                files.append(_File(member.name, f"{url}#{member.name}", len(data), hashlib.sha256(data).hexdigest(), keep))
+    except storage.StorageError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        rejects.append(Reject(name, f"truncated or corrupt tar after {len(files)} members: {exc}"))
+    return files, rejects
+
+
+def _is_sidecar_or_metadata(path: str) -> bool:
+    return posixpath.basename(path) in METADATA_NAMES or path.endswith(SIDECAR_SUFFIXES)
+
+
+def _resolve_tree(root: str, files: list[_File]) -> tuple[list[tuple[RawItem, str | int | None]], list[Reject]]:
+    """Pair the inputs of one tree (a folder or one tar) with their sidecars and metadata."""
+
+    def source_of(rel: str) -> str:
+        return f"{root}/{rel}" if root else rel
+
+    metadata_files = [f for f in files if posixpath.basename(f.rel) in METADATA_NAMES]
+    others = [f for f in files if posixpath.basename(f.rel) not in METADATA_NAMES]
+    stems = {posixpath.splitext(f.rel)[0] for f in others if not f.rel.endswith(SIDECAR_SUFFIXES)}
+    sidecars = {f.rel: f for f in others if f.rel.endswith(SIDECAR_SUFFIXES) and posixpath.splitext(f.rel)[0] in stems}
+    inputs = [f for f in others if f.rel not in sidecars]
+
+    rejects: list[Reject] = []
+    for f in inputs:
+        if f.rel.endswith(SIDECAR_SUFFIXES):
+            rejects.append(Reject(source_of(f.rel), f"a {posixpath.splitext(f.rel)[1]} sidecar with no image beside it"))
+    inputs = [f for f in inputs if not f.rel.endswith(SIDECAR_SUFFIXES)]
+
+    contents = _read_small([*sidecars.values(), *metadata_files])
+    metadata = {}
+    for f in metadata_files:
+        metadata.update(_parse_metadata(f, contents[f.rel]))
+    class_folders = bool(inputs) and all(f.rel.count("/") == 1 for f in inputs)
+
+    items = []
+    for f in inputs:
+        stem = posixpath.splitext(f.rel)[0]
+        caption, label = metadata.get(f.rel, (None, None))
+        if class_folders and label is None:
+            label = f.rel.split("/", 1)[0]
+        side = {suffix: contents.get(stem + suffix) for suffix in SIDECAR_SUFFIXES}
+        if side[".json"] is not None:
+            try:
+                body = json.loads(side[".json"])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                rejects.append(Reject(source_of(stem + ".json"), "a sidecar that is not valid JSON"))
+                body = {}
+            if isinstance(body, dict):
+                caption = body.get("caption", body.get("text", caption))
+                label = body.get("label", label)
+        if side[".cls"] is not None:
+            label = side[".cls"].decode("utf-8", "replace").strip()
+        if side[".txt"] is not None:
+            caption = side[".txt"].decode("utf-8", "replace").strip()
+        items.append((RawItem(source_of(f.rel), f.url, f.size, caption, None, f.sha256), label))
+    return items, rejects
+
+
+def _read_small(files: Sequence[_File]) -> dict[str, bytes]:
+    """Contents of sidecars and metadata files, read concurrently where not in memory."""
+    todo = [f for f in files if f.content is None]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        fetched = dict(zip([f.rel for f in todo], pool.map(lambda f: storage.read_bytes(f.url), todo)))
+    return {f.rel: f.content for f in files if f.content is not None} | fetched
+
+
+def _parse_metadata(f: _File, content: bytes) -> dict[str, tuple[str | None, str | int | None]]:
+    """``file_name`` → (caption, label) from a metadata.jsonl or metadata.csv."""
+    folder = posixpath.dirname(f.rel)
+    text = content.decode("utf-8", "replace")
+    if f.rel.endswith(".jsonl"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise SourceError(f"{f.url}: line {number} is not JSON: {exc}") from exc
+    else:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    found = {}
+    for row in rows:
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise SourceError(f"{f.url}: every row needs a file_name")
+        caption = next((row[c] for c in CAPTION_COLUMNS if row.get(c) not in (None, "")), None)
+        label = next((row[c] for c in LABEL_COLUMNS if row.get(c) not in (None, "")), None)
+        found[posixpath.normpath(posixpath.join(folder, row["file_name"]))] = (caption, label)
+    return found
+
+
+def _number_labels(items: Sequence[tuple[RawItem, str | int | None]]) -> tuple[list[RawItem], tuple[str, ...] | None]:
+    """Integer labels as they are; names (class folders, string labels) as sorted indices."""
+
+    def as_int(value: str | int) -> int | None:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        return None
+
+    labels = [label for _, label in items if label is not None]
+    if all(as_int(label) is not None for label in labels):
+        return [replace(item, label=as_int(label) if label is not None else None) for item, label in items], None
+    names = tuple(sorted({str(label) for label in labels}))
+    index = {name: i for i, name in enumerate(names)}
+    return [replace(item, label=index[str(label)] if label is not None else None) for item, label in items], names
+
+
+# ---------------------------------------------------------------------------------------
+# Fetching
+
+
+class Vanished(Exception):
+    """An input listed earlier that can no longer be read as listed."""
+
+
+def fetch(items: Iterable[RawItem]) -> Iterator[tuple[RawItem, bytes | Vanished]]:
+    """The bytes of each item, in order; an unreadable one yields :class:`Vanished`.
+
+    Transient storage errors propagate (as ``storage.StorageError``) so the caller's task
+    can be retried; a file that disappeared or changed since listing is this item's error.
+    Tar members are read by streaming each tar once per call.
+    """
+    items = list(items)
+    from_tars: dict[str, dict[str, bytes]] = {}
+    tar_urls = sorted({item.url.split("#", 1)[0] for item in items if _is_tar_member(item)})
+    for tar_url in tar_urls:
+        wanted = {item.url.split("#", 1)[1] for item in items if item.url.startswith(tar_url + "#")}
+        from_tars[tar_url] = _read_members(tar_url, wanted)
+    for item in items:
+        try:
+            if builtin.is_builtin(item.url):
+                source, _, index = item.url.partition("#")
+                data = builtin.load(source).png(int(index))
+            elif _is_tar_member(item):
+                tar_url, _, member = item.url.partition("#")
+                if member not in from_tars[tar_url]:
+                    raise Vanished(f"no longer readable from {storage.basename(tar_url)}")
+                data = from_tars[tar_url][member]
+            else:
+                data = storage.read_bytes(item.url)
+        except storage.NotFound:
+            yield item, Vanished("no longer exists")
+            continue
+        except storage.StorageError:
+            raise
+        except OSError as exc:
+            yield item, Vanished(f"unreadable: {exc.strerror or exc}")
+            continue
+        except Vanished as exc:
+            yield item, exc
+            continue
+        if item.sha256 is not None and hashlib.sha256(data).hexdigest() != item.sha256:
+            yield item, Vanished("changed since it was listed")
+            continue
+        yield item, data
+
+
+def _is_tar_member(item: RawItem) -> bool:
+    return "#" in item.url and not builtin.is_builtin(item.url)
+
+
+def _read_members(url: str, wanted: set[str]) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    try:
+        with storage.open_read(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if member.name in wanted and member.isfile():
+                    found[member.name] = tar.extractfile(member).read()
+                    if len(found) == len(wanted):
+                        break
+    except storage.StorageError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        pass  # members not found are reported by the caller as vanished
+    return found

@@ -1,0 +1,1 @@
+"""Prefect flows that compose ldmflow's stages, and the ``ldmflow`` command line."""

@@ -1,0 +1,116 @@
+"""The ``ldmflow`` command line: one subcommand per stage, each a thin call of its flow.
+
+Every subcommand takes ``--config FILE`` (YAML; a stage reads its own section) and flags
+that override single fields. Heavy imports (Prefect, torch) happen inside the commands,
+after the state folder is configured, so ``--help`` is quick.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from flows import runtime
+
+app = typer.Typer(
+    name="ldmflow",
+    help="Train and serve latent diffusion models: shard images, precompute latents, train, register, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Optional[str], typer.Option("--config", "-c", help="YAML config file; the stage reads its own section (e.g. shard:).")
+]
+
+
+class ImageFormat(str, Enum):
+    png = "png"
+    jpg = "jpg"
+
+
+@app.callback()
+def main(
+    state_dir: Annotated[
+        Optional[str],
+        typer.Option(help="Local state folder for the embedded services (default: $LDMFLOW_HOME or .ldmflow)."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs.")] = False,
+) -> None:
+    runtime.configure(state_dir, verbose)
+
+
+@app.command()
+def shard(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Raw images: a folder, an s3:// prefix, a .tar (or a folder of tars), builtin:digits or builtin:mnist."
+        ),
+    ],
+    dest: Annotated[str, typer.Argument(help="Output folder or s3:// prefix for shards, manifest.json and rejects.jsonl.")],
+    config: ConfigOption = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Output side in pixels (short side resized, centre crop).")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Inputs per shard.")] = None,
+    format: Annotated[Optional[ImageFormat], typer.Option("--format", help="Image encoding inside the shards.")] = None,
+    min_size: Annotated[Optional[int], typer.Option(help="Refuse images whose short side is smaller (0: accept any).")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Refuse images with more pixels (decompression bombs).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Take only the first N inputs in sorted order (0: all).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Chunks processed concurrently.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Validate, deduplicate and resize a raw image dataset into WebDataset shards.
+
+    Every input that cannot be used is written to rejects.jsonl with its reason; the run
+    goes on. Rerunning into the same DEST finishes only the shards that are missing.
+    """
+    from data import config as configs
+    from data import storage
+    from data.sharding import ShardConfig
+    from data.sources import SourceError
+    from flows import shard as shard_flow
+
+    overrides = dict(
+        resolution=resolution,
+        shard_size=shard_size,
+        format=format.value if format else None,
+        min_size=min_size,
+        max_pixels=max_pixels,
+        limit=limit,
+        workers=workers,
+    )
+    try:
+        stage_config = configs.load(ShardConfig, config, section="shard", overrides=overrides)
+    except configs.ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
+    try:
+        outcome = shard_flow.run(source, dest, stage_config, progress=progress)
+    except (SourceError, storage.StorageError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(outcome.summary())
+
+
+@app.command()
+def inspect(dataset: Annotated[str, typer.Argument(help="A shard folder or s3:// prefix (or its manifest.json).")]) -> None:
+    """Print a dataset's manifest summary: counts, classes, statistics and shards."""
+    from data import shards
+
+    try:
+        manifest = shards.read_manifest(dataset)
+    except shards.ManifestError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(manifest.summary())
+    if manifest.class_names:
+        typer.echo(f"classes: {', '.join(manifest.class_names)}")
+    typer.echo(f"pixel mean {manifest.stats['mean']}  std {manifest.stats['std']}")
+    for shard in manifest.shards:
+        typer.echo(f"  {shard.url}  {shard.num_samples:6d} samples  {shard.bytes:>12,d} bytes  {shard.sha256[:16]}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,30 @@
+"""The local state folder and the environment the embedded services need.
+
+With no endpoints configured, everything runs on one machine under one state folder
+(``.ldmflow/`` by default, ``LDMFLOW_HOME`` or ``--state-dir`` otherwise): Prefect's
+temporary local API keeps its database there. :func:`configure` must run before Prefect
+is imported, because Prefect reads its settings at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_STATE_DIR = ".ldmflow"
+
+
+def state_dir(explicit: str | None = None) -> Path:
+    return Path(explicit or os.environ.get("LDMFLOW_HOME") or DEFAULT_STATE_DIR).absolute()
+
+
+def configure(explicit_state_dir: str | None = None, verbose: bool = False) -> Path:
+    """Point Prefect at the state folder (unless the environment already says otherwise)."""
+    state = state_dir(explicit_state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    os.environ["LDMFLOW_HOME"] = str(state)
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    return state

@@ -1,0 +1,92 @@
+"""The shard flow: plan, write chunks concurrently as Prefect tasks, finalize.
+
+The flow only orchestrates; the work is in :mod:`data.sharding`. Tasks retry storage
+errors (a store that drops a connection, throttles or restarts) with backoff; any other
+error in a chunk fails the run, since per-input problems are already rejects.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm import tqdm
+
+from data import shards, sharding, storage
+from data.sharding import ShardConfig
+
+
+def retry_on_storage_error(task, task_run, state) -> bool:
+    """Prefect retry condition: retry only what a store's hiccup could have caused."""
+    try:
+        state.result()
+    except storage.StorageError as exc:
+        return not isinstance(exc, storage.NotFound)
+    except Exception:
+        return False
+    return False
+
+
+STORAGE_RETRIES = dict(
+    retries=4,
+    retry_delay_seconds=[1, 4, 15, 30],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_on_storage_error,
+    cache_policy=NO_CACHE,
+)
+
+
+@task(name="plan-shards", **STORAGE_RETRIES)
+def plan_task(source: str, config: ShardConfig) -> sharding.Plan:
+    return sharding.plan(source, config)
+
+
+@task(name="write-shard", task_run_name="write-{chunk.shard}", **STORAGE_RETRIES)
+def write_chunk_task(chunk: sharding.Chunk, dest: str, config: ShardConfig, class_names) -> sharding.Part:
+    return sharding.write_chunk(chunk, dest, config, class_names)
+
+
+@task(name="finalize-shards", **STORAGE_RETRIES)
+def finalize_task(plan: sharding.Plan, parts: list[sharding.Part], dest: str, config: ShardConfig) -> shards.ImageManifest:
+    return sharding.finalize(plan, parts, dest, config)
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    manifest: shards.ImageManifest
+    dest: str
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+
+    def summary(self) -> str:
+        return sharding.summary_line(self.manifest, self.dest, self.shards_written, self.shards_skipped, self.seconds)
+
+
+@flow(name="shard")
+def shard_flow(source: str, dest: str, config: ShardConfig = ShardConfig(), progress: bool = True) -> ShardOutcome:
+    """Turn the raw dataset at ``source`` into WebDataset shards at ``dest``."""
+    started = time.perf_counter()
+    storage.remove_stale_temporaries(dest)
+    plan = plan_task(source, config)
+    futures = [write_chunk_task.submit(chunk, dest, config, plan.class_names) for chunk in plan.chunks]
+    parts = []
+    with tqdm(total=len(futures), desc="shards", unit="shard", disable=not progress) as bar:
+        for future in as_completed(futures):
+            parts.append(future.result())
+            bar.update(1)
+    manifest = finalize_task(plan, parts, dest, config)
+    skipped = sum(part.skipped for part in parts)
+    outcome = ShardOutcome(manifest, dest, len(parts) - skipped, skipped, time.perf_counter() - started)
+    get_run_logger().info(outcome.summary())
+    return outcome
+
+
+def run(source: str, dest: str, config: ShardConfig, progress: bool = True) -> ShardOutcome:
+    """Run :func:`shard_flow` with ``config.workers`` chunks in flight."""
+    runner = ThreadPoolTaskRunner(max_workers=config.workers)
+    return shard_flow.with_options(task_runner=runner)(source, dest, config, progress)

@@ -1,0 +1,91 @@
+"""Shared fixtures: real local servers, never mocks of their clients.
+
+- ``s3``: moto in server mode on 127.0.0.1 (one per session), reached through boto3 over
+  HTTP exactly like MinIO or AWS; ``bucket`` gives each test a fresh bucket.
+- Prefect runs against its local API: one temporary server for the session
+  (``prefect_test_harness``), whose URL subprocesses inherit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+# Prefect reads its settings at import time: point it at a throwaway home first.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="ldmflow-tests-"))
+os.environ["LDMFLOW_HOME"] = str(_SESSION_HOME / "state")
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_name, None)
+os.environ["AWS_ACCESS_KEY_ID"] = "ldmflow-test"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "ldmflow-test-secret"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api():
+    """Prefect's local API for the whole session; its URL is exported for subprocesses."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        url = PREFECT_API_URL.value()
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto's server mode) on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield server
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    server.stop()
+
+
+@pytest.fixture()
+def bucket(s3_server) -> str:
+    """A fresh, empty bucket on the local S3 server, as ``s3://NAME``."""
+    from data import storage
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture()
+def subprocess_env(prefect_api) -> dict[str, str]:
+    """The environment for an ``ldmflow`` subprocess: same Prefect API, same S3 endpoint."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

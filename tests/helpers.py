@@ -1,0 +1,73 @@
+"""Small real images of every awkward kind, made on the fly (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def pattern(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A deterministic RGB test pattern with distinct quadrants (orientation is visible)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    image[: height // 2, : width // 2] = (255, 0, 0)  # top-left red
+    return image
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **params)
+    return out.getvalue()
+
+
+def png(width: int = 16, height: int = 16, seed: int = 0) -> bytes:
+    return encode(Image.fromarray(pattern(width, height, seed)))
+
+
+def jpeg_with_orientation(width: int, height: int, orientation: int) -> bytes:
+    """A JPEG whose EXIF says to rotate it (6: 90° clockwise)."""
+    image = Image.fromarray(pattern(width, height))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def rgba_transparent(size: int = 16) -> bytes:
+    image = Image.new("RGBA", (size, size), (0, 0, 255, 0))  # fully transparent blue
+    return encode(image)
+
+
+def palette_with_transparency(size: int = 16) -> bytes:
+    image = Image.new("P", (size, size), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.info["transparency"] = 0
+    return encode(image, transparency=0)
+
+
+def gray16(size: int = 16, value: int = 65535) -> bytes:
+    return encode(Image.fromarray(np.full((size, size), value, dtype=np.uint16)))
+
+
+def cmyk_jpeg(size: int = 16) -> bytes:
+    return encode(Image.new("CMYK", (size, size), (0, 255, 255, 0)), "JPEG", quality=95)
+
+
+def animated_gif(size: int = 16) -> bytes:
+    frames = [Image.new("P", (size, size), i) for i in range(3)]
+    for frame in frames:
+        frame.putpalette([255, 255, 255, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return out.getvalue()
+
+
+def bomb_png(side: int = 12_000) -> bytes:
+    """A tiny file that claims a huge image (1-bit, compresses to almost nothing)."""
+    return encode(Image.new("1", (side, side), 0), optimize=True)
+
+
+def truncated_png() -> bytes:
+    data = png(64, 64, seed=3)
+    return data[: len(data) // 2]
