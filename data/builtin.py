@@ -18,6 +18,10 @@ import numpy as np
 from PIL import Image
 
 PREFIX = "builtin:"
+
+
+class SourceError(ValueError):
+    """A source that cannot be listed at all (missing folder, unknown name or scheme)."""
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -58,5 +62,5 @@ def load(source: str) -> BuiltinDataset:
         images = np.asarray(flat, dtype=np.uint8).reshape(-1, 28, 28)
         labels = np.asarray(labels, dtype=np.int64)
     else:
-        raise ValueError(f"unknown built-in dataset {source!r}: choose builtin:digits or builtin:mnist")
+        raise SourceError(f"unknown built-in dataset {source!r}: choose builtin:digits or builtin:mnist")
     return BuiltinDataset(name, images, labels, tuple(str(i) for i in range(10)))

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from data import builtin, storage
+from data.builtin import SourceError
 
 SIDECAR_SUFFIXES = (".txt", ".cls", ".json")
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -60,10 +61,6 @@ class Listing:
     items: tuple[RawItem, ...]  # sorted by source
     rejects: tuple[Reject, ...]  # inputs refused while listing (orphan sidecars, broken tars)
     class_names: tuple[str, ...] | None
-
-
-class SourceError(ValueError):
-    """A source that cannot be listed at all (missing folder, unknown scheme)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,6 +111,23 @@ def list_source(source: str, limit: int = 0) -> Listing:
     return Listing(tuple(resolved), tuple(rejects), class_names)
 
 
+def check_source(source: str) -> None:
+    """Fail fast, before any work starts, on a source that does not exist or is empty."""
+    if builtin.is_builtin(source):
+        builtin.load(source)
+        return
+    if source.endswith(".tar") and not source.endswith("/"):
+        if not storage.exists(source):
+            raise SourceError(f"{source}: no such tar")
+        return
+    try:
+        next(iter(storage.list_prefix(source)))
+    except storage.NotFound as exc:
+        raise SourceError(f"{source}: no such folder or prefix") from exc
+    except StopIteration as exc:
+        raise SourceError(f"{source}: no such folder or prefix, or it is empty") from exc
+
+
 def _list_builtin(source: str, limit: int) -> Listing:
     dataset = builtin.load(source)
     count = len(dataset.labels) if not limit else min(limit, len(dataset.labels))
@@ -139,18 +153,57 @@ def _list_tar(url: str) -> tuple[list[_File], list[Reject]]:
     rejects: list[Reject] = []
     name = storage.basename(url)
     try:
-        with storage.open_read(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                data = tar.extractfile(member).read()
-                keep = data if _is_sidecar_or_metadata(member.name) else None
-                files.append(_File(member.name, f"{url}#{member.name}", len(data), hashlib.sha256(data).hexdigest(), keep))
+        with storage.open_read(url) as raw:
+            stream = _TailWatcher(raw)
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    data = tar.extractfile(member).read()
+                    keep = data if _is_sidecar_or_metadata(member.name) else None
+                    sha = hashlib.sha256(data).hexdigest()
+                    files.append(_File(member.name, f"{url}#{member.name}", len(data), sha, keep))
+                end = tar.offset
+            if not stream.has_end_marker(end):
+                raise tarfile.ReadError("the archive ends without its end-of-archive marker")
     except storage.StorageError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         rejects.append(Reject(name, f"truncated or corrupt tar after {len(files)} members: {exc}"))
     return files, rejects
+
+
+class _TailWatcher(io.RawIOBase):
+    """Reads through a stream, remembering the total length and the last bytes.
+
+    Python's tarfile takes a tar cut at a header boundary for a complete one; a complete
+    tar has a zero block where the next header would be, which :meth:`has_end_marker`
+    checks.
+    """
+
+    KEEP = 1 << 16
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.total = 0
+        self.tail = bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        self.total += len(data)
+        self.tail += data
+        del self.tail[: max(0, len(self.tail) - self.KEEP)]
+        return len(data)
+
+    def has_end_marker(self, offset: int) -> bool:
+        while self.read(1 << 16):  # drain: the marker may lie beyond what tarfile read
+            pass
+        start = offset - (self.total - len(self.tail))
+        return 0 <= start and start + 512 <= len(self.tail) and not any(self.tail[start : start + 512])
 
 
 def _is_sidecar_or_metadata(path: str) -> bool:
@@ -178,7 +231,10 @@ def _resolve_tree(root: str, files: list[_File]) -> tuple[list[tuple[RawItem, st
     contents = _read_small([*sidecars.values(), *metadata_files])
     metadata = {}
     for f in metadata_files:
-        metadata.update(_parse_metadata(f, contents[f.rel]))
+        try:
+            metadata.update(_parse_metadata(f, contents[f.rel]))
+        except ValueError as exc:  # the whole file is refused; its images are still inputs
+            rejects.append(Reject(source_of(f.rel), f"unusable metadata file: {exc}"))
     class_folders = bool(inputs) and all(f.rel.count("/") == 1 for f in inputs)
 
     items = []
@@ -224,13 +280,13 @@ def _parse_metadata(f: _File, content: bytes) -> dict[str, tuple[str | None, str
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise SourceError(f"{f.url}: line {number} is not JSON: {exc}") from exc
+                    raise ValueError(f"line {number} is not JSON: {exc}") from exc
     else:
         rows = list(csv.DictReader(io.StringIO(text)))
     found = {}
     for row in rows:
         if not isinstance(row, dict) or "file_name" not in row:
-            raise SourceError(f"{f.url}: every row needs a file_name")
+            raise ValueError("every row needs a file_name")
         caption = next((row[c] for c in CAPTION_COLUMNS if row.get(c) not in (None, "")), None)
         label = next((row[c] for c in LABEL_COLUMNS if row.get(c) not in (None, "")), None)
         found[posixpath.normpath(posixpath.join(folder, row["file_name"]))] = (caption, label)

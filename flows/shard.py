@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from data import shards, sharding, storage
 from data.sharding import ShardConfig
+from data.sources import check_source
 
 
 def retry_on_storage_error(task, task_run, state) -> bool:
@@ -87,6 +88,10 @@ def shard_flow(source: str, dest: str, config: ShardConfig = ShardConfig(), prog
 
 
 def run(source: str, dest: str, config: ShardConfig, progress: bool = True) -> ShardOutcome:
-    """Run :func:`shard_flow` with ``config.workers`` chunks in flight."""
+    """Run :func:`shard_flow` with ``config.workers`` chunks in flight.
+
+    A missing or empty source is refused before the flow starts.
+    """
+    check_source(source)
     runner = ThreadPoolTaskRunner(max_workers=config.workers)
     return shard_flow.with_options(task_runner=runner)(source, dest, config, progress)

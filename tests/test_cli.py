@@ -1,0 +1,50 @@
+"""The ``ldmflow`` command line, run as a user would: a subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+
+from data import shards
+
+CLI = [sys.executable, "-m", "flows.cli"]
+SUBCOMMANDS = ["shard", "inspect"]
+
+
+def run(args, env, cwd, timeout=300):
+    return subprocess.run([*CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in SUBCOMMANDS)])
+def test_help(command, subprocess_env, tmp_path):
+    result = run([*command, "--help"], subprocess_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+    if not command:
+        for name in SUBCOMMANDS:
+            assert name in result.stdout
+
+
+def test_shard_then_inspect(subprocess_env, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("shard:\n  resolution: 8\n  shard_size: 40\n")
+    result = run(["shard", "builtin:mnist", "out", "--config", str(config), "--limit", "100", "--no-progress"],
+                 subprocess_env, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "100 inputs -> 100 samples in 3 shards" in result.stdout
+    manifest = shards.read_manifest(str(tmp_path / "out"))
+    assert manifest.config["resolution"] == 8 and manifest.config["limit"] == 100
+
+    result = run(["inspect", "out"], subprocess_env, tmp_path)
+    assert result.returncode == 0 and "shard-000002.tar" in result.stdout and "classes: 0, 1" in result.stdout
+
+
+def test_errors_are_one_clear_line(subprocess_env, tmp_path):
+    result = run(["shard", str(tmp_path / "missing"), "out", "--no-progress"], subprocess_env, tmp_path)
+    assert result.returncode == 1 and "no such folder" in result.stderr and "Traceback" not in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("shard:\n  shard_sise: 3\n")
+    result = run(["shard", "builtin:digits", "out", "--config", str(bad)], subprocess_env, tmp_path)
+    assert result.returncode == 2 and "shard_sise" in result.stderr
+    result = run(["inspect", "nowhere"], subprocess_env, tmp_path)
+    assert result.returncode == 2 and "no manifest" in result.stderr

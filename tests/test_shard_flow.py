@@ -1,0 +1,228 @@
+"""The shard flow end to end, under Prefect's local API, on real files and a real S3 server."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import shards, storage
+from data.sharding import ShardConfig
+from flows import shard as shard_flow
+from tests import helpers
+
+CONFIG = ShardConfig(resolution=16, shard_size=4, workers=2)
+
+
+def put(root: str, rel: str, data: bytes | str) -> None:
+    storage.write_bytes(storage.join(root, rel), data.encode() if isinstance(data, str) else data)
+
+
+def make_class_folder_dataset(root: str) -> dict[str, tuple[np.ndarray, str | None, str]]:
+    """ImageFolder layout with sidecars and metadata; returns source → (pixels, caption, class)."""
+    expected = {}
+    for i in range(9):
+        cls = ["cat", "dog", "eel"][i % 3]
+        pixels = helpers.pattern(16, 16, seed=i)
+        rel = f"{cls}/img{i:02d}.png"
+        put(root, rel, helpers.encode(Image.fromarray(pixels)))
+        caption = None
+        if i % 3 == 0:
+            caption = f"a picture number {i}"
+            put(root, f"{cls}/img{i:02d}.txt", caption)
+        elif i == 4:
+            caption = "from a json sidecar"
+            put(root, f"{cls}/img{i:02d}.json", json.dumps({"caption": caption}))
+        expected[rel] = (pixels, caption, cls)
+    put(root, "dog/metadata.jsonl", json.dumps({"file_name": "img07.png", "caption": "from metadata"}) + "\n")
+    expected["dog/img07.png"] = (expected["dog/img07.png"][0], "from metadata", "dog")
+    return expected
+
+
+def read_all(dataset: str) -> dict[str, shards.DecodedSample]:
+    stream = shards.ShardStream(shards.shard_urls(dataset), shuffle_buffer=0)
+    samples = {sample.meta["source"]: sample for sample in stream}
+    assert stream.skips.skipped == 0
+    return samples
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_round_trip_pixels_captions_labels(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("bucket")
+    source, dest = storage.join(root, "raw"), storage.join(root, "shards")
+    expected = make_class_folder_dataset(source)
+
+    outcome = shard_flow.run(source, dest, CONFIG, progress=False)
+    manifest = shards.read_manifest(dest)
+    assert manifest == outcome.manifest
+    assert manifest.class_names == ("cat", "dog", "eel")
+    assert (manifest.num_inputs, manifest.num_samples, manifest.num_duplicates, manifest.num_rejected) == (9, 9, 0, 0)
+    assert [s.url for s in manifest.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    for info, url in zip(manifest.shards, shards.shard_urls(dest)):
+        assert storage.size(url) == info.bytes
+
+    samples = read_all(dest)
+    assert set(samples) == set(expected)
+    for rel, (pixels, caption, cls) in expected.items():
+        sample = samples[rel]
+        restored = np.rint((sample.image.transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)
+        np.testing.assert_array_equal(restored, pixels)
+        assert sample.caption == (caption or "")
+        assert manifest.class_names[sample.label] == cls
+        assert sample.meta["width"] == 16 and len(sample.meta["sha256"]) == 64
+
+
+def test_awkward_and_broken_inputs(tmp_path):
+    source, dest = tmp_path / "raw", tmp_path / "shards"
+    source.mkdir()
+    good = {
+        "a_plain.png": helpers.png(20, 20, seed=1),
+        "b_rgba.png": helpers.rgba_transparent(),
+        "c_palette.png": helpers.palette_with_transparency(),
+        "d_gray16.png": helpers.gray16(),
+        "e_cmyk.jpg": helpers.cmyk_jpeg(),
+        "f_animated.gif": helpers.animated_gif(),
+        "g_rotated.jpg": helpers.jpeg_with_orientation(32, 16, 6),
+        "h_copy_of_plain.png": helpers.png(20, 20, seed=1),  # exact duplicate of a_plain
+    }
+    broken = {
+        "i_empty.png": (b"", "empty file"),
+        "j_truncated.png": (helpers.truncated_png(), "truncated or corrupt"),
+        "k_not_an_image.jpg": (b"%PDF-1.4 definitely not a jpeg", "not an image"),
+        "l_bomb.png": (helpers.bomb_png(), "decompression bomb"),
+        "m_tiny.png": (helpers.png(4, 4, seed=9), "too small"),
+        "n_notes.txt": (b"a caption with no image", "sidecar with no image"),
+    }
+    for name, data in good.items():
+        (source / name).write_bytes(data)
+    for name, (data, _) in broken.items():
+        (source / name).write_bytes(data)
+    (source / "o_second_empty.png").write_bytes(b"")  # empty files are rejected, not deduplicated
+    (source / "metadata.jsonl").write_text('{"file_name": "a_plain.png", "caption": "ok"}\n{not json\n')
+
+    config = ShardConfig(resolution=16, shard_size=3, min_size=8, max_pixels=50_000_000)
+    manifest = shard_flow.run(str(source), str(dest), config, progress=False).manifest
+
+    assert manifest.num_inputs == len(good) + len(broken) + 2
+    assert manifest.num_samples == len(good) - 1
+    assert manifest.num_duplicates == 1
+    assert manifest.num_rejected == len(broken) + 2
+    rejects = {row["source"]: row["reason"] for row in shards.read_jsonl(str(dest / shards.REJECTS))}
+    for name, (_, reason) in broken.items():
+        assert reason in rejects[name], (name, rejects[name])
+    assert rejects["o_second_empty.png"] == "empty file"
+    assert rejects["metadata.jsonl"].startswith("unusable metadata file: line 2 is not JSON")
+    duplicates = shards.read_jsonl(str(dest / shards.DUPLICATES))
+    assert duplicates == [{"source": "h_copy_of_plain.png", "duplicate_of": "a_plain.png"}]
+    samples = read_all(str(dest))
+    assert samples["g_rotated.jpg"].meta | {"sha256": None} == {
+        "source": "g_rotated.jpg", "sha256": None, "width": 16, "height": 32, "mode": "RGB", "format": "JPEG",
+    }
+
+
+def test_deterministic_and_resumes_only_missing_shards(tmp_path):
+    source, first, second = tmp_path / "raw", tmp_path / "first", tmp_path / "second"
+    for i in range(10):
+        storage.write_bytes(str(source / f"{i:02d}.png"), helpers.png(24, 20, seed=i))
+    config = ShardConfig(resolution=16, shard_size=3, workers=2)
+    one = shard_flow.run(str(source), str(first), config, progress=False)
+    shard_flow.run(str(source), str(second), config, progress=False)
+    for name in [s.url for s in one.manifest.shards] + [shards.MANIFEST, shards.REJECTS]:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+    # Lose one shard and the manifest: a rerun rewrites just that shard, byte for byte.
+    original = (second / "shard-000002.tar").read_bytes()
+    (second / "shard-000002.tar").unlink()
+    (second / shards.MANIFEST).unlink()
+    again = shard_flow.run(str(source), str(second), config, progress=False)
+    assert (again.shards_written, again.shards_skipped) == (1, 3)
+    assert (second / "shard-000002.tar").read_bytes() == original
+    assert (second / shards.MANIFEST).read_bytes() == (first / shards.MANIFEST).read_bytes()
+
+    # A new config invalidates every chunk and removes shards the new plan no longer has.
+    bigger = shard_flow.run(str(source), str(second), ShardConfig(resolution=16, shard_size=5), progress=False)
+    assert (bigger.shards_written, bigger.shards_skipped) == (2, 0)
+    assert sorted(p.name for p in second.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+
+
+def test_kill_and_rerun_gives_the_unbroken_manifest(tmp_path, subprocess_env):
+    """SIGKILL the CLI mid-run: no partial shard is visible; a rerun ends as an unbroken run."""
+    dest, reference = tmp_path / "killed", tmp_path / "reference"
+    args = ["--resolution", "32", "--shard-size", "60", "--workers", "1", "--limit", "1200", "--no-progress"]
+    cli = [sys.executable, "-m", "flows.cli", "shard", "builtin:digits"]
+    process = subprocess.Popen([*cli, str(dest), *args], env=subprocess_env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list((dest / "_parts").glob("*.json"))) < 3:
+        assert process.poll() is None, process.stdout.read().decode()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = sorted(dest.glob("shard-*.tar"))
+    assert 3 <= len(written) < 20 and not (dest / shards.MANIFEST).exists()
+    for path in written:  # every visible shard is a complete tar
+        with tarfile.open(path) as tar:
+            assert len(tar.getmembers()) % 4 == 0 and len(tar.getmembers()) > 0
+
+    for target in (dest, reference):
+        result = subprocess.run([*cli, str(target), *args], env=subprocess_env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "already complete" in result.stdout
+    assert (dest / shards.MANIFEST).read_bytes() == (reference / shards.MANIFEST).read_bytes()
+    assert not [p for p in os.listdir(dest) if storage.is_temporary(p)]
+
+
+def test_tar_source_with_webdataset_members(tmp_path):
+    tar_path = tmp_path / "raw.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for i in range(5):
+            add(f"sample{i}.jpg", helpers.encode(Image.fromarray(helpers.pattern(20, 20, seed=i)), "JPEG"))
+            add(f"sample{i}.txt", f"caption {i}".encode())
+            add(f"sample{i}.cls", str(i % 2).encode())
+    manifest = shard_flow.run(str(tar_path), str(tmp_path / "out"), CONFIG, progress=False).manifest
+    assert (manifest.num_inputs, manifest.num_samples) == (5, 5)
+    samples = read_all(str(tmp_path / "out"))
+    assert {s.caption for s in samples.values()} == {f"caption {i}" for i in range(5)}
+    assert samples["raw.tar/sample3.jpg"].label == 1
+
+    # A truncated tar: the members before the damage are used, the tar itself is a reject.
+    data = tar_path.read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "part.tar").write_bytes(data[: len(data) * 2 // 3])
+    cut = shard_flow.run(str(tmp_path / "cut"), str(tmp_path / "cut-out"), CONFIG, progress=False).manifest
+    rejects = shards.read_jsonl(str(tmp_path / "cut-out" / shards.REJECTS))
+    assert any(r["source"] == "part.tar" and "truncated or corrupt tar" in r["reason"] for r in rejects)
+    assert cut.num_inputs == cut.num_samples + cut.num_duplicates + cut.num_rejected
+    assert 0 < cut.num_samples < 5
+
+
+def test_builtin_digits(tmp_path):
+    outcome = shard_flow.run("builtin:digits", str(tmp_path / "digits"), ShardConfig(resolution=8, shard_size=1000), progress=False)
+    manifest = outcome.manifest
+    assert (manifest.num_inputs, len(manifest.shards)) == (1797, 2)
+    assert manifest.num_inputs == manifest.num_samples + manifest.num_duplicates
+    assert manifest.class_names == tuple("0123456789")
+    sample = next(iter(shards.ShardStream(shards.shard_urls(str(tmp_path / "digits")), shuffle_buffer=0)))
+    assert sample.caption == "a handwritten digit zero" and sample.label == 0
+    assert 0.2 < manifest.stats["mean"][0] < 0.4
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    from data.sources import SourceError
+
+    with pytest.raises(SourceError, match="no such folder"):
+        shard_flow.run(str(tmp_path / "nope"), str(tmp_path / "out"), CONFIG, progress=False)
