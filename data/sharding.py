@@ -104,9 +104,7 @@ class Part:
     num_inputs: int
     shard_info: shards.ShardInfo | None  # None when every input was refused
     rejects: tuple[Reject, ...]
-    pixel_sum: tuple[float, ...]  # per channel, pixels in [0, 1]
-    pixel_sq_sum: tuple[float, ...]
-    pixel_count: int
+    histogram: tuple[tuple[int, ...], ...]  # (3, 256) counts of each 8-bit value per channel
     skipped: bool = field(default=False, compare=False)  # already complete on disk
 
     def to_json(self) -> str:
@@ -124,9 +122,7 @@ class Part:
             num_inputs=body["num_inputs"],
             shard_info=shards.ShardInfo(**info) if info else None,
             rejects=tuple(Reject(**r) for r in body["rejects"]),
-            pixel_sum=tuple(body["pixel_sum"]),
-            pixel_sq_sum=tuple(body["pixel_sq_sum"]),
-            pixel_count=body["pixel_count"],
+            histogram=tuple(tuple(row) for row in body["histogram"]),
         )
 
 
@@ -233,9 +229,7 @@ def write_chunk(chunk: Chunk, dest: str, config: ShardConfig, class_names: Seque
 
     samples: list[shards.Sample] = []
     rejects: list[Reject] = []
-    pixel_sum = np.zeros(3, dtype=np.float64)
-    pixel_sq_sum = np.zeros(3, dtype=np.float64)
-    pixel_count = 0
+    histogram = np.zeros((3, 256), dtype=np.int64)  # exact integer statistics
     inputs = [item for _, item in chunk.items]
     for (index, item), (_, data) in zip(chunk.items, fetch(inputs)):
         if isinstance(data, Vanished):
@@ -252,10 +246,7 @@ def write_chunk(chunk: Chunk, dest: str, config: ShardConfig, class_names: Seque
         except images.Rejected as exc:
             rejects.append(Reject(item.source, str(exc)))
             continue
-        pixels = np.asarray(decoded.image, dtype=np.float64).reshape(-1, 3) / 255.0
-        pixel_sum += pixels.sum(axis=0)
-        pixel_sq_sum += np.square(pixels).sum(axis=0)
-        pixel_count += pixels.shape[0]
+        histogram += channel_histograms(decoded.image)
         meta = {
             "source": item.source,
             "sha256": hashlib.sha256(data).hexdigest(),
@@ -285,12 +276,25 @@ def write_chunk(chunk: Chunk, dest: str, config: ShardConfig, class_names: Seque
         num_inputs=len(chunk.items),
         shard_info=info,
         rejects=tuple(rejects),
-        pixel_sum=tuple(float(v) for v in pixel_sum),
-        pixel_sq_sum=tuple(float(v) for v in pixel_sq_sum),
-        pixel_count=pixel_count,
+        histogram=tuple(tuple(int(v) for v in row) for row in histogram),
     )
     storage.write_text(part_url(dest, chunk.shard), part.to_json())
     return part
+
+
+def channel_histograms(image) -> np.ndarray:
+    """``(3, 256)`` counts of each value per channel of an 8-bit RGB image."""
+    pixels = np.asarray(image).reshape(-1, 3)
+    return np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(3)])
+
+
+def histogram_mean_std(histogram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation, in [0, 1] units, from value counts."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    count = np.maximum(histogram.sum(axis=1), 1)
+    mean = histogram @ values / count
+    variance = histogram @ np.square(values) / count - np.square(mean)
+    return mean, np.sqrt(np.maximum(variance, 0.0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,15 +310,10 @@ def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig) 
     shards.write_jsonl(storage.join(dest, shards.REJECTS), (asdict(r) for r in rejects))
     shards.write_jsonl(storage.join(dest, shards.DUPLICATES), (asdict(d) for d in plan.duplicates))
 
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    count = 0
+    histogram = np.zeros((3, 256), dtype=np.int64)
     for part in parts:
-        total += np.asarray(part.pixel_sum)
-        total_sq += np.asarray(part.pixel_sq_sum)
-        count += part.pixel_count
-    mean = total / max(count, 1)
-    std = np.sqrt(np.maximum(total_sq / max(count, 1) - np.square(mean), 0.0))
+        histogram += np.asarray(part.histogram, dtype=np.int64)
+    mean, std = histogram_mean_std(histogram)
     infos = tuple(part.shard_info for part in parts if part.shard_info is not None)
     manifest = shards.ImageManifest(
         source=plan.source,

@@ -226,3 +226,13 @@ def test_missing_source_is_a_clear_error(tmp_path):
 
     with pytest.raises(SourceError, match="no such folder"):
         shard_flow.run(str(tmp_path / "nope"), str(tmp_path / "out"), CONFIG, progress=False)
+
+
+def test_statistics_match_numpy():
+    from data.sharding import channel_histograms, histogram_mean_std
+
+    pixels = helpers.pattern(32, 24, seed=5)
+    mean, std = histogram_mean_std(channel_histograms(Image.fromarray(pixels)))
+    scaled = pixels.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, scaled.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, scaled.std(axis=0), rtol=1e-9)

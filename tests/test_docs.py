@@ -1,0 +1,22 @@
+"""The configuration reference in docs/ is checked against the dataclasses, so it can't drift."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from data.sharding import ShardConfig
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.parametrize("config, page", [(ShardConfig, "shard.md")])
+def test_every_config_field_is_documented_with_its_default(config, page):
+    text = (DOCS / page).read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", text, flags=re.MULTILINE))
+    fields = {field.name: field.default for field in dataclasses.fields(config)}
+    assert set(rows) >= set(fields), f"undocumented: {set(fields) - set(rows)}"
+    for name, default in fields.items():
+        documented = rows[name].strip().strip("`").replace(",", "")
+        assert documented == str(default), f"{name}: documented {documented!r}, default {default!r}"
