@@ -277,6 +277,14 @@ def assign_shards(
     return order, (reader, readers)
 
 
+def is_held_out(key: str, fraction: float) -> bool:
+    """A fixed, key-determined ``fraction`` of samples, held out of training for evaluation."""
+    if fraction <= 0:
+        return False
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") / 2**32
+    return bucket < fraction
+
+
 class SkipCounter:
     """Counts (and logs) corrupt samples and unreadable shards instead of raising."""
 
@@ -367,7 +375,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     A ``torch.utils.data.IterableDataset``: each pass reads the
     shards assigned to this rank and dataloader worker for the current ``epoch``, through a
     shuffle buffer, and skips (and counts in ``skips``) a sample or shard that is corrupt.
-    Call :meth:`set_epoch` before each epoch to reshuffle.
+    Call :meth:`set_epoch` before each epoch to reshuffle. ``keep(key)`` selects samples
+    (for example :func:`is_held_out` or its negation).
     """
 
     def __init__(
@@ -379,6 +388,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         decode: Callable[[dict[str, Any]], Any] = decode_sample,
+        keep: Callable[[str], bool] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("no shards to read")
@@ -386,6 +396,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.decode = decode
+        self.keep = keep
         self.epoch = 0
         self.skips = SkipCounter()
 
@@ -405,6 +416,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             shuffle=self.shuffle_buffer > 1,
         )
         raw = iter_raw_samples([self.urls[i] for i in indices], self.skips)
+        if self.keep is not None:
+            raw = (sample for sample in raw if self.keep(sample["__key__"]))
         if sample_split is not None:
             reader, readers = sample_split
             raw = (sample for i, sample in enumerate(raw) if i % readers == reader)
