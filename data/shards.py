@@ -109,8 +109,8 @@ class WrittenShard:
     sha256: str
 
 
-def write_shard(url: str, samples: Iterable[Sample]) -> WrittenShard:
-    """Write ``samples`` as one WebDataset tar at ``url``, atomically."""
+def write_shard(url: str, samples: Iterable[Sample | dict[str, Any]]) -> WrittenShard:
+    """Write ``samples`` (or raw member dicts with ``__key__``) as one tar at ``url``, atomically."""
     import webdataset as wds
 
     count = 0
@@ -118,7 +118,7 @@ def write_shard(url: str, samples: Iterable[Sample]) -> WrittenShard:
         hashing = _HashingWriter(handle)
         writer = wds.TarWriter(hashing, encoder=False, mtime=TAR_MTIME, user="ldmflow", group="ldmflow", mode=0o444)
         for sample in samples:
-            writer.write(sample.members())
+            writer.write(sample.members() if isinstance(sample, Sample) else sample)
             count += 1
         writer.close()
     return WrittenShard(url, count, hashing.bytes, hashing.sha256.hexdigest())
@@ -301,9 +301,16 @@ class SkipCounter:
         return True
 
 
+def samples_from_streams(sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Raw member dicts grouped by key from ``{"url", "stream"}`` tar sources."""
+    from webdataset import tariterators
+
+    files = tariterators.tar_file_expander(sources, handler=handler)
+    yield from tariterators.group_by_keys(files, handler=handler)
+
+
 def iter_raw_samples(urls: Sequence[str], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """Raw member dicts (``__key__``, ``png``, ``txt``…) from tars read through storage."""
-    from webdataset import tariterators
 
     def opened() -> Iterator[dict[str, Any]]:
         for url in urls:
@@ -318,8 +325,7 @@ def iter_raw_samples(urls: Sequence[str], handler: Callable[[Exception], bool]) 
             finally:
                 stream.close()
 
-    files = tariterators.tar_file_expander(opened(), handler=handler)
-    yield from tariterators.group_by_keys(files, handler=handler)
+    yield from samples_from_streams(opened(), handler)
 
 
 @dataclass

@@ -89,3 +89,26 @@ def subprocess_env(prefect_api) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session (starting Ray takes seconds)."""
+    import ray
+
+    from data import cluster
+
+    cluster.ensure_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory) -> str:
+    """400 real digits at 16 px in 8 shards of 50: small enough for seconds-long training."""
+    from data.sharding import ShardConfig
+    from flows import shard as shard_flow
+
+    dest = str(tmp_path_factory.mktemp("digits16"))
+    shard_flow.run("builtin:digits", dest, ShardConfig(resolution=16, shard_size=50, limit=400), progress=False)
+    return dest

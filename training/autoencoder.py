@@ -323,7 +323,8 @@ def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None =
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from training import cluster, tracking
+    from data import cluster
+    from training import tracking
 
     manifest_text = storage.read_text(shards.manifest_url(dataset))
     manifest = shards.ImageManifest.from_json(manifest_text, where=dataset)

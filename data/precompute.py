@@ -1,0 +1,255 @@
+"""Latent precompute: encode every image shard once, on a pool of Ray actors.
+
+Each actor is a callable class (:class:`LatentEncoder`): it loads the autoencoder once in
+``__init__`` (GPU when it has one, CPU otherwise) and encodes one whole image shard per
+call into one latent shard, written atomically. The driver hands out one shard per task.
+
+Why a hand-rolled pool over ``ray.util.ActorPool`` or Ray Data: the unit of work is a
+whole shard with an atomic output and a resumable record, not a stream of rows, so Ray
+Data's batch-level ``map_batches`` would need the shard boundaries rebuilt afterwards;
+and ``ActorPool`` neither replaces an actor that died nor retries its task. Here a dead
+actor is replaced and its shard requeued, a shard whose encoding raises is retried up to
+``max_attempts`` and then reported as failed in the manifest and the summary.
+
+Resumable: a shard whose part record (``_parts/shard-i.json``) matches its digest (input
+shard sha256, autoencoder weights sha256, moments, format) is skipped; the manifest is
+written last, from the records, so a killed and rerun job ends with the manifest of an
+unbroken one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tempfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from data import autoencoder as autoencoder_format
+from data import cluster
+from data import config as configs
+from data import latents, shards, storage
+
+PARTS = "_parts"
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Configuration of the precompute stage (section ``precompute:`` of a config file)."""
+
+    actors: int = 0  # 0: one per CPU (or GPU) of the cluster, at most one per shard
+    batch_size: int = 64
+    moments: Literal["mean_logvar", "mean"] = "mean_logvar"
+    max_attempts: int = 3  # tries per shard before it is reported as failed
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.actors < 0 or self.batch_size < 1 or self.max_attempts < 1:
+            raise ValueError("actors must be >= 0, batch_size and max_attempts >= 1")
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    index: int
+    image_url: str
+    image_sha256: str
+    output_url: str
+    digest: str
+
+    @property
+    def shard(self) -> str:
+        return storage.basename(self.image_url)
+
+
+class LatentEncoder:
+    """A Ray actor: the autoencoder loaded once, one image shard → one latent shard per call."""
+
+    def __init__(self, files: dict[str, bytes], batch_size: int, moments: str, use_gpu: bool = False) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.folder = Path(tempfile.mkdtemp(prefix="ldmflow-encoder-"))
+        for name, data in files.items():
+            (self.folder / name).write_bytes(data)
+        self.vae, self.info = autoencoder_format.load(self.folder, self.device)
+        self.batch_size = batch_size
+        self.moments = moments
+
+    def __call__(self, task: EncodeTask) -> latents.LatentShardInfo:
+        data = storage.read_bytes(task.image_url)
+        if hashlib.sha256(data).hexdigest() != task.image_sha256:
+            raise ValueError(f"{task.image_url}: corrupt image shard (sha256 differs from its manifest)")
+
+        def fail(exc: Exception) -> bool:
+            raise ValueError(f"{task.image_url}: corrupt image shard: {exc}") from exc
+
+        raws = list(shards.samples_from_streams([{"url": task.image_url, "stream": io.BytesIO(data)}], fail))
+        out = []
+        for start in range(0, len(raws), self.batch_size):
+            batch = raws[start : start + self.batch_size]
+            images = np.stack([shards.decode_sample(raw).image for raw in batch])
+            mean, logvar = self.encode(images)
+            for i, raw in enumerate(batch):
+                members = {"__key__": raw["__key__"]}
+                members |= latents.latent_sample(mean[i], logvar[i] if self.moments == "mean_logvar" else None)
+                for key in (shards.KEY_CAPTION, shards.KEY_LABEL, shards.KEY_META):
+                    if key in raw:
+                        members[key] = raw[key]
+                out.append(members)
+        written = shards.write_shard(task.output_url, out)
+        return latents.LatentShardInfo(task.shard, written.num_samples, written.bytes, written.sha256, task.shard, task.image_sha256)
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, H, W) in [-1, 1] → posterior mean and log-variance, (B, C, h, w) float32."""
+        with self.torch.no_grad():
+            x = self.torch.from_numpy(images).to(self.device)
+            posterior = self.vae.encode(x).latent_dist
+            return posterior.mean.float().cpu().numpy(), posterior.logvar.float().cpu().numpy()
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        return self.info.latent_shape(resolution)
+
+
+def task_digest(image_sha256: str, weights_sha256: str, config: PrecomputeConfig) -> str:
+    body = [image_sha256, weights_sha256, config.moments, latents.FORMAT_NAME, latents.FORMAT_VERSION]
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()
+
+
+def part_url(dest: str, shard: str) -> str:
+    return storage.join(dest, PARTS, shard.replace(".tar", ".json"))
+
+
+def _completed(dest: str, task: EncodeTask) -> latents.LatentShardInfo | None:
+    try:
+        body = json.loads(storage.read_text(part_url(dest, task.shard)))
+    except (storage.NotFound, json.JSONDecodeError):
+        return None
+    if body.get("digest") != task.digest or not storage.exists(task.output_url):
+        return None
+    return latents.LatentShardInfo(**body["shard"])
+
+
+@dataclass(frozen=True)
+class PrecomputeOutcome:
+    manifest: latents.LatentManifest
+    dest: str
+    written: int
+    skipped: int
+    seconds: float
+
+    def summary(self) -> str:
+        line = (
+            f"precompute: {self.manifest.summary()} -> {self.dest} "
+            f"[{self.written} shards encoded, {self.skipped} already complete, {self.seconds:.1f}s]"
+        )
+        for failed in self.manifest.failed_shards:
+            line += f"\n  FAILED {failed['source_shard']}: {failed['error']}"
+        return line
+
+
+def precompute(
+    image_dataset: str,
+    dest: str,
+    autoencoder_dir: str | Path,
+    ref: latents.AutoencoderRef,
+    config: PrecomputeConfig,
+    progress: bool = True,
+) -> PrecomputeOutcome:
+    """Encode every shard of ``image_dataset`` into latent shards at ``dest``."""
+    import ray
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    manifest_text = storage.read_text(shards.manifest_url(image_dataset))
+    image_manifest = shards.ImageManifest.from_json(manifest_text, where=image_dataset)
+    info = autoencoder_format.read_info(autoencoder_dir)
+    if info.weights_sha256 != ref.weights_sha256:
+        raise latents.LineageError(f"{autoencoder_dir} does not hold the autoencoder {ref.uri} names")
+    resolution = int(image_manifest.config["resolution"])
+    storage.remove_stale_temporaries(dest)
+
+    tasks = [
+        EncodeTask(i, url, shard.sha256, storage.join(dest, shard.url), task_digest(shard.sha256, info.weights_sha256, config))
+        for i, (url, shard) in enumerate(zip(shards.shard_urls(image_dataset, image_manifest), image_manifest.shards))
+    ]
+    results: dict[int, latents.LatentShardInfo] = {}
+    for task in tasks:
+        done = _completed(dest, task)
+        if done is not None:
+            results[task.index] = done
+    skipped = len(results)
+    todo = deque(task for task in tasks if task.index not in results)
+    failures: dict[int, str] = {}
+
+    if todo:
+        cluster.ensure_ray()
+        gpu = cluster.use_gpu(config.use_gpu)
+        resources = ray.cluster_resources()
+        count = config.actors or max(1, int(resources.get("GPU" if gpu else "CPU", 1)))
+        count = min(count, len(todo))
+        files = {path.name: path.read_bytes() for path in Path(autoencoder_dir).iterdir() if path.is_file()}
+        files_ref = ray.put(files)
+        actor_class = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0, max_restarts=0)(LatentEncoder)
+
+        def new_actor():
+            return actor_class.remote(files_ref, config.batch_size, config.moments, gpu)
+
+        attempts: dict[int, int] = {}
+        errors: dict[int, str] = {}
+        pending: dict[Any, tuple[Any, EncodeTask]] = {}
+        idle = [new_actor() for _ in range(count)]
+        with tqdm(total=len(todo), desc="latent shards", unit="shard", disable=not progress) as bar:
+            while todo or pending:
+                while todo and idle:
+                    actor, task = idle.pop(), todo.popleft()
+                    attempts[task.index] = attempts.get(task.index, 0) + 1
+                    pending[actor.__call__.remote(task)] = (actor, task)
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                actor, task = pending.pop(ready[0])
+                try:
+                    shard_info = ray.get(ready[0])
+                except ray.exceptions.RayActorError as exc:
+                    ray.kill(actor)
+                    idle.append(new_actor())
+                    errors[task.index] = f"encoder actor died: {exc.__class__.__name__}"
+                except ray.exceptions.RayTaskError as exc:
+                    idle.append(actor)
+                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    errors[task.index] = f"{type(cause).__name__}: {cause}"
+                else:
+                    idle.append(actor)
+                    results[task.index] = shard_info
+                    part = {"digest": task.digest, "shard": asdict(shard_info)}
+                    storage.write_text(part_url(dest, task.shard), json.dumps(part, sort_keys=True) + "\n")
+                    bar.update(1)
+                    continue
+                if attempts[task.index] < config.max_attempts:
+                    todo.append(task)
+                else:
+                    failures[task.index] = errors[task.index]
+                    bar.update(1)
+        for actor in idle:
+            ray.kill(actor)
+
+    infos = tuple(results[i] for i in sorted(results))
+    manifest = latents.LatentManifest(
+        image_dataset=image_dataset,
+        image_manifest_sha256=hashlib.sha256(manifest_text.encode()).hexdigest(),
+        autoencoder=ref,
+        latent_shape=info.latent_shape(resolution),
+        moments=config.moments,
+        num_samples=sum(s.num_samples for s in infos),
+        shards=infos,
+        failed_shards=tuple({"source_shard": tasks[i].shard, "error": failures[i]} for i in sorted(failures)),
+        class_names=image_manifest.class_names,
+        config=configs.to_dict(config),
+    )
+    storage.write_text(shards.manifest_url(dest), manifest.to_json())
+    return PrecomputeOutcome(manifest, dest, len(tasks) - skipped - len(failures), skipped, time.perf_counter() - started)
