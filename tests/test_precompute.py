@@ -1,0 +1,122 @@
+"""Latent precompute on Ray actors: exactness, lineage, failures, kill-and-rerun."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from data import autoencoder as autoencoder_format
+from data import latents, shards
+from data.precompute import PrecomputeConfig, precompute
+from training import autoencoder
+
+
+@pytest.fixture(scope="module")
+def tiny_autoencoder(tmp_path_factory):
+    """A tiny AutoencoderKL (untrained: exactness does not need a good one), saved as a folder."""
+    torch.manual_seed(0)
+    vae = autoencoder.build_autoencoder(autoencoder.AutoencoderConfig(), 16)
+    folder = tmp_path_factory.mktemp("ae") / "autoencoder"
+    info = autoencoder_format.save(vae, folder, scale_factor=0.5, resolution=16, config={}, lineage={})
+    ref = latents.AutoencoderRef(uri=str(folder), weights_sha256=info.weights_sha256, scale_factor=0.5)
+    return folder, ref
+
+
+def read_latents(dest):
+    manifest = latents.read_manifest(dest)
+    stream = shards.ShardStream(latents.shard_urls(dest, manifest), shuffle_buffer=0, decode=latents.decode_latent)
+    return {s.key: s for s in stream}, stream
+
+
+def test_latents_equal_inline_encoding(ray_local, digits16, tiny_autoencoder, tmp_path):
+    folder, ref = tiny_autoencoder
+    outcome = precompute(digits16, str(tmp_path / "lat"), folder, ref, PrecomputeConfig(actors=2, batch_size=16), progress=False)
+    manifest = outcome.manifest
+    assert (manifest.num_samples, len(manifest.shards), manifest.failed_shards) == (400, 8, ())
+    assert manifest.latent_shape == (4, 4, 4) and manifest.autoencoder == ref
+    assert manifest.class_names == tuple("0123456789")
+
+    got, stream = read_latents(str(tmp_path / "lat"))
+    assert stream.skips.skipped == 0 and len(got) == 400
+    vae, _ = autoencoder_format.load(folder)
+    images = list(shards.ShardStream(shards.shard_urls(digits16), shuffle_buffer=0))
+    with torch.no_grad():
+        posterior = vae.encode(torch.from_numpy(np.stack([s.image for s in images]))).latent_dist
+    for i, image in enumerate(images):
+        sample = got[image.key]
+        assert sample.mean.shape == (4, 4, 4) and sample.logvar.shape == (4, 4, 4)
+        np.testing.assert_allclose(sample.mean, posterior.mean[i].numpy(), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(sample.logvar, posterior.logvar[i].numpy(), rtol=1e-3, atol=2e-3)
+        assert (sample.label, sample.caption, sample.meta["source"]) == (image.label, image.caption, image.meta["source"])
+
+    latents.check_lineage(manifest, ref.weights_sha256)
+    with pytest.raises(latents.LineageError, match="not by the configured one"):
+        latents.check_lineage(manifest, "0" * 64, expected_uri="models:/other/1")
+
+    rerun = precompute(digits16, str(tmp_path / "lat"), folder, ref, PrecomputeConfig(actors=2), progress=False)
+    assert (rerun.written, rerun.skipped) == (0, 8)
+
+
+def test_corrupt_input_shard_is_retried_then_reported(ray_local, digits16, tiny_autoencoder, tmp_path):
+    import shutil
+
+    folder, ref = tiny_autoencoder
+    copy = tmp_path / "images"
+    shutil.copytree(digits16, copy)
+    target = copy / "shard-000003.tar"
+    target.write_bytes(target.read_bytes()[:5000])  # damaged after the manifest was written
+    outcome = precompute(str(copy), str(tmp_path / "lat"), folder, ref, PrecomputeConfig(actors=2, max_attempts=2), progress=False)
+    assert outcome.manifest.num_samples == 350 and len(outcome.manifest.shards) == 7
+    assert outcome.manifest.failed_shards == ({"source_shard": "shard-000003.tar",
+                                               "error": f"ValueError: {target}: corrupt image shard (sha256 differs from its manifest)"},)
+    assert "FAILED shard-000003.tar" in outcome.summary()
+
+
+def test_corrupt_latent_shard_and_manifest_are_clear(ray_local, digits16, tiny_autoencoder, tmp_path):
+    folder, ref = tiny_autoencoder
+    dest = tmp_path / "lat"
+    precompute(digits16, str(dest), folder, ref, PrecomputeConfig(actors=1), progress=False)
+    victim = dest / "shard-000001.tar"
+    import tarfile
+
+    with tarfile.open(victim) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(latents.KEY_MEAN))
+    data = bytearray(victim.read_bytes())
+    data[member.offset_data : member.offset_data + 16] = b"\x00" * 16  # break the .npy header
+    victim.write_bytes(bytes(data))
+    got, stream = read_latents(str(dest))
+    assert stream.skips.skipped == 1 and len(got) == 399
+    assert any("corrupt array" in e for e in stream.skips.errors)
+
+    (dest / "manifest.json").write_text("{ truncated")
+    with pytest.raises(shards.ManifestError, match="not JSON"):
+        latents.read_manifest(str(dest))
+    with pytest.raises(latents.LineageError):
+        precompute(digits16, str(dest), folder, latents.AutoencoderRef("x", "1" * 64, 1.0), PrecomputeConfig(), progress=False)
+
+
+def test_kill_and_rerun_gives_the_unbroken_manifest(ray_local, digits16, tiny_autoencoder, tmp_path, subprocess_env):
+    folder, ref = tiny_autoencoder
+    dest = tmp_path / "killed"
+    # Join the session's Ray instead of starting one that the kill would orphan.
+    env = subprocess_env | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    cli = [sys.executable, "-m", "flows.cli", "precompute", digits16, str(dest), "--autoencoder", str(folder),
+           "--actors", "1", "--batch-size", "8", "--no-progress"]
+    process = subprocess.Popen(cli, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list((dest / "_parts").glob("*.json"))) < 2:
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (dest / "manifest.json").exists()
+
+    result = subprocess.run(cli, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "already complete" in result.stdout
+    reference = precompute(digits16, str(tmp_path / "reference"), folder, ref, PrecomputeConfig(actors=1, batch_size=8), progress=False)
+    assert latents.read_manifest(str(dest)) == reference.manifest
