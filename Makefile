@@ -21,12 +21,16 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(VENV)/bin/ldmflow --state-dir $(STATE) shard builtin:digits $(STATE)/datasets/digits --config configs/tiny.yaml
+	$(VENV)/bin/ldmflow --state-dir $(STATE) train-autoencoder $(STATE)/datasets/digits --config configs/tiny.yaml
+	$(VENV)/bin/ldmflow --state-dir $(STATE) precompute $(STATE)/datasets/digits $(STATE)/datasets/digits-latents \
+		--autoencoder models:/ldmflow-digits-autoencoder/latest --config configs/tiny.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard.py
+	$(PY) benchmarks/precompute.py
 
 clean:
 	rm -rf $(STATE) .pytest_cache

@@ -92,7 +92,7 @@ def load(folder: str | Path, device: str = "cpu", verify: bool = True):
         actual = _sha256(weights)
         if actual != info.weights_sha256:
             raise AutoencoderError(f"{folder}: weights sha256 {actual[:12]}… does not match ldmflow.json")
-    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
     return vae.to(device).eval(), info
 
 

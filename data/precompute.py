@@ -70,10 +70,13 @@ class EncodeTask:
 class LatentEncoder:
     """A Ray actor: the autoencoder loaded once, one image shard → one latent shard per call."""
 
-    def __init__(self, files: dict[str, bytes], batch_size: int, moments: str, use_gpu: bool = False) -> None:
+    def __init__(self, files: dict[str, bytes], batch_size: int, moments: str, use_gpu: bool = False, threads: int = 1) -> None:
+        import os
+
         import torch
 
         self.torch = torch
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.folder = Path(tempfile.mkdtemp(prefix="ldmflow-encoder-"))
         for name, data in files.items():
@@ -192,14 +195,20 @@ def precompute(
         cluster.ensure_ray()
         gpu = cluster.use_gpu(config.use_gpu)
         resources = ray.cluster_resources()
-        count = config.actors or max(1, int(resources.get("GPU" if gpu else "CPU", 1)))
+        cpus = int(resources.get("CPU", 1))
+        count = config.actors or max(1, int(resources.get("GPU", 1)) if gpu else cpus)
         count = min(count, len(todo))
+        # Intra-op threads per actor: the cores not taken by the other actors (a local Ray
+        # advertises more logical CPUs than cores, so count real cores where known).
+        import os
+
+        threads = max(1, min(cpus, os.cpu_count() or cpus) // count)
         files = {path.name: path.read_bytes() for path in Path(autoencoder_dir).iterdir() if path.is_file()}
         files_ref = ray.put(files)
         actor_class = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0, max_restarts=0)(LatentEncoder)
 
         def new_actor():
-            return actor_class.remote(files_ref, config.batch_size, config.moments, gpu)
+            return actor_class.remote(files_ref, config.batch_size, config.moments, gpu, threads)
 
         attempts: dict[int, int] = {}
         errors: dict[int, str] = {}

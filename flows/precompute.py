@@ -24,7 +24,7 @@ def resolve_task(uri: str) -> tuple[Path, latents.AutoencoderRef]:
     folder, registered = tracking.resolve(uri)
     info = autoencoder_format.read_info(folder)
     ref = latents.AutoencoderRef(
-        uri=uri,
+        uri=registered.uri if registered else uri,  # a concrete version, never "latest" or an alias
         weights_sha256=info.weights_sha256,
         scale_factor=info.scale_factor,
         name=registered.name if registered else None,
