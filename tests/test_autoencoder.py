@@ -47,6 +47,11 @@ def test_train_two_workers_register_and_reload(ray_local, digits16):
     artifacts = {a.path for a in tracking.client().list_artifacts(trained.run_id)}
     assert {"autoencoder", "reconstructions.png"} <= artifacts
 
+    # The same job again resumes from its last checkpoint: no step is redone.
+    again = autoencoder.train(digits16, config, progress=False)
+    assert again.info.weights_sha256 == trained.info.weights_sha256
+    assert again.model_uri == "models:/test-autoencoder/2"
+
 
 def test_unknown_model_uris_are_clear_errors(tmp_path):
     with pytest.raises(tracking.ModelNotFound, match="not in the model registry"):

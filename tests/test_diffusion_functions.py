@@ -1,0 +1,96 @@
+"""The diffusion tricks as plain functions, each against its paper's formula."""
+
+import math
+
+import pytest
+import torch
+
+from training import diffusion
+
+
+@pytest.fixture()
+def scheduler():
+    return diffusion.training_scheduler(diffusion.NoiseSchedule())
+
+
+def test_min_snr_weights_match_the_paper():
+    snr_t = torch.tensor([0.25, 1.0, 5.0, 20.0, 400.0])
+    gamma = 5.0
+    eps = diffusion.min_snr_weights(snr_t, gamma, "epsilon")
+    v = diffusion.min_snr_weights(snr_t, gamma, "v_prediction")
+    for s, we, wv in zip(snr_t.tolist(), eps.tolist(), v.tolist()):
+        assert we == pytest.approx(min(s, gamma) / s)
+        assert wv == pytest.approx(min(s, gamma) / (s + 1))
+    assert diffusion.min_snr_weights(torch.tensor([0.0]), gamma, "v_prediction").item() == 0.0
+
+
+def test_snr_and_targets_by_hand(scheduler):
+    t = torch.tensor([0, 499, 999])
+    alpha_bar = scheduler.alphas_cumprod[t]
+    assert torch.allclose(diffusion.snr(scheduler.alphas_cumprod, t), alpha_bar / (1 - alpha_bar))
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    a, s = alpha_bar.sqrt().view(-1, 1, 1, 1), (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(diffusion.target(scheduler, x0, noise, t, "v_prediction"), a * noise - s * x0, atol=1e-6)
+    assert torch.equal(diffusion.target(scheduler, x0, noise, t, "epsilon"), noise)
+    assert torch.allclose(scheduler.add_noise(x0, noise, t), a * x0 + s * noise, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_weighted_loss_by_hand(scheduler, prediction_type):
+    prediction, target = torch.zeros(2, 1, 1, 2), torch.tensor([[[[1.0, 3.0]]], [[[2.0, 2.0]]]])
+    t = torch.tensor([10, 900])
+    per_sample = torch.tensor([(1 + 9) / 2, (4 + 4) / 2])
+    uniform = diffusion.diffusion_loss(prediction, target, t, scheduler.alphas_cumprod, weighting="uniform",
+                                       gamma=5.0, prediction_type=prediction_type)
+    assert uniform.item() == pytest.approx(per_sample.mean().item())
+    weighted = diffusion.diffusion_loss(prediction, target, t, scheduler.alphas_cumprod, weighting="min_snr",
+                                        gamma=5.0, prediction_type=prediction_type)
+    snr_t = diffusion.snr(scheduler.alphas_cumprod, t)
+    weights = torch.minimum(snr_t, torch.tensor(5.0)) / (snr_t if prediction_type == "epsilon" else snr_t + 1)
+    assert weighted.item() == pytest.approx((per_sample * weights).mean().item(), rel=1e-6)
+
+
+def test_ema_matches_its_formula():
+    ema, params = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, -2.0])]
+    decay = diffusion.ema_decay(0, 0.999, 10)
+    assert decay == pytest.approx(1 / 10)
+    diffusion.ema_update(ema, params, decay)
+    assert torch.allclose(ema[0], 0.1 * torch.tensor([1.0, 2.0]) + 0.9 * torch.tensor([3.0, -2.0]))
+    assert diffusion.ema_decay(10_000, 0.999, 10) == 0.999
+
+
+def test_classifier_free_dropout_rate():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.zeros(100_000, dtype=torch.long)
+    dropped = diffusion.drop_labels(labels, 0.1, null_label=10, generator=generator)
+    assert set(dropped.unique().tolist()) == {0, 10}
+    assert (dropped == 10).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    assert torch.equal(diffusion.drop_labels(labels, 0.0, 10), labels)
+    text = diffusion.drop_embeddings(torch.ones(50_000, 1, 4), 0.25, generator)
+    assert (text.sum(dim=(1, 2)) == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+
+
+def test_offset_noise_and_lr_schedule():
+    noise = torch.zeros(2, 4, 3, 3)
+    shifted = diffusion.offset_noise(noise, 0.1, torch.Generator().manual_seed(0))
+    assert torch.allclose(shifted, shifted[:, :, :1, :1].expand_as(shifted))  # constant per channel
+    assert diffusion.lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert diffusion.lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert diffusion.lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert diffusion.lr_factor(100, 10, 100, min_factor=0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_zero_terminal_snr(schedule):
+    plain = diffusion.training_scheduler(diffusion.NoiseSchedule(schedule=schedule))
+    rescaled = diffusion.training_scheduler(diffusion.NoiseSchedule(schedule=schedule, zero_terminal_snr=True))
+    assert plain.alphas_cumprod[-1] > 0
+    assert rescaled.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)
+    assert not math.isnan(diffusion.min_snr_weights(diffusion.snr(rescaled.alphas_cumprod, torch.tensor([999])), 5.0, "v_prediction").item())
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_samplers_are_fresh_and_unclipped(sampler):
+    first = diffusion.sampling_scheduler(diffusion.NoiseSchedule(), sampler)
+    second = diffusion.sampling_scheduler(diffusion.NoiseSchedule(), sampler)
+    assert first is not second and not first.config.get("clip_sample", False)

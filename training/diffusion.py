@@ -1,0 +1,211 @@
+"""Diffusion as plain functions: schedules, targets, loss weights, EMA, and the reverse process.
+
+The network knows nothing of the schedule: it maps ``(x_t, t, cond)`` to a prediction.
+The forward process and the samplers are diffusers' schedulers (``DDPMScheduler``'s
+``add_noise`` and ``get_velocity``; DDPM, DDIM and DPM-Solver++ for sampling); what is
+here is what diffusers leaves to the training script.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Schedule = Literal["linear", "scaled_linear", "cosine"]
+Prediction = Literal["epsilon", "v_prediction"]
+_DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """What defines the forward process; saved with every checkpoint and model."""
+
+    schedule: Schedule = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: Prediction = "epsilon"
+    zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2024)
+
+    def scheduler_config(self) -> dict:
+        """Keyword arguments shared by every diffusers scheduler built for this schedule.
+
+        ``clip_sample`` is off: predicted x0 is a latent, not an image in [-1, 1].
+        """
+        return dict(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            beta_schedule=_DIFFUSERS_SCHEDULE[self.schedule],
+            prediction_type=self.prediction_type,
+            rescale_betas_zero_snr=self.zero_terminal_snr,
+        )
+
+
+def training_scheduler(schedule: NoiseSchedule):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**schedule.scheduler_config(), clip_sample=False)
+
+
+def sampling_scheduler(schedule: NoiseSchedule, sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"):
+    """A fresh scheduler for one sampling run (schedulers carry per-run step state)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    config = schedule.scheduler_config()
+    if sampler == "ddpm":
+        return DDPMScheduler(**config, clip_sample=False)
+    if sampler == "ddim":
+        spacing = "trailing" if schedule.zero_terminal_snr else "leading"
+        return DDIMScheduler(**config, clip_sample=False, set_alpha_to_one=False, timestep_spacing=spacing)
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"unknown sampler {sampler!r}: choose ddpm, ddim or dpm++")
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) at ``timesteps``."""
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha_bar / (1.0 - alpha_bar).clamp_min(1e-20)
+
+
+def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy", eq. 9 and its v-prediction form).
+
+    For an ε target the weight is min(SNR, γ) / SNR; for a v target it is
+    min(SNR, γ) / (SNR + 1). At zero terminal SNR the v weight is 0/1 = 0, not NaN.
+    """
+    clipped = torch.minimum(snr_t, torch.full_like(snr_t, gamma))
+    if prediction_type == "epsilon":
+        return clipped / snr_t.clamp_min(1e-20)
+    if prediction_type == "v_prediction":
+        return clipped / (snr_t + 1.0)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the network learns to predict: ε, or v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise plus a per-channel constant (Guttenberg 2023, "Diffusion with Offset Noise")."""
+    if strength == 0:
+        return noise
+    shift = torch.randn(noise.shape[0], noise.shape[1], 1, 1, generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + strength * shift
+
+
+def drop_labels(labels: torch.Tensor, rate: float, null_label: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Classifier-free guidance dropout (Ho & Salimans 2022): each label becomes the null
+    label with probability ``rate``."""
+    if rate <= 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < rate
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+def drop_embeddings(embeddings: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Classifier-free guidance dropout for text: an embedding becomes zeros with probability ``rate``."""
+    if rate <= 0:
+        return embeddings
+    keep = (torch.rand(embeddings.shape[0], generator=generator, device=embeddings.device) >= rate).to(embeddings.dtype)
+    return embeddings * keep.view(-1, *([1] * (embeddings.dim() - 1)))
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    target_: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    weighting: Literal["uniform", "min_snr"],
+    gamma: float,
+    prediction_type: str,
+) -> torch.Tensor:
+    """Mean over the batch of the per-sample MSE, weighted uniformly or by min-SNR-γ."""
+    per_sample = F.mse_loss(prediction.float(), target_.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weighting == "min_snr":
+        per_sample = per_sample * min_snr_weights(snr(alphas_cumprod, timesteps), gamma, prediction_type)
+    return per_sample.mean()
+
+
+def ema_decay(step: int, max_decay: float, warmup: int) -> float:
+    """EMA decay with warm-up: min(max_decay, (1 + n) / (warmup + n)), n the EMA update count
+    (the schedule of diffusers' ``EMAModel`` without its power form); warmup 10 gives 0.1 at n=0."""
+    return min(max_decay, (1 + step) / (warmup + step))
+
+
+@torch.no_grad()
+def ema_update(ema: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float) -> None:
+    """θ_ema ← decay · θ_ema + (1 − decay) · θ, in place."""
+    for e, p in zip(ema, params):
+        e.mul_(decay).add_(p.detach().to(e.dtype), alpha=1.0 - decay)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_factor: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_factor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_factor + (1 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def sample(
+    unet,
+    scheduler,
+    shape: tuple[int, ...],
+    *,
+    steps: int,
+    conditioning: dict,
+    null_conditioning: dict | None,
+    guidance: float,
+    generator: torch.Generator,
+    latents: torch.Tensor | None = None,
+    start_step: int = 0,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """The reverse process with classifier-free guidance (Ho & Salimans 2022).
+
+    Both guidance passes run as one batch of 2B. ``conditioning`` holds the keyword
+    arguments that condition the UNet (``class_labels`` or ``encoder_hidden_states``), and
+    ``null_conditioning`` the unconditional ones. ``latents`` and ``start_step`` start part-way
+    (SDEdit); ``known = (latent, mask)`` keeps the masked region known, re-noised to each
+    step's level (inpainting by latent blending). ``scheduler`` must be fresh for this call.
+    """
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps[start_step:]
+    if latents is None:
+        latents = torch.randn(shape, generator=generator, device="cpu").to(device)
+    latents = latents * (scheduler.init_noise_sigma if start_step == 0 else 1.0)
+    guided = null_conditioning is not None and guidance != 1.0
+    for i, t in enumerate(timesteps):
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        kwargs = {k: torch.cat([null_conditioning[k], v]) for k, v in conditioning.items()} if guided else conditioning
+        prediction = unet(model_input, t, **kwargs, return_dict=False)[0]
+        if guided:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
+        if known is not None:
+            known_latent, mask = known
+            if i + 1 < len(timesteps):
+                noise = torch.randn(known_latent.shape, generator=generator).to(device)
+                known_t = scheduler.add_noise(known_latent, noise, timesteps[i + 1 : i + 2])
+            else:
+                known_t = known_latent
+            latents = mask * known_t + (1 - mask) * latents
+    return latents
