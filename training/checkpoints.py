@@ -48,3 +48,12 @@ def load(folder: str | Path, *, modules: dict[str, torch.nn.Module], optimizers:
 def load_weights(folder: str | Path, name: str, module: torch.nn.Module) -> torch.nn.Module:
     unwrap(module).load_state_dict(load_file(Path(folder) / f"{name}.safetensors"))
     return module
+
+
+def save_tensor(folder: str | Path, name: str, tensor: torch.Tensor) -> None:
+    """One tensor (an RNG state, say) as ``NAME.safetensors``."""
+    save_file({"tensor": tensor.contiguous()}, Path(folder) / f"{name}.safetensors")
+
+
+def load_tensor(folder: str | Path, name: str) -> torch.Tensor:
+    return load_file(Path(folder) / f"{name}.safetensors")["tensor"]

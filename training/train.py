@@ -1,0 +1,441 @@
+"""The diffusion stage: train a denoising UNet on latent shards across Ray Train workers.
+
+Each worker streams its own disjoint, per-epoch reshuffled subset of latent shards, draws
+a latent from the stored moments (times the autoencoder's scale factor), noises it with
+diffusers' ``DDPMScheduler`` and regresses the ε or v target (``training/diffusion.py``).
+DDP averages gradients; rank 0 logs to MLflow. Checkpoints (UNet and EMA weights as
+safetensors, optimizer and LR-scheduler state, RNG state, data position, the config) go
+through Ray Train, so a replaced worker, or the same job run again, resumes exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from data import config as configs
+from data import latents as latent_format
+from data import shards, storage
+from training import checkpoints, diffusion, unet as unets
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Configuration of the diffusion stage (section ``train:`` of a config file)."""
+
+    preset: Literal["tiny", "base"] = "tiny"
+    conditioning: Literal["class", "text", "none"] = "class"
+    noise: diffusion.NoiseSchedule = field(default_factory=diffusion.NoiseSchedule)
+    loss_weighting: Literal["uniform", "min_snr"] = "min_snr"
+    snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    cond_dropout: float = 0.1  # classifier-free guidance: share of samples trained unconditionally
+    steps: int = 2000
+    batch_size: int = 64  # per worker, per micro-batch
+    grad_accum: int = 1
+    lr: float = 2e-4
+    min_lr_factor: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: int = 10
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    workers: int = 2
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 25
+    sample_every: int = 0  # steps between sample grids in MLflow; 0: only at the end
+    max_failures: int = 3  # worker failures Ray Train recovers from
+    max_bad_steps: int = 5  # consecutive non-finite losses before restoring the last checkpoint
+    shuffle_buffer: int = 1000
+    autoencoder: str = ""  # model URI; empty: the one named in the latent manifest
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
+    sample_steps: int = 25
+    guidance: float = 3.0
+    experiment: str = "ldmflow-diffusion"
+    model_name: str = "ldmflow-diffusion"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "workers", "checkpoint_every", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError("cond_dropout must be in [0, 1)")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive non-finite losses: the run goes back to its last checkpoint."""
+
+
+@dataclass
+class LatentBatch:
+    mean: torch.Tensor  # (B, C, h, w)
+    logvar: torch.Tensor | None
+    labels: torch.Tensor  # (B,), -1 where unknown
+    captions: list[str]
+
+
+def collate_latents(samples: list[latent_format.LatentSample]) -> LatentBatch:
+    logvar = None
+    if samples[0].logvar is not None:
+        logvar = torch.from_numpy(np.stack([s.logvar for s in samples]))
+    return LatentBatch(
+        torch.from_numpy(np.stack([s.mean for s in samples])),
+        logvar,
+        torch.tensor([s.label for s in samples], dtype=torch.long),
+        [s.caption for s in samples],
+    )
+
+
+def draw_latents(batch: LatentBatch, scale_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """z = (μ + σ·ε) · scale_factor from the stored moments (μ alone when no log-variance)."""
+    z = batch.mean
+    if batch.logvar is not None:
+        z = z + torch.exp(0.5 * batch.logvar) * torch.randn(z.shape, generator=generator)
+    return z * scale_factor
+
+
+def denoising_loss(model, scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   cond: dict[str, torch.Tensor], config: DiffusionConfig, autocast: bool) -> torch.Tensor:
+    """One batch's loss: noise x0 to ``timesteps``, predict, weight (the model is an argument)."""
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+        prediction = model(x_t, timesteps, **cond, return_dict=False)[0]
+    return diffusion.diffusion_loss(
+        prediction,
+        diffusion.target(scheduler, x0, noise, timesteps, config.noise.prediction_type),
+        timesteps,
+        scheduler.alphas_cumprod,
+        weighting=config.loss_weighting,
+        gamma=config.snr_gamma,
+        prediction_type=config.noise.prediction_type,
+    )
+
+
+def _all_finite(loss: torch.Tensor, world: int) -> bool:
+    """Whether every rank's loss is finite (all ranks must agree to skip a step together)."""
+    flag = torch.tensor([1.0 if torch.isfinite(loss).all() else 0.0], device=loss.device)
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    config = configs.from_dict(DiffusionConfig, loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    autocast = device.type == "cuda" and config.mixed_precision in ("auto", "bf16")
+    latent_shape = tuple(loop_config["latent_shape"])
+    num_classes = len(loop_config["class_names"] or ())
+    scale_factor = float(loop_config["scale_factor"])
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = unets.build_unet(config.preset, config.conditioning, latent_shape, num_classes)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: diffusion.lr_factor(s, config.warmup_steps, config.steps, config.min_lr_factor))
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_steps": 0, "restores": 0}
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            saved = checkpoints.load(folder, modules={"unet": model, "ema": ema},
+                                     optimizers={"optimizer": optimizer, "lr_schedule": lr_schedule})
+            if (Path(folder) / f"rng-{rank}.safetensors").exists():
+                generator.set_state(checkpoints.load_tensor(folder, f"rng-{rank}"))
+        positions = saved["position"]
+        if rank < len(positions) and len(positions) == world:
+            position.update(positions[rank])
+        else:  # resumed with another number of workers: same step, the epoch starts afresh
+            position.update(step=saved["step"], epoch=positions[0]["epoch"] + 1, batches_in_epoch=0)
+
+    ddp_model = ray.train.torch.prepare_model(model)
+    ema.to(device)
+    scheduler = diffusion.training_scheduler(config.noise)
+    text_encoder = unets.TextEncoder(str(device)) if config.conditioning == "text" else None
+    stream = shards.ShardStream(loop_config["shard_urls"], rank=rank, world_size=world, shuffle_buffer=config.shuffle_buffer,
+                                seed=config.seed, decode=latent_format.decode_latent)
+    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, collate_fn=collate_latents, drop_last=True)
+    tracker = _RankZeroTracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
+
+    step, epoch, batches_done = position["step"], position["epoch"], position["batches_in_epoch"]
+    bad_steps, micro = position["bad_steps"], 0
+    window_started, window_samples, grad_norm = time.perf_counter(), 0, torch.tensor(0.0)
+    while step < config.steps:
+        stream.set_epoch(epoch)
+        for index, batch in enumerate(loader):
+            if index < batches_done:  # resuming inside an epoch: skip what was already trained on
+                continue
+            x0 = draw_latents(batch, scale_factor, generator).to(device)
+            noise = diffusion.offset_noise(torch.randn(x0.shape, generator=generator), config.noise_offset, generator).to(device)
+            timesteps = torch.randint(0, config.noise.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
+            labels = diffusion.drop_labels(batch.labels.clamp_min(0), config.cond_dropout, num_classes, generator).to(device)
+            text = None
+            if text_encoder is not None:
+                text = diffusion.drop_embeddings(text_encoder(batch.captions), config.cond_dropout, generator).to(device)
+            cond = unets.conditioning_kwargs(config.conditioning, labels, text)
+            loss = denoising_loss(ddp_model, scheduler, x0, noise, timesteps, cond, config, autocast)
+            batches_done = index + 1
+            if not _all_finite(loss, world):
+                optimizer.zero_grad(set_to_none=True)
+                micro = 0
+                bad_steps += 1
+                tracker.log(step, skipped_nonfinite_steps=bad_steps)
+                if bad_steps >= config.max_bad_steps:
+                    raise NonFiniteLoss(f"{bad_steps} consecutive non-finite losses at step {step}")
+                continue
+            bad_steps = 0
+            (loss / config.grad_accum).backward()
+            micro += 1
+            window_samples += x0.shape[0] * world
+            if micro < config.grad_accum:
+                continue
+            micro = 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_schedule.step()
+            diffusion.ema_update(ema.parameters(), model.parameters(),
+                                 diffusion.ema_decay(step, config.ema_decay, config.ema_warmup))
+            step += 1
+            if step % config.log_every == 0 or step == config.steps:
+                elapsed = time.perf_counter() - window_started
+                tracker.log(step, loss=loss.item(), lr=lr_schedule.get_last_lr()[0], grad_norm=float(grad_norm),
+                            latents_per_s=window_samples / max(elapsed, 1e-9))
+                window_started, window_samples = time.perf_counter(), 0
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                _report_checkpoint(step, epoch, batches_done, loss.item(), rank, world, model, ema, optimizer,
+                                   lr_schedule, generator, loop_config["config"])
+            if step >= config.steps:
+                break
+        else:
+            epoch, batches_done = epoch + 1, 0
+
+
+def _report_checkpoint(step, epoch, batches_done, loss, rank, world, model, ema, optimizer, lr_schedule, generator, config):
+    """Every rank saves its RNG state and data position; rank 0 adds weights and optimizer."""
+    import ray.train
+
+    position = {"step": step, "epoch": epoch, "batches_in_epoch": batches_done, "bad_steps": 0}
+    positions = [None] * world
+    states = [None] * world
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(positions, position)
+        torch.distributed.all_gather_object(states, generator.get_state())
+    else:
+        positions, states = [position], [generator.get_state()]
+    with tempfile.TemporaryDirectory() as folder:
+        saved = None
+        if rank == 0:
+            checkpoints.save(folder, modules={"unet": model, "ema": ema},
+                             optimizers={"optimizer": optimizer, "lr_schedule": lr_schedule},
+                             state={"position": positions, "config": config, "step": step})
+            for r, state in enumerate(states):
+                checkpoints.save_tensor(folder, f"rng-{r}", state)
+            saved = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({"step": step, "loss": loss}, checkpoint=saved)
+
+
+class _RankZeroTracker:
+    """Logs metrics to the MLflow run from rank 0 only."""
+
+    def __init__(self, run_id: str | None, tracking_uri: str | None, rank: int) -> None:
+        self.client = None
+        self.run_id = run_id
+        if rank == 0 and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def log(self, step: int, **values: float) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+
+def run_name(latent_manifest_sha: str, config: DiffusionConfig) -> str:
+    """Deterministic per (latent set, config): the same job run again resumes its checkpoints."""
+    body = json.dumps({"latents": latent_manifest_sha, "config": configs.to_dict(config)}, sort_keys=True)
+    return "diffusion-" + hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------
+# The driver: lineage guard, fit, EMA model folder, samples, MLflow
+
+
+MODEL_KIND = "ldmflow.diffusion"
+MODEL_META = "ldmflow.json"
+
+
+@dataclass(frozen=True)
+class TrainedDiffusion:
+    folder: Path  # the EMA UNet (diffusers folder under unet/) and ldmflow.json
+    run_id: str
+    metrics: dict[str, float]
+    grid: Path
+
+    def summary(self) -> str:
+        accuracy = self.metrics.get("class_accuracy")
+        quality = f", samples recognised as their class {accuracy:.0%} of the time" if accuracy is not None else ""
+        return f"train: EMA model in MLflow run {self.run_id}{quality}; sample grid {self.grid}"
+
+
+def resolve_autoencoder(manifest: latent_format.LatentManifest, uri: str = ""):
+    """The autoencoder for a latent set, refused unless it is the one that made the latents."""
+    from data import autoencoder as autoencoder_format
+    from training import tracking
+
+    uri = uri or manifest.autoencoder.uri
+    folder, _ = tracking.resolve(uri)
+    vae, info = autoencoder_format.load(folder)
+    latent_format.check_lineage(manifest, info.weights_sha256, expected_uri=uri)
+    return vae, info
+
+
+def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None = None, progress: bool = True) -> TrainedDiffusion:
+    """Train on the latent shards at ``latents_url``; log the EMA model and samples to MLflow."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from data import cluster
+    from training import tracking
+
+    manifest_text = storage.read_text(shards.manifest_url(latents_url))
+    manifest = latent_format.LatentManifest.from_json(manifest_text, where=latents_url)
+    manifest_sha = hashlib.sha256(manifest_text.encode()).hexdigest()
+    vae, vae_info = resolve_autoencoder(manifest, config.autoencoder)
+    if config.conditioning == "class" and not manifest.class_names:
+        raise ValueError(f"{latents_url}: class conditioning needs labelled data (the manifest has no class names)")
+    name = run_name(manifest_sha, config)
+
+    client = tracking.client()
+    run = client.create_run(tracking.experiment_id(config.experiment), run_name=name, tags={
+        "ldmflow.stage": "diffusion", "ldmflow.latents": latents_url, "ldmflow.latent_manifest_sha256": manifest_sha,
+        "ldmflow.autoencoder": manifest.autoencoder.uri, "ldmflow.autoencoder_sha256": vae_info.weights_sha256})
+    run_id = run.info.run_id
+    for key, value in _flatten(configs.to_dict(config)).items():
+        client.log_param(run_id, key, value)
+
+    cluster.ensure_ray()
+    urls = latent_format.shard_urls(latents_url, manifest)
+    workers = config.workers
+    if len(urls) < workers:
+        print(f"train: {len(urls)} latent shards for {workers} workers: splitting by sample instead of by shard")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": configs.to_dict(config), "shard_urls": urls, "latent_shape": list(manifest.latent_shape),
+            "class_names": list(manifest.class_names or ()), "scale_factor": vae_info.scale_factor,
+            "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu(config.use_gpu)),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path or str(tracking.state_dir() / "ray_results"),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+
+    num_classes = len(manifest.class_names or ())
+    ema = unets.build_unet(config.preset, config.conditioning, tuple(manifest.latent_shape), num_classes)
+    with result.checkpoint.as_directory() as folder:
+        checkpoints.load_weights(folder, "ema", ema)
+    ema.eval()
+
+    out = Path(tempfile.mkdtemp(prefix="ldmflow-diffusion-"))
+    model_folder = out / "model"
+    save_model(ema, model_folder, config, manifest, manifest_sha, vae_info.scale_factor, run_id)
+    grid, images = sample_grid(ema, vae, vae_info.scale_factor, config, manifest)
+    grid_path = out / "samples.png"
+    grid.save(grid_path)
+    metrics: dict[str, float] = {}
+    if config.conditioning == "class":
+        from training import evaluation
+
+        classifier = evaluation.classifier_for(manifest.image_dataset)
+        metrics["class_accuracy"] = evaluation.class_accuracy(classifier, images)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    client.log_artifacts(run_id, str(model_folder), "model")
+    client.log_artifact(run_id, str(grid_path))
+    client.set_terminated(run_id)
+    return TrainedDiffusion(model_folder, run_id, metrics, grid_path)
+
+
+def save_model(ema, folder: Path, config: DiffusionConfig, manifest: latent_format.LatentManifest,
+               manifest_sha: str, scale_factor: float, run_id: str) -> None:
+    """The EMA UNet as a diffusers folder (``unet/``) plus ``ldmflow.json``: what sampling needs."""
+    ema.save_pretrained(folder / "unet", safe_serialization=True)
+    meta = {
+        "kind": MODEL_KIND,
+        "config": configs.to_dict(config),
+        "latent_shape": list(manifest.latent_shape),
+        "class_names": list(manifest.class_names) if manifest.class_names else None,
+        "scale_factor": scale_factor,
+        "autoencoder": vars(manifest.autoencoder),
+        "lineage": {"latents": manifest.image_dataset, "latent_manifest_sha256": manifest_sha,
+                    "image_manifest_sha256": manifest.image_manifest_sha256, "run_id": run_id},
+    }
+    (folder / MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+@torch.no_grad()
+def sample_grid(unet, vae, scale_factor: float, config: DiffusionConfig, manifest: latent_format.LatentManifest,
+                per_class: int = 8, seed: int = 1234):
+    """A row of samples per class (or prompt), fixed seeds, decoded: (PIL grid, images by class)."""
+    from PIL import Image
+
+    classes = list(range(len(manifest.class_names))) if config.conditioning == "class" else [None]
+    rows, images = [], {}
+    for label in classes:
+        generator = torch.Generator().manual_seed(seed + (label or 0))
+        labels = torch.full((per_class,), label if label is not None else 0, dtype=torch.long)
+        cond = unets.conditioning_kwargs(config.conditioning, labels, None)
+        null = unets.conditioning_kwargs(config.conditioning, torch.full_like(labels, len(classes)), None)
+        latents = diffusion.sample(
+            unet, diffusion.sampling_scheduler(config.noise, config.sampler), (per_class, *manifest.latent_shape),
+            steps=config.sample_steps, conditioning=cond, null_conditioning=null if config.conditioning == "class" else None,
+            guidance=config.guidance, generator=generator)
+        decoded = vae.decode(latents / scale_factor).sample.clamp(-1, 1)
+        images[label] = decoded
+        rows.append(torch.cat(list(decoded), dim=-1))
+    grid = ((torch.cat(rows, dim=-2) + 1) * 127.5).round().byte()
+    return Image.fromarray(grid.permute(1, 2, 0).numpy()), images
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat

