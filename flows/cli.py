@@ -159,6 +159,36 @@ def precompute(
 
 
 @app.command()
+def train(
+    latents_url: Annotated[str, typer.Argument(metavar="LATENTS", help="Latent shards (folder or s3:// prefix with manifest.json).")],
+    config: ConfigOption = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Latents per worker per micro-batch.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP ranks).")] = None,
+    autoencoder: Annotated[Optional[str], typer.Option(help="Autoencoder URI (default: the one named by the latents).")] = None,
+) -> None:
+    """Train the denoising UNet on precomputed latents with Ray Train (DDP), EMA and checkpoints.
+
+    Refuses latents made by another autoencoder than the configured one. Logs losses,
+    learning rate, gradient norm and throughput to MLflow, a grid of samples decoded with
+    the autoencoder, and the EMA model. Rerunning the same job resumes from its checkpoint.
+    """
+    from data.latents import LineageError
+    from flows.train import train_flow
+    from training.tracking import ModelNotFound
+    from training.train import DiffusionConfig
+
+    stage_config = _load_config(DiffusionConfig, config, "train",
+                                dict(steps=steps, batch_size=batch_size, workers=workers, autoencoder=autoencoder))
+    try:
+        trained = train_flow(latents_url, stage_config)
+    except (LineageError, ModelNotFound) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(trained.summary())
+
+
+@app.command()
 def inspect(dataset: Annotated[str, typer.Argument(help="A shard folder or s3:// prefix (or its manifest.json).")]) -> None:
     """Print a dataset's manifest summary: counts, classes, statistics and shards."""
     from data import shards

@@ -8,7 +8,7 @@ import pytest
 from data import shards
 
 CLI = [sys.executable, "-m", "flows.cli"]
-SUBCOMMANDS = ["shard", "train-autoencoder", "precompute", "inspect"]
+SUBCOMMANDS = ["shard", "train-autoencoder", "precompute", "train", "inspect"]
 
 
 def run(args, env, cwd, timeout=300):

@@ -1,0 +1,179 @@
+"""Distributed diffusion training on Ray Train: DDP equivalence, exact resume after a killed
+worker, the lineage guard, and non-finite losses."""
+
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data import autoencoder as autoencoder_format
+from data import latents, shards
+from data.precompute import PrecomputeConfig, precompute
+from training import autoencoder, diffusion, tracking, unet
+from training.train import DiffusionConfig, denoising_loss, train
+
+TINY = dict(steps=200, batch_size=16, lr=1e-3, warmup_steps=10, checkpoint_every=20, log_every=1, sample_steps=5,
+            shuffle_buffer=50)
+
+
+def save_tiny_autoencoder(folder: Path, seed: int) -> latents.AutoencoderRef:
+    torch.manual_seed(seed)
+    vae = autoencoder.build_autoencoder(autoencoder.AutoencoderConfig(), 16)
+    info = autoencoder_format.save(vae, folder, scale_factor=0.8, resolution=16, config={}, lineage={})
+    return latents.AutoencoderRef(uri=str(folder), weights_sha256=info.weights_sha256, scale_factor=0.8)
+
+
+@pytest.fixture(scope="module")
+def latent_set(ray_local, digits16, tmp_path_factory):
+    root = tmp_path_factory.mktemp("latent-set")
+    ref = save_tiny_autoencoder(root / "autoencoder", seed=0)
+    dest = str(root / "latents")
+    precompute(digits16, dest, root / "autoencoder", ref, PrecomputeConfig(actors=2), progress=False)
+    return dest, root
+
+
+# ---------------------------------------------------------------------------------------
+# One DDP step on 2 workers with batch B == one step on 1 worker with batch 2B
+
+
+def _one_step_worker(loop_config):
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import save_file
+
+    config = DiffusionConfig(**loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(0)
+    model = unet.build_unet("tiny", "class", (4, 4, 4), 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    ddp = ray.train.torch.prepare_model(model)
+    scheduler = diffusion.training_scheduler(config.noise)
+    generator = torch.Generator().manual_seed(7)  # the same global batch on every worker
+    total = loop_config["global_batch"]
+    x0 = torch.randn(total, 4, 4, 4, generator=generator)
+    noise = torch.randn(total, 4, 4, 4, generator=generator)
+    timesteps = torch.randint(0, 1000, (total,), generator=generator)
+    labels = torch.randint(0, 11, (total,), generator=generator)
+    part = slice(rank * total // world, (rank + 1) * total // world)
+    loss = denoising_loss(ddp, scheduler, x0[part], noise[part], timesteps[part], {"class_labels": labels[part]}, config, False)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ddp.parameters(), config.grad_clip)
+    optimizer.step()
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, loop_config["out"])
+    ray.train.report({"loss": loss.item()})
+
+
+def test_ddp_step_equals_single_worker_double_batch(ray_local, tmp_path):
+    import ray.cloudpickle
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load_file
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    config = {"loss_weighting": "min_snr", "grad_clip": 0.5}
+    weights = {}
+    for workers in (1, 2):
+        out = str(tmp_path / f"weights-{workers}.safetensors")
+        TorchTrainer(
+            _one_step_worker,
+            train_loop_config={"config": config, "global_batch": 8, "out": out},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers),
+            run_config=ray.train.RunConfig(name=f"ddp-{workers}", storage_path=str(tmp_path / "ray")),
+        ).fit()
+        weights[workers] = load_file(out)
+    torch.manual_seed(0)
+    initial = unet.build_unet("tiny", "class", (4, 4, 4), 10).state_dict()
+    moved = sum(not torch.equal(initial[k], weights[1][k]) for k in initial)
+    assert moved > len(initial) // 2
+    for key in weights[1]:
+        torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# A worker killed mid-run: replaced, resumed from the checkpoint, same losses as unbroken
+
+
+def loss_by_step(run_id: str) -> dict[int, float]:
+    history = tracking.client().get_metric_history(run_id, "loss")
+    by_step = {}
+    for metric in sorted(history, key=lambda m: m.timestamp):
+        by_step[metric.step] = metric.value  # a replayed step keeps its last value
+    return by_step
+
+
+def kill_one_worker_after_first_checkpoint(storage_root: Path, done: threading.Event, killed: list) -> None:
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not done.is_set():
+        if list(storage_root.glob("*/checkpoint_*")):
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                os.kill(workers[-1]["pid"], signal.SIGKILL)
+                killed.append(workers[-1]["pid"])
+                return
+        time.sleep(0.05)
+
+
+def test_killed_worker_is_replaced_and_resumes_exactly(latent_set, tmp_path):
+    dest, _ = latent_set
+    unbroken = train(dest, DiffusionConfig(**TINY, experiment="unbroken"), storage_path=str(tmp_path / "a"), progress=False)
+
+    storage_root = tmp_path / "b"
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, args=(storage_root, done, killed))
+    killer.start()
+    try:
+        recovered = train(dest, DiffusionConfig(**TINY, experiment="killed"), storage_path=str(storage_root), progress=False)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "the run finished before a worker could be killed"
+
+    expected, got = loss_by_step(unbroken.run_id), loss_by_step(recovered.run_id)
+    assert sorted(got) == sorted(expected) == list(range(1, 201))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
+    replays = len(tracking.client().get_metric_history(recovered.run_id, "loss")) - 200
+    assert replays > 0  # steps after the checkpoint were trained twice: the worker was replaced
+    assert (recovered.folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert 0.0 <= recovered.metrics["class_accuracy"] <= 1.0
+
+
+def test_lineage_guard_refuses_another_autoencoder(latent_set, tmp_path):
+    dest, _ = latent_set
+    save_tiny_autoencoder(tmp_path / "other", seed=1)
+    with pytest.raises(latents.LineageError, match="not by the configured one"):
+        train(dest, DiffusionConfig(**TINY, autoencoder=str(tmp_path / "other")), progress=False)
+
+
+def test_non_finite_losses_are_skipped_and_counted(latent_set, tmp_path):
+    dest, _ = latent_set
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(dest, poisoned)
+    victim = poisoned / "shard-000000.tar"
+    samples = list(shards.iter_raw_samples([str(victim)], shards.SkipCounter()))
+    for raw in samples:
+        mean = latents.decode_array(raw[latents.KEY_MEAN])
+        raw[latents.KEY_MEAN] = latents.encode_array(np.full_like(mean, np.nan))
+        raw.pop("__url__", None)
+    shards.write_shard(str(victim), samples)
+    config = DiffusionConfig(**{**TINY, "steps": 40}, max_bad_steps=50, experiment="nan")
+    trained = train(str(poisoned), config, storage_path=str(tmp_path / "ray"), progress=False)
+    skipped = tracking.client().get_metric_history(trained.run_id, "skipped_nonfinite_steps")
+    assert skipped and max(m.value for m in skipped) >= 1
+    from safetensors.torch import load_file
+
+    state = load_file(str(trained.folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
