@@ -24,6 +24,7 @@ run: $(STAMP)
 	$(VENV)/bin/ldmflow --state-dir $(STATE) train-autoencoder $(STATE)/datasets/digits --config configs/tiny.yaml
 	$(VENV)/bin/ldmflow --state-dir $(STATE) precompute $(STATE)/datasets/digits $(STATE)/datasets/digits-latents \
 		--autoencoder models:/ldmflow-digits-autoencoder/latest --config configs/tiny.yaml
+	$(VENV)/bin/ldmflow --state-dir $(STATE) train $(STATE)/datasets/digits-latents --config configs/tiny.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -169,10 +169,12 @@ def test_non_finite_losses_are_skipped_and_counted(latent_set, tmp_path):
         raw[latents.KEY_MEAN] = latents.encode_array(np.full_like(mean, np.nan))
         raw.pop("__url__", None)
     shards.write_shard(str(victim), samples)
-    config = DiffusionConfig(**{**TINY, "steps": 40}, max_bad_steps=50, experiment="nan")
+    config = DiffusionConfig(**{**TINY, "steps": 40}, max_bad_steps=50, sample_every=20, experiment="nan")
     trained = train(str(poisoned), config, storage_path=str(tmp_path / "ray"), progress=False)
     skipped = tracking.client().get_metric_history(trained.run_id, "skipped_nonfinite_steps")
     assert skipped and max(m.value for m in skipped) >= 1
+    grids = [a.path for a in tracking.client().list_artifacts(trained.run_id, "samples")]
+    assert grids == ["samples/step-0000020.png", "samples/step-0000040.png"]
     from safetensors.torch import load_file
 
     state = load_file(str(trained.folder / "unet" / "diffusion_pytorch_model.safetensors"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -188,7 +187,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             x0 = draw_latents(batch, scale_factor, generator).to(device)
             noise = diffusion.offset_noise(torch.randn(x0.shape, generator=generator), config.noise_offset, generator).to(device)
             timesteps = torch.randint(0, config.noise.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
-            labels = diffusion.drop_labels(batch.labels.clamp_min(0), config.cond_dropout, num_classes, generator).to(device)
+            known = torch.where(batch.labels >= 0, batch.labels, torch.full_like(batch.labels, num_classes))  # unlabelled: null
+            labels = diffusion.drop_labels(known, config.cond_dropout, num_classes, generator).to(device)
             text = None
             if text_encoder is not None:
                 text = diffusion.drop_embeddings(text_encoder(batch.captions), config.cond_dropout, generator).to(device)
@@ -222,6 +222,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 tracker.log(step, loss=loss.item(), lr=lr_schedule.get_last_lr()[0], grad_norm=float(grad_norm),
                             latents_per_s=window_samples / max(elapsed, 1e-9))
                 window_started, window_samples = time.perf_counter(), 0
+            if config.sample_every and step % config.sample_every == 0 and rank == 0:
+                tracker.log_grid(step, ema, config, loop_config, scale_factor)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 _report_checkpoint(step, epoch, batches_done, loss.item(), rank, world, model, ema, optimizer,
                                    lr_schedule, generator, loop_config["config"])
@@ -273,6 +275,25 @@ class _RankZeroTracker:
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def log_grid(self, step: int, ema, config: DiffusionConfig, loop_config: dict, scale_factor: float) -> None:
+        """A grid of EMA samples decoded with the autoencoder (its files come by object store)."""
+        if self.client is None or loop_config.get("autoencoder_files") is None:
+            return
+        if not hasattr(self, "vae"):
+            import ray
+
+            from data import autoencoder as autoencoder_format
+
+            folder = Path(tempfile.mkdtemp(prefix="ldmflow-vae-"))
+            for name, data in ray.get(loop_config["autoencoder_files"]).items():
+                (folder / name).write_bytes(data)
+            self.vae, _ = autoencoder_format.load(folder)
+        device = next(ema.parameters()).device
+        grid, _ = sample_grid(ema.to("cpu"), self.vae, scale_factor, config, loop_config["class_names"],
+                              loop_config["latent_shape"])
+        ema.to(device)
+        self.client.log_image(self.run_id, grid, f"samples/step-{step:07d}.png")
 
 
 def run_name(latent_manifest_sha: str, config: DiffusionConfig) -> str:
@@ -339,6 +360,12 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         client.log_param(run_id, key, value)
 
     cluster.ensure_ray()
+    autoencoder_files = None
+    if config.sample_every:
+        import ray
+
+        vae_folder, _ = tracking.resolve(config.autoencoder or manifest.autoencoder.uri)
+        autoencoder_files = ray.put({p.name: p.read_bytes() for p in Path(vae_folder).iterdir() if p.is_file()})
     urls = latent_format.shard_urls(latents_url, manifest)
     workers = config.workers
     if len(urls) < workers:
@@ -348,7 +375,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         train_loop_config={
             "config": configs.to_dict(config), "shard_urls": urls, "latent_shape": list(manifest.latent_shape),
             "class_names": list(manifest.class_names or ()), "scale_factor": vae_info.scale_factor,
-            "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
+            "run_id": run_id, "tracking_uri": tracking.tracking_uri(), "autoencoder_files": autoencoder_files,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu(config.use_gpu)),
         run_config=ray.train.RunConfig(
@@ -373,7 +400,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     out = Path(tempfile.mkdtemp(prefix="ldmflow-diffusion-"))
     model_folder = out / "model"
     save_model(ema, model_folder, config, manifest, manifest_sha, vae_info.scale_factor, run_id)
-    grid, images = sample_grid(ema, vae, vae_info.scale_factor, config, manifest)
+    grid, images = sample_grid(ema, vae, vae_info.scale_factor, config, manifest.class_names, manifest.latent_shape)
     grid_path = out / "samples.png"
     grid.save(grid_path)
     metrics: dict[str, float] = {}
@@ -408,12 +435,14 @@ def save_model(ema, folder: Path, config: DiffusionConfig, manifest: latent_form
 
 
 @torch.no_grad()
-def sample_grid(unet, vae, scale_factor: float, config: DiffusionConfig, manifest: latent_format.LatentManifest,
+def sample_grid(unet, vae, scale_factor: float, config: DiffusionConfig, class_names, latent_shape,
                 per_class: int = 8, seed: int = 1234):
-    """A row of samples per class (or prompt), fixed seeds, decoded: (PIL grid, images by class)."""
+    """A row of samples per class (or one unconditional row), fixed seeds, decoded:
+    (PIL grid, images by class)."""
     from PIL import Image
 
-    classes = list(range(len(manifest.class_names))) if config.conditioning == "class" else [None]
+    latent_shape = tuple(latent_shape)
+    classes = list(range(len(class_names))) if config.conditioning == "class" else [None]
     rows, images = [], {}
     for label in classes:
         generator = torch.Generator().manual_seed(seed + (label or 0))
@@ -421,7 +450,7 @@ def sample_grid(unet, vae, scale_factor: float, config: DiffusionConfig, manifes
         cond = unets.conditioning_kwargs(config.conditioning, labels, None)
         null = unets.conditioning_kwargs(config.conditioning, torch.full_like(labels, len(classes)), None)
         latents = diffusion.sample(
-            unet, diffusion.sampling_scheduler(config.noise, config.sampler), (per_class, *manifest.latent_shape),
+            unet, diffusion.sampling_scheduler(config.noise, config.sampler), (per_class, *latent_shape),
             steps=config.sample_steps, conditioning=cond, null_conditioning=null if config.conditioning == "class" else None,
             guidance=config.guidance, generator=generator)
         decoded = vae.decode(latents / scale_factor).sample.clamp(-1, 1)
