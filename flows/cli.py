@@ -190,15 +190,28 @@ def train(
 
 @app.command()
 def inspect(dataset: Annotated[str, typer.Argument(help="A shard folder or s3:// prefix (or its manifest.json).")]) -> None:
-    """Print a dataset's manifest summary: counts, classes, statistics and shards."""
-    from data import shards
+    """Print a dataset's manifest summary: counts, classes, statistics, lineage and shards.
+
+    Works for image shards and latent shards alike.
+    """
+    import json
+
+    from data import latents, shards, storage
 
     try:
-        manifest = shards.read_manifest(dataset)
-    except shards.ManifestError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        kind = json.loads(storage.read_text(shards.manifest_url(dataset))).get("format")
+        manifest = latents.read_manifest(dataset) if kind == latents.FORMAT_NAME else shards.read_manifest(dataset)
+    except (shards.ManifestError, storage.StorageError, ValueError) as exc:
+        message = f"{shards.manifest_url(dataset)}: no manifest" if isinstance(exc, storage.NotFound) else str(exc)
+        typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(manifest.summary())
+    if isinstance(manifest, latents.LatentManifest):
+        typer.echo(f"image dataset: {manifest.image_dataset} (manifest sha256 {manifest.image_manifest_sha256[:16]}…)")
+        typer.echo(f"autoencoder weights sha256: {manifest.autoencoder.weights_sha256[:16]}…")
+        for shard in manifest.shards:
+            typer.echo(f"  {shard.url}  {shard.num_samples:6d} samples  {shard.bytes:>12,d} bytes  from {shard.source_shard}")
+        return
     if manifest.class_names:
         typer.echo(f"classes: {', '.join(manifest.class_names)}")
     typer.echo(f"pixel mean {manifest.stats['mean']}  std {manifest.stats['std']}")

@@ -374,7 +374,8 @@ def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None =
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
 
-    out = Path(tempfile.mkdtemp(prefix="ldmflow-autoencoder-"))
+    out = tracking.state_dir() / "runs" / f"{name}-{run_id[:8]}"  # the model and picture, also in MLflow
+    out.mkdir(parents=True, exist_ok=True)
     folder = out / "autoencoder"
     info = autoencoder_format.save(
         vae, folder, scale_factor=scale, resolution=resolution, config=configs.to_dict(config),

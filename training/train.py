@@ -64,7 +64,6 @@ class DiffusionConfig:
     sample_steps: int = 25
     guidance: float = 3.0
     experiment: str = "ldmflow-diffusion"
-    model_name: str = "ldmflow-diffusion"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "workers", "checkpoint_every", "log_every", "max_bad_steps"):
@@ -152,7 +151,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: diffusion.lr_factor(s, config.warmup_steps, config.steps, config.min_lr_factor))
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_steps": 0, "restores": 0}
+    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_steps": 0, "skipped": 0}
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -177,7 +176,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     tracker = _RankZeroTracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
 
     step, epoch, batches_done = position["step"], position["epoch"], position["batches_in_epoch"]
-    bad_steps, micro = position["bad_steps"], 0
+    bad_steps, skipped, micro = position["bad_steps"], position["skipped"], 0
     window_started, window_samples, grad_norm = time.perf_counter(), 0, torch.tensor(0.0)
     while step < config.steps:
         stream.set_epoch(epoch)
@@ -199,7 +198,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 micro = 0
                 bad_steps += 1
-                tracker.log(step, skipped_nonfinite_steps=bad_steps)
+                skipped += 1
+                tracker.log(step, skipped_nonfinite_steps=skipped)
                 if bad_steps >= config.max_bad_steps:
                     raise NonFiniteLoss(f"{bad_steps} consecutive non-finite losses at step {step}")
                 continue
@@ -225,7 +225,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if config.sample_every and step % config.sample_every == 0 and rank == 0:
                 tracker.log_grid(step, ema, config, loop_config, scale_factor)
             if step % config.checkpoint_every == 0 or step == config.steps:
-                _report_checkpoint(step, epoch, batches_done, loss.item(), rank, world, model, ema, optimizer,
+                _report_checkpoint(step, epoch, batches_done, skipped, loss.item(), rank, world, model, ema, optimizer,
                                    lr_schedule, generator, loop_config["config"])
             if step >= config.steps:
                 break
@@ -233,11 +233,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             epoch, batches_done = epoch + 1, 0
 
 
-def _report_checkpoint(step, epoch, batches_done, loss, rank, world, model, ema, optimizer, lr_schedule, generator, config):
+def _report_checkpoint(step, epoch, batches_done, skipped, loss, rank, world, model, ema, optimizer, lr_schedule,
+                       generator, config):
     """Every rank saves its RNG state and data position; rank 0 adds weights and optimizer."""
     import ray.train
 
-    position = {"step": step, "epoch": epoch, "batches_in_epoch": batches_done, "bad_steps": 0}
+    position = {"step": step, "epoch": epoch, "batches_in_epoch": batches_done, "bad_steps": 0, "skipped": skipped}
     positions = [None] * world
     states = [None] * world
     if world > 1 and torch.distributed.is_initialized():
@@ -397,7 +398,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         checkpoints.load_weights(folder, "ema", ema)
     ema.eval()
 
-    out = Path(tempfile.mkdtemp(prefix="ldmflow-diffusion-"))
+    out = tracking.state_dir() / "runs" / f"{name}-{run_id[:8]}"  # the grid and model, also in MLflow
     model_folder = out / "model"
     save_model(ema, model_folder, config, manifest, manifest_sha, vae_info.scale_factor, run_id)
     grid, images = sample_grid(ema, vae, vae_info.scale_factor, config, manifest.class_names, manifest.latent_shape)

@@ -1,0 +1,134 @@
+"""Diffusion training throughput, as ratios measured in one run on the same model and data.
+
+1. Overhead: ldmflow's training step (Ray Train worker, streamed latent shards, checkpoints,
+   MLflow logging, EMA) vs a bare PyTorch loop on the same UNet, batch and latents held in
+   memory (both fp32 on CPU; the bare loop at 1 thread like a Ray worker with 1 CPU, and at
+   the machine's thread count).
+2. Scaling: ldmflow with 1 vs 2 Ray Train workers (latents/s over all workers).
+3. Precompute's payoff: a bare loop training from precomputed latents vs one that encodes
+   each image batch with the autoencoder on the fly.
+
+ldmflow's rates are its own ``latents_per_s`` metric (MLflow), averaged after the first
+logging window, so start-up is excluded as it is for the bare loops.
+Usage: python benchmarks/train.py [--steps 150] [--batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
+
+from flows import runtime  # noqa: E402
+
+runtime.configure()
+
+
+def bare_loop(model, scheduler, config, batches, steps: int, encode=None) -> float:
+    """Latents (or images) per second of a plain loop: noise, predict, MSE, AdamW."""
+    import torch
+
+    from training import diffusion
+    from training.train import denoising_loss
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(0)
+    count, started = 0, None
+    for step in range(steps + 5):
+        if step == 5:
+            started, count = time.perf_counter(), 0
+        x, labels = batches[step % len(batches)]
+        if encode is not None:
+            with torch.no_grad():
+                x = encode(x)
+        noise = torch.randn(x.shape, generator=generator)
+        timesteps = torch.randint(0, config.noise.num_train_timesteps, (x.shape[0],), generator=generator)
+        labels = diffusion.drop_labels(labels, config.cond_dropout, 10, generator)
+        loss = denoising_loss(model, scheduler, x, noise, timesteps, {"class_labels": labels}, config, False)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        count += x.shape[0]
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from data import autoencoder as autoencoder_format
+    from data import cluster, latents, shards
+    from data.precompute import PrecomputeConfig, precompute
+    from data.sharding import ShardConfig
+    from flows import shard as shard_flow
+    from training import diffusion, tracking
+    from training.autoencoder import AutoencoderConfig, build_autoencoder
+    from training.train import DiffusionConfig, train
+    from training.unet import build_unet
+
+    work = Path(tempfile.mkdtemp(prefix="ldmflow-bench-train-"))
+    images = str(work / "images")
+    shard_flow.run("builtin:digits", images, ShardConfig(resolution=32, shard_size=250), progress=False)
+    torch.manual_seed(0)
+    vae = build_autoencoder(AutoencoderConfig(), 32).eval()
+    folder = work / "autoencoder"
+    info = autoencoder_format.save(vae, folder, scale_factor=1.0, resolution=32, config={}, lineage={})
+    cluster.ensure_ray()
+    latent_dir = str(work / "latents")
+    precompute(images, latent_dir, folder, latents.AutoencoderRef(str(folder), info.weights_sha256, 1.0),
+               PrecomputeConfig(), progress=False)
+
+    config = DiffusionConfig(steps=args.steps, batch_size=args.batch_size, log_every=25, checkpoint_every=args.steps,
+                             sample_steps=2, experiment="bench")
+    scheduler = diffusion.training_scheduler(config.noise)
+    stream = shards.ShardStream(shards.shard_urls(images), shuffle_buffer=0)
+    image_samples = list(stream)
+    image_batches, latent_batches = [], []
+    for start in range(0, len(image_samples) - args.batch_size + 1, args.batch_size):
+        chunk = image_samples[start : start + args.batch_size]
+        x = torch.from_numpy(np.stack([s.image for s in chunk]))
+        labels = torch.tensor([s.label for s in chunk])
+        image_batches.append((x, labels))
+        with torch.no_grad():
+            latent_batches.append((vae.encode(x).latent_dist.sample(), labels))
+
+    def fresh_unet():
+        torch.manual_seed(0)
+        return build_unet("tiny", "class", (4, 8, 8), 10)
+
+    threads = torch.get_num_threads()
+    rows = {}
+    torch.set_num_threads(1)
+    rows["bare loop, 1 thread"] = bare_loop(fresh_unet(), scheduler, config, latent_batches, args.steps)
+    rows["bare loop, encoding images on the fly, 1 thread"] = bare_loop(
+        fresh_unet(), scheduler, config, image_batches, args.steps, encode=lambda x: vae.encode(x).latent_dist.sample())
+    torch.set_num_threads(threads)
+    rows[f"bare loop, {threads} threads"] = bare_loop(fresh_unet(), scheduler, config, latent_batches, args.steps)
+
+    for workers in (1, 2):
+        trained = train(latent_dir, DiffusionConfig(**{**vars(config), "workers": workers}), progress=False)
+        history = sorted(tracking.client().get_metric_history(trained.run_id, "latents_per_s"), key=lambda m: m.step)
+        rows[f"ldmflow train, {workers} worker(s)"] = float(np.mean([m.value for m in history[1:]]))
+
+    baseline = rows["bare loop, 1 thread"]
+    print(f"\nmachine: {os.cpu_count()} cores, {'cuda' if torch.cuda.is_available() else 'cpu'}; tiny UNet on 8x8x4 latents, "
+          f"batch {args.batch_size} per worker, {args.steps} steps")
+    print(f"{'':52s} {'latents/s':>10s} {'vs bare loop (1 thread)':>24s}")
+    for name, rate in rows.items():
+        print(f"{name:52s} {rate:10.1f} {rate / baseline:23.2f}x")
+
+
+if __name__ == "__main__":
+    main()
