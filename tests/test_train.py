@@ -1,9 +1,9 @@
 """Distributed diffusion training on Ray Train: DDP equivalence, exact resume after a killed
 worker, the lineage guard, and non-finite losses."""
 
+import json
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -179,3 +179,19 @@ def test_non_finite_losses_are_skipped_and_counted(latent_set, tmp_path):
 
     state = load_file(str(trained.folder / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_text_conditioning_trains_and_samples_by_prompt(latent_set, tmp_path):
+    """Cross-attention over the offline sentence encoder's embeddings of the captions."""
+    from PIL import Image
+
+    dest, _ = latent_set
+    config = DiffusionConfig(**{**TINY, "steps": 6, "checkpoint_every": 3, "sample_every": 3}, conditioning="text",
+                             workers=1, experiment="text")
+    trained = train(dest, config, storage_path=str(tmp_path / "ray"), progress=False)
+    grid = Image.open(trained.grid)
+    assert grid.size == (8 * 16, 10 * 16)  # a row per distinct caption ("a handwritten digit zero" …)
+    assert json.loads((trained.folder / "unet" / "config.json").read_text())["cross_attention_dim"] == unet.TEXT_DIM
+    grids = [a.path for a in tracking.client().list_artifacts(trained.run_id, "samples")]
+    assert grids == ["samples/step-0000003.png", "samples/step-0000006.png"]
+    assert "class_accuracy" not in trained.metrics

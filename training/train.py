@@ -292,7 +292,7 @@ class _RankZeroTracker:
             self.vae, _ = autoencoder_format.load(folder)
         device = next(ema.parameters()).device
         grid, _ = sample_grid(ema.to("cpu"), self.vae, scale_factor, config, loop_config["class_names"],
-                              loop_config["latent_shape"])
+                              loop_config["latent_shape"], loop_config.get("prompts"))
         ema.to(device)
         self.client.log_image(self.run_id, grid, f"samples/step-{step:07d}.png")
 
@@ -377,6 +377,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
             "config": configs.to_dict(config), "shard_urls": urls, "latent_shape": list(manifest.latent_shape),
             "class_names": list(manifest.class_names or ()), "scale_factor": vae_info.scale_factor,
             "run_id": run_id, "tracking_uri": tracking.tracking_uri(), "autoencoder_files": autoencoder_files,
+            "prompts": grid_prompts(urls) if config.conditioning == "text" else None,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu(config.use_gpu)),
         run_config=ray.train.RunConfig(
@@ -401,7 +402,8 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     out = tracking.state_dir() / "runs" / f"{name}-{run_id[:8]}"  # the grid and model, also in MLflow
     model_folder = out / "model"
     save_model(ema, model_folder, config, manifest, manifest_sha, vae_info.scale_factor, run_id)
-    grid, images = sample_grid(ema, vae, vae_info.scale_factor, config, manifest.class_names, manifest.latent_shape)
+    prompts = grid_prompts(urls) if config.conditioning == "text" else None
+    grid, images = sample_grid(ema, vae, vae_info.scale_factor, config, manifest.class_names, manifest.latent_shape, prompts)
     grid_path = out / "samples.png"
     grid.save(grid_path)
     metrics: dict[str, float] = {}
@@ -437,28 +439,45 @@ def save_model(ema, folder: Path, config: DiffusionConfig, manifest: latent_form
 
 @torch.no_grad()
 def sample_grid(unet, vae, scale_factor: float, config: DiffusionConfig, class_names, latent_shape,
-                per_class: int = 8, seed: int = 1234):
-    """A row of samples per class (or one unconditional row), fixed seeds, decoded:
-    (PIL grid, images by class)."""
+                prompts: list[str] | None = None, text_encoder=None, per_row: int = 8, seed: int = 1234):
+    """Fixed-seed samples decoded with the autoencoder, a row per class (``class``), per prompt
+    (``text``) or one row (``none``): (PIL grid, {row key: images (B, 3, H, W)})."""
     from PIL import Image
 
     latent_shape = tuple(latent_shape)
-    classes = list(range(len(class_names))) if config.conditioning == "class" else [None]
+    if config.conditioning == "class":
+        keys: list = list(range(len(class_names)))
+    elif config.conditioning == "text":
+        keys = list(prompts or [""])
+        text_encoder = text_encoder or unets.TextEncoder()
+    else:
+        keys = [None]
     rows, images = [], {}
-    for label in classes:
-        generator = torch.Generator().manual_seed(seed + (label or 0))
-        labels = torch.full((per_class,), label if label is not None else 0, dtype=torch.long)
-        cond = unets.conditioning_kwargs(config.conditioning, labels, None)
-        null = unets.conditioning_kwargs(config.conditioning, torch.full_like(labels, len(classes)), None)
+    for row, key in enumerate(keys):
+        generator = torch.Generator().manual_seed(seed + row)
+        cond, null = {}, None
+        if config.conditioning == "class":
+            labels = torch.full((per_row,), key, dtype=torch.long)
+            cond = unets.conditioning_kwargs("class", labels, None)
+            null = unets.conditioning_kwargs("class", torch.full_like(labels, len(keys)), None)
+        elif config.conditioning == "text":
+            cond = unets.conditioning_kwargs("text", None, text_encoder([key] * per_row))
+            null = unets.conditioning_kwargs("text", None, text_encoder([""] * per_row))
         latents = diffusion.sample(
-            unet, diffusion.sampling_scheduler(config.noise, config.sampler), (per_class, *latent_shape),
-            steps=config.sample_steps, conditioning=cond, null_conditioning=null if config.conditioning == "class" else None,
-            guidance=config.guidance, generator=generator)
+            unet, diffusion.sampling_scheduler(config.noise, config.sampler), (per_row, *latent_shape),
+            steps=config.sample_steps, conditioning=cond, null_conditioning=null, guidance=config.guidance,
+            generator=generator)
         decoded = vae.decode(latents / scale_factor).sample.clamp(-1, 1)
-        images[label] = decoded
+        images[key] = decoded
         rows.append(torch.cat(list(decoded), dim=-1))
     grid = ((torch.cat(rows, dim=-2) + 1) * 127.5).round().byte()
     return Image.fromarray(grid.permute(1, 2, 0).numpy()), images
+
+
+def grid_prompts(urls: list[str], limit: int = 10) -> list[str]:
+    """Distinct captions of the first latent shard, sorted: the prompts of text-model grids."""
+    stream = shards.ShardStream(urls[:1], shuffle_buffer=0, decode=latent_format.decode_latent)
+    return sorted({sample.caption for sample in stream if sample.caption})[:limit]
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
