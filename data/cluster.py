@@ -31,3 +31,38 @@ def use_gpu(requested: str) -> bool:
     import ray
 
     return bool(ray.cluster_resources().get("GPU", 0))
+
+
+def storage_runtime_env() -> dict:
+    """Worker environment for reaching the same S3-compatible store as the driver.
+
+    Only the endpoint travels (it is not a secret); credentials come from each node's own
+    credential chain, never through Ray, where they could be logged.
+    """
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+    values = {name: os.environ[name] for name in names if os.environ.get(name)}
+    return {"env_vars": values} if values else {}
+
+
+def checkpoint_storage(url: str):
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``.
+
+    For ``s3://`` with ``AWS_ENDPOINT_URL`` set (MinIO, Ceph, R2, a local test server), an
+    explicit pyarrow filesystem carries the endpoint to Ray Train's controller and workers,
+    whatever environment their nodes were started with. Credentials stay out of it: each
+    process resolves them from its own chain.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not url.startswith("s3://") or not endpoint:
+        return url, None
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    parsed = urlparse(endpoint)
+    filesystem = pyarrow.fs.S3FileSystem(
+        endpoint_override=parsed.netloc or parsed.path,
+        scheme=parsed.scheme or "https",
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
+    return url[len("s3://") :], filesystem

@@ -181,14 +181,19 @@ def test_non_finite_losses_are_skipped_and_counted(latent_set, tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
-def test_text_conditioning_trains_and_samples_by_prompt(latent_set, tmp_path):
-    """Cross-attention over the offline sentence encoder's embeddings of the captions."""
+def test_text_conditioning_trains_and_samples_by_prompt(latent_set, bucket):
+    """Cross-attention over the offline sentence encoder's embeddings of the captions, with
+    Ray Train's checkpoints on the S3 server."""
     from PIL import Image
+
+    from data import storage
 
     dest, _ = latent_set
     config = DiffusionConfig(**{**TINY, "steps": 6, "checkpoint_every": 3, "sample_every": 3}, conditioning="text",
-                             workers=1, experiment="text")
-    trained = train(dest, config, storage_path=str(tmp_path / "ray"), progress=False)
+                             workers=1, experiment="text", checkpoint_storage=f"{bucket}/checkpoints")
+    trained = train(dest, config, progress=False)
+    stored = [storage.relative_to(e.url, f"{bucket}/checkpoints") for e in storage.list_prefix(f"{bucket}/checkpoints")]
+    assert any(name.endswith("/unet.safetensors") for name in stored)
     grid = Image.open(trained.grid)
     assert grid.size == (8 * 16, 10 * 16)  # a row per distinct caption ("a handwritten digit zero" …)
     assert json.loads((trained.folder / "unet" / "config.json").read_text())["cross_attention_dim"] == unet.TEXT_DIM

@@ -344,7 +344,7 @@ def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None =
 
     cluster.ensure_ray()
     gpu = cluster.use_gpu(config.use_gpu)
-    storage_path = storage_path or str(tracking.state_dir() / "ray_results")
+    checkpoint_path, checkpoint_fs = cluster.checkpoint_storage(storage_path or str(tracking.state_dir() / "ray_results"))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": configs.to_dict(config), "shard_urls": urls, "resolution": resolution,
@@ -352,9 +352,11 @@ def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None =
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpu),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=checkpoint_path,
+            storage_filesystem=checkpoint_fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env=cluster.storage_runtime_env(),
         ),
     )
     try:

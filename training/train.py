@@ -54,6 +54,7 @@ class DiffusionConfig:
     use_gpu: Literal["auto", "true", "false"] = "auto"
     seed: int = 0
     checkpoint_every: int = 500
+    checkpoint_storage: str = ""  # folder or s3:// prefix for Ray Train checkpoints; empty: the state folder
     log_every: int = 25
     sample_every: int = 0  # steps between sample grids in MLflow; 0: only at the end
     max_failures: int = 3  # worker failures Ray Train recovers from
@@ -368,6 +369,8 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         vae_folder, _ = tracking.resolve(config.autoencoder or manifest.autoencoder.uri)
         autoencoder_files = ray.put({p.name: p.read_bytes() for p in Path(vae_folder).iterdir() if p.is_file()})
     urls = latent_format.shard_urls(latents_url, manifest)
+    checkpoint_path, checkpoint_fs = cluster.checkpoint_storage(
+        storage_path or config.checkpoint_storage or str(tracking.state_dir() / "ray_results"))
     workers = config.workers
     if len(urls) < workers:
         print(f"train: {len(urls)} latent shards for {workers} workers: splitting by sample instead of by shard")
@@ -382,9 +385,11 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu(config.use_gpu)),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path or str(tracking.state_dir() / "ray_results"),
+            storage_path=checkpoint_path,
+            storage_filesystem=checkpoint_fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env=cluster.storage_runtime_env(),
         ),
     )
     try:
