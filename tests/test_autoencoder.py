@@ -17,6 +17,7 @@ def held_out_l1(vae, urls, config) -> float:
 def test_train_two_workers_register_and_reload(ray_local, digits16):
     config = autoencoder.AutoencoderConfig(steps=40, batch_size=16, workers=2, lr=2e-3, warmup_steps=5,
                                            checkpoint_every=20, log_every=10, held_out=0.1, scale_samples=128,
+                                           disc_weight=0.05, disc_start=30,  # the PatchGAN joins for the last steps
                                            model_name="test-autoencoder", experiment="test-autoencoder")
     urls = shards.shard_urls(digits16)
     torch.manual_seed(config.seed)
@@ -44,6 +45,10 @@ def test_train_two_workers_register_and_reload(ray_local, digits16):
 
     run = tracking.client().get_run(trained.run_id)
     assert run.data.params["steps"] == "40" and "psnr" in run.data.metrics and "rec_loss" in run.data.metrics
+    assert "d_loss" in run.data.metrics  # the discriminator trained after disc_start
+    tracking.client().set_registered_model_alias("test-autoencoder", "candidate", "1")
+    by_alias, registered = tracking.resolve("models:/test-autoencoder@candidate")
+    assert registered.version == "1" and autoencoder_format.read_info(by_alias) == trained.info
     artifacts = {a.path for a in tracking.client().list_artifacts(trained.run_id)}
     assert {"autoencoder", "reconstructions.png"} <= artifacts
 

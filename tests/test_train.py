@@ -158,17 +158,21 @@ def test_lineage_guard_refuses_another_autoencoder(latent_set, tmp_path):
         train(dest, DiffusionConfig(**TINY, autoencoder=str(tmp_path / "other")), progress=False)
 
 
+def poisoned_copy(dest: str, target: Path, names: list[str]) -> Path:
+    """A copy of a latent set whose named shards hold NaN latents."""
+    shutil.copytree(dest, target)
+    for name in names:
+        samples = list(shards.iter_raw_samples([str(target / name)], shards.SkipCounter()))
+        for raw in samples:
+            raw[latents.KEY_MEAN] = latents.encode_array(np.full_like(latents.decode_array(raw[latents.KEY_MEAN]), np.nan))
+            raw.pop("__url__", None)
+        shards.write_shard(str(target / name), samples)
+    return target
+
+
 def test_non_finite_losses_are_skipped_and_counted(latent_set, tmp_path):
     dest, _ = latent_set
-    poisoned = tmp_path / "poisoned"
-    shutil.copytree(dest, poisoned)
-    victim = poisoned / "shard-000000.tar"
-    samples = list(shards.iter_raw_samples([str(victim)], shards.SkipCounter()))
-    for raw in samples:
-        mean = latents.decode_array(raw[latents.KEY_MEAN])
-        raw[latents.KEY_MEAN] = latents.encode_array(np.full_like(mean, np.nan))
-        raw.pop("__url__", None)
-    shards.write_shard(str(victim), samples)
+    poisoned = poisoned_copy(dest, tmp_path / "poisoned", ["shard-000000.tar"])
     config = DiffusionConfig(**{**TINY, "steps": 40}, max_bad_steps=50, sample_every=20, experiment="nan")
     trained = train(str(poisoned), config, storage_path=str(tmp_path / "ray"), progress=False)
     skipped = tracking.client().get_metric_history(trained.run_id, "skipped_nonfinite_steps")
@@ -200,3 +204,15 @@ def test_text_conditioning_trains_and_samples_by_prompt(latent_set, bucket):
     grids = [a.path for a in tracking.client().list_artifacts(trained.run_id, "samples")]
     assert grids == ["samples/step-0000003.png", "samples/step-0000006.png"]
     assert "class_accuracy" not in trained.metrics
+
+
+def test_too_many_non_finite_losses_stop_instead_of_corrupting(latent_set, tmp_path):
+    """Every latent NaN: after max_bad_steps the workers fail, Ray Train restores the last
+    checkpoint (here: the start) and, with the restarts spent, the run fails clearly."""
+    import ray.train
+
+    dest, _ = latent_set
+    poisoned = poisoned_copy(dest, tmp_path / "all-nan", [f"shard-{i:06d}.tar" for i in range(8)])
+    config = DiffusionConfig(**{**TINY, "steps": 10}, max_bad_steps=2, max_failures=1, experiment="all-nan")
+    with pytest.raises(ray.train.TrainingFailedError, match="consecutive non-finite losses"):
+        train(str(poisoned), config, storage_path=str(tmp_path / "ray"), progress=False)
