@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from data import autoencoder as autoencoder_format
 from data import config as configs
 from data import shards, storage
-from training import checkpoints
+from training import checkpoints, launch, tracking
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: f=4, 4-channel latents (32 px → 8×8×4).
@@ -187,7 +187,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         keep=lambda key: not shards.is_held_out(key, config.held_out),
     )
     loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, collate_fn=shards.collate, drop_last=True)
-    tracker = _RankZeroTracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
+    tracker = tracking.RankZeroTracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
     pixels = 3 * loop_config["resolution"] ** 2
     window: list[float] = []
     started, seen = time.perf_counter(), 0
@@ -271,26 +271,6 @@ def _average_gradients(module: torch.nn.Module, world: int) -> None:
         offset += g.numel()
 
 
-class _RankZeroTracker:
-    """Logs metrics to the MLflow run from rank 0 only."""
-
-    def __init__(self, run_id: str | None, tracking_uri: str | None, rank: int) -> None:
-        self.client = None
-        self.run_id = run_id
-        if rank == 0 and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=tracking_uri)
-
-    def log(self, step: int, **values: float) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
-
-
 # ---------------------------------------------------------------------------------------
 # The driver: fit, measure, evaluate, save, register
 
@@ -320,12 +300,6 @@ def run_name(manifest_sha: str, config: AutoencoderConfig) -> str:
 
 def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None = None, progress: bool = True) -> TrainedAutoencoder:
     """Train on the image shards at ``dataset``, then measure, evaluate, save and register."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from data import cluster
-    from training import tracking
-
     manifest_text = storage.read_text(shards.manifest_url(dataset))
     manifest = shards.ImageManifest.from_json(manifest_text, where=dataset)
     manifest_sha = hashlib.sha256(manifest_text.encode()).hexdigest()
@@ -342,28 +316,10 @@ def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None =
         client.log_param(run_id, key, value)
     client.log_param(run_id, "resolution", resolution)
 
-    cluster.ensure_ray()
-    gpu = cluster.use_gpu(config.use_gpu)
-    checkpoint_path, checkpoint_fs = cluster.checkpoint_storage(storage_path or str(tracking.state_dir() / "ray_results"))
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": configs.to_dict(config), "shard_urls": urls, "resolution": resolution,
-                           "run_id": run_id, "tracking_uri": tracking.tracking_uri()},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpu),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=checkpoint_path,
-            storage_filesystem=checkpoint_fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env=cluster.storage_runtime_env(),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception:
-        client.set_terminated(run_id, status="FAILED")
-        raise
+    loop_config = {"config": configs.to_dict(config), "shard_urls": urls, "resolution": resolution,
+                   "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
+    result = launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
+                        max_failures=config.max_failures, storage_url=storage_path, run_id=run_id)
 
     vae = build_autoencoder(config, resolution)
     with result.checkpoint.as_directory() as folder:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from data import shards, storage
+from training import tracking
 
 
 class DomainClassifier(torch.nn.Module):
@@ -70,8 +71,6 @@ def classifier_for(dataset: str) -> DomainClassifier:
     """The domain classifier of an image dataset, trained once and cached in the state folder
     (keyed by the dataset manifest's hash; weights as safetensors)."""
     from safetensors.torch import load_file, save_file
-
-    from training import tracking
 
     text = storage.read_text(shards.manifest_url(dataset))
     key = hashlib.sha256(text.encode()).hexdigest()[:16]

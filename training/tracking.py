@@ -130,3 +130,23 @@ def _model_version(uri: str) -> RegisteredVersion:
     except Exception as exc:
         raise ModelNotFound(f"{uri}: not in the model registry at {tracking_uri()}") from exc
     return RegisteredVersion(version.name, str(version.version), version.source, version.run_id)
+
+
+class RankZeroTracker:
+    """Logs metrics to an MLflow run from rank 0 of a Ray Train worker group only."""
+
+    def __init__(self, run_id: str | None, tracking_uri: str | None, rank: int) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=tracking_uri) if rank == 0 and run_id else None
+
+    def log(self, step: int, **values: float) -> None:
+        if self.client is None:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])

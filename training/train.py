@@ -25,7 +25,7 @@ import torch
 from data import config as configs
 from data import latents as latent_format
 from data import shards, storage
-from training import checkpoints, diffusion, unet as unets
+from training import checkpoints, diffusion, launch, tracking, unet as unets
 
 
 @dataclass(frozen=True)
@@ -259,24 +259,8 @@ def _report_checkpoint(step, epoch, batches_done, skipped, loss, rank, world, mo
         ray.train.report({"step": step, "loss": loss}, checkpoint=saved)
 
 
-class _RankZeroTracker:
-    """Logs metrics to the MLflow run from rank 0 only."""
-
-    def __init__(self, run_id: str | None, tracking_uri: str | None, rank: int) -> None:
-        self.client = None
-        self.run_id = run_id
-        if rank == 0 and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=tracking_uri)
-
-    def log(self, step: int, **values: float) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+class _RankZeroTracker(tracking.RankZeroTracker):
+    """Rank 0's MLflow logging, plus periodic sample grids."""
 
     def log_grid(self, step: int, ema, config: DiffusionConfig, loop_config: dict, scale_factor: float) -> None:
         """A grid of EMA samples decoded with the autoencoder (its files come by object store)."""
@@ -328,7 +312,6 @@ class TrainedDiffusion:
 def resolve_autoencoder(manifest: latent_format.LatentManifest, uri: str = ""):
     """The autoencoder for a latent set, refused unless it is the one that made the latents."""
     from data import autoencoder as autoencoder_format
-    from training import tracking
 
     uri = uri or manifest.autoencoder.uri
     folder, _ = tracking.resolve(uri)
@@ -339,11 +322,7 @@ def resolve_autoencoder(manifest: latent_format.LatentManifest, uri: str = ""):
 
 def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None = None, progress: bool = True) -> TrainedDiffusion:
     """Train on the latent shards at ``latents_url``; log the EMA model and samples to MLflow."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from data import cluster
-    from training import tracking
 
     manifest_text = storage.read_text(shards.manifest_url(latents_url))
     manifest = latent_format.LatentManifest.from_json(manifest_text, where=latents_url)
@@ -369,34 +348,18 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         vae_folder, _ = tracking.resolve(config.autoencoder or manifest.autoencoder.uri)
         autoencoder_files = ray.put({p.name: p.read_bytes() for p in Path(vae_folder).iterdir() if p.is_file()})
     urls = latent_format.shard_urls(latents_url, manifest)
-    checkpoint_path, checkpoint_fs = cluster.checkpoint_storage(
-        storage_path or config.checkpoint_storage or str(tracking.state_dir() / "ray_results"))
     workers = config.workers
     if len(urls) < workers:
         print(f"train: {len(urls)} latent shards for {workers} workers: splitting by sample instead of by shard")
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "config": configs.to_dict(config), "shard_urls": urls, "latent_shape": list(manifest.latent_shape),
-            "class_names": list(manifest.class_names or ()), "scale_factor": vae_info.scale_factor,
-            "run_id": run_id, "tracking_uri": tracking.tracking_uri(), "autoencoder_files": autoencoder_files,
-            "prompts": grid_prompts(urls) if config.conditioning == "text" else None,
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu(config.use_gpu)),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=checkpoint_path,
-            storage_filesystem=checkpoint_fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env=cluster.storage_runtime_env(),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception:
-        client.set_terminated(run_id, status="FAILED")
-        raise
+    loop_config = {
+        "config": configs.to_dict(config), "shard_urls": urls, "latent_shape": list(manifest.latent_shape),
+        "class_names": list(manifest.class_names or ()), "scale_factor": vae_info.scale_factor,
+        "run_id": run_id, "tracking_uri": tracking.tracking_uri(), "autoencoder_files": autoencoder_files,
+        "prompts": grid_prompts(urls) if config.conditioning == "text" else None,
+    }
+    result = launch.fit(train_worker, loop_config, name=name, workers=workers, use_gpu=config.use_gpu,
+                        max_failures=config.max_failures, storage_url=storage_path or config.checkpoint_storage or None,
+                        run_id=run_id)
 
     num_classes = len(manifest.class_names or ())
     ema = unets.build_unet(config.preset, config.conditioning, tuple(manifest.latent_shape), num_classes)

@@ -1,0 +1,42 @@
+"""Starting a Ray Train job the way every ldmflow training stage does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from data import cluster
+from training import tracking
+
+
+def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, workers: int, use_gpu: str,
+        max_failures: int, storage_url: str | None, run_id: str):
+    """Run ``worker`` on ``workers`` Ray Train workers (DDP) and return Ray Train's result.
+
+    The run is named ``name`` under ``storage_url`` (default: the state folder), so the same
+    job run again resumes from its last checkpoint; ``max_failures`` worker failures are
+    recovered from that checkpoint. A failure marks the MLflow run FAILED and propagates.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cluster.ensure_ray()
+    path, filesystem = cluster.checkpoint_storage(storage_url or str(tracking.state_dir() / "ray_results"))
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu(use_gpu)),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env=cluster.storage_runtime_env(),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except Exception:
+        tracking.client().set_terminated(run_id, status="FAILED")
+        raise
