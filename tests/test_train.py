@@ -173,7 +173,7 @@ def poisoned_copy(dest: str, target: Path, names: list[str]) -> Path:
 def test_non_finite_losses_are_skipped_and_counted(latent_set, tmp_path):
     dest, _ = latent_set
     poisoned = poisoned_copy(dest, tmp_path / "poisoned", ["shard-000000.tar"])
-    config = DiffusionConfig(**{**TINY, "steps": 40}, max_bad_steps=50, sample_every=20, experiment="nan")
+    config = DiffusionConfig(**{**TINY, "steps": 40}, grad_accum=2, max_bad_steps=50, sample_every=20, experiment="nan")
     trained = train(str(poisoned), config, storage_path=str(tmp_path / "ray"), progress=False)
     skipped = tracking.client().get_metric_history(trained.run_id, "skipped_nonfinite_steps")
     assert skipped and max(m.value for m in skipped) >= 1

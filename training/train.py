@@ -10,6 +10,7 @@ through Ray Train, so a replaced worker, or the same job run again, resumes exac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -193,9 +194,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if text_encoder is not None:
                 text = diffusion.drop_embeddings(text_encoder(batch.captions), config.cond_dropout, generator).to(device)
             cond = unets.conditioning_kwargs(config.conditioning, labels, text)
-            loss = denoising_loss(ddp_model, scheduler, x0, noise, timesteps, cond, config, autocast)
-            batches_done = index + 1
-            if not _all_finite(loss, world):
+            accumulating = micro + 1 < config.grad_accum and world > 1  # sync gradients on the last micro-batch only
+            with ddp_model.no_sync() if accumulating else contextlib.nullcontext():
+                loss = denoising_loss(ddp_model, scheduler, x0, noise, timesteps, cond, config, autocast)
+                batches_done = index + 1
+                finite = _all_finite(loss, world)
+                if finite:
+                    (loss / config.grad_accum).backward()
+            micro += 1
+            if finite and micro == config.grad_accum:
+                grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), config.grad_clip)
+                finite = bool(torch.isfinite(grad_norm))  # gradients are synchronised: every rank agrees
+            if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 micro = 0
                 bad_steps += 1
@@ -205,13 +215,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     raise NonFiniteLoss(f"{bad_steps} consecutive non-finite losses at step {step}")
                 continue
             bad_steps = 0
-            (loss / config.grad_accum).backward()
-            micro += 1
             window_samples += x0.shape[0] * world
             if micro < config.grad_accum:
                 continue
             micro = 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr_schedule.step()
