@@ -173,6 +173,7 @@ def train(
     learning rate, gradient norm and throughput to MLflow, a grid of samples decoded with
     the autoencoder, and the EMA model. Rerunning the same job resumes from its checkpoint.
     """
+    from data.autoencoder import AutoencoderError
     from data.latents import LineageError
     from flows.train import train_flow
     from training.tracking import ModelNotFound
@@ -182,7 +183,7 @@ def train(
                                 dict(steps=steps, batch_size=batch_size, workers=workers, autoencoder=autoencoder))
     try:
         trained = train_flow(latents_url, stage_config)
-    except (LineageError, ModelNotFound) as exc:
+    except (LineageError, ModelNotFound, AutoencoderError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(trained.summary())
