@@ -8,6 +8,7 @@ a typo in a config never silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import types
@@ -66,19 +67,15 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 return int(value)
-            except ValueError:
-                pass
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 return float(value)
-            except ValueError:
-                pass
         raise ConfigError(f"{name}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):

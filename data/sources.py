@@ -19,6 +19,7 @@ used becomes a reject with its reason, so ``inputs = samples + duplicates + reje
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import io
@@ -200,8 +201,8 @@ class _TailWatcher(io.RawIOBase):
         return len(data)
 
     def has_end_marker(self, offset: int) -> bool:
-        while self.read(1 << 16):  # drain: the marker may lie beyond what tarfile read
-            pass
+        drained = iter(lambda: self.read(1 << 16), b"")  # the marker may lie beyond what tarfile read
+        collections.deque(drained, maxlen=0)
         start = offset - (self.total - len(self.tail))
         return 0 <= start and start + 512 <= len(self.tail) and not any(self.tail[start : start + 512])
 
