@@ -170,6 +170,7 @@ def precompute(
     from tqdm import tqdm
 
     started = time.perf_counter()
+    image_dataset, dest = storage.absolute(image_dataset), storage.absolute(dest)
     manifest_text = storage.read_text(shards.manifest_url(image_dataset))
     image_manifest = shards.ImageManifest.from_json(manifest_text, where=image_dataset)
     info = autoencoder_format.read_info(autoencoder_dir)

@@ -51,6 +51,14 @@ def is_s3(url: str) -> bool:
     return url.startswith("s3://")
 
 
+def absolute(url: str) -> str:
+    """A local path made absolute (other processes, Ray workers among them, have another
+    working directory); URLs with a scheme are returned as they are."""
+    if "://" in url or url.startswith("builtin:"):
+        return url
+    return os.path.abspath(url)
+
+
 def join(base: str, *parts: str) -> str:
     """Join URL path segments with ``/`` (local paths too, on POSIX)."""
     url = base

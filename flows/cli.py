@@ -87,7 +87,7 @@ def shard(
     except configs.ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
     try:
-        outcome = shard_flow.run(source, dest, stage_config, progress=progress)
+        outcome = shard_flow.run(storage.absolute(source), storage.absolute(dest), stage_config, progress=progress)
     except (SourceError, storage.StorageError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -120,3 +120,16 @@ def test_kill_and_rerun_gives_the_unbroken_manifest(ray_local, digits16, tiny_au
     assert "already complete" in result.stdout
     reference = precompute(digits16, str(tmp_path / "reference"), folder, ref, PrecomputeConfig(actors=1, batch_size=8), progress=False)
     assert latents.read_manifest(str(dest)) == reference.manifest
+
+
+def test_relative_paths_reach_the_actors(ray_local, digits16, tiny_autoencoder, tmp_path, monkeypatch):
+    """Ray actors run in another working directory: relative local paths are made absolute."""
+    import os
+    import shutil
+
+    folder, ref = tiny_autoencoder
+    shutil.copytree(digits16, tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    outcome = precompute("images", "latents", folder, ref, PrecomputeConfig(actors=1), progress=False)
+    assert outcome.manifest.num_samples == 400 and not outcome.manifest.failed_shards
+    assert outcome.manifest.image_dataset == os.path.join(str(tmp_path), "images")

@@ -216,3 +216,16 @@ def test_too_many_non_finite_losses_stop_instead_of_corrupting(latent_set, tmp_p
     config = DiffusionConfig(**{**TINY, "steps": 10}, max_bad_steps=2, max_failures=1, experiment="all-nan")
     with pytest.raises(ray.train.TrainingFailedError, match="consecutive non-finite losses"):
         train(str(poisoned), config, storage_path=str(tmp_path / "ray"), progress=False)
+
+
+def test_unreadable_latent_set_fails_instead_of_spinning(latent_set, tmp_path):
+    import ray.train
+
+    dest, _ = latent_set
+    broken = tmp_path / "gone"
+    shutil.copytree(dest, broken)
+    for shard in broken.glob("shard-*.tar"):
+        shard.unlink()
+    config = DiffusionConfig(**{**TINY, "steps": 5}, max_failures=0, experiment="gone")
+    with pytest.raises(ray.train.TrainingFailedError, match="read no batch in epoch 0"):
+        train(str(broken), config, storage_path=str(tmp_path / "ray"), progress=False)

@@ -193,6 +193,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     started, seen = time.perf_counter(), 0
     while step < config.steps:
         stream.set_epoch(epoch)
+        index = -1
         for index, batch in enumerate(loader):
             if index < batches_done:  # resuming inside an epoch: skip what was trained on
                 continue
@@ -240,6 +241,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if step >= config.steps:
                 break
         else:
+            if index < 0:
+                raise RuntimeError(f"rank {rank} read no batch in epoch {epoch}: {stream.skips.skipped} samples or "
+                                   f"shards skipped ({'; '.join(stream.skips.errors[:3])})")
             epoch, batches_done = epoch + 1, 0
 
 
@@ -300,6 +304,7 @@ def run_name(manifest_sha: str, config: AutoencoderConfig) -> str:
 
 def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None = None, progress: bool = True) -> TrainedAutoencoder:
     """Train on the image shards at ``dataset``, then measure, evaluate, save and register."""
+    dataset = storage.absolute(dataset)
     manifest_text = storage.read_text(shards.manifest_url(dataset))
     manifest = shards.ImageManifest.from_json(manifest_text, where=dataset)
     manifest_sha = hashlib.sha256(manifest_text.encode()).hexdigest()

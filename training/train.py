@@ -182,6 +182,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     window_started, window_samples, grad_norm = time.perf_counter(), 0, torch.tensor(0.0)
     while step < config.steps:
         stream.set_epoch(epoch)
+        index = -1
         for index, batch in enumerate(loader):
             if index < batches_done:  # resuming inside an epoch: skip what was already trained on
                 continue
@@ -238,6 +239,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if step >= config.steps:
                 break
         else:
+            if index < 0:  # an epoch without a single batch would spin for ever
+                raise RuntimeError(f"rank {rank} read no batch in epoch {epoch}: {stream.skips.skipped} samples or "
+                                   f"shards skipped ({'; '.join(stream.skips.errors[:3])})")
             epoch, batches_done = epoch + 1, 0
 
 
@@ -331,6 +335,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     """Train on the latent shards at ``latents_url``; log the EMA model and samples to MLflow."""
     from data import cluster
 
+    latents_url = storage.absolute(latents_url)
     manifest_text = storage.read_text(shards.manifest_url(latents_url))
     manifest = latent_format.LatentManifest.from_json(manifest_text, where=latents_url)
     manifest_sha = hashlib.sha256(manifest_text.encode()).hexdigest()
