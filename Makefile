@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/shard.py
 	$(PY) benchmarks/precompute.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf $(STATE) .pytest_cache
