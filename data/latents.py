@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from data import shards, storage
+from data import shards
 
 FORMAT_NAME = "ldmflow.latent-shards"
 FORMAT_VERSION = 1
@@ -88,14 +88,7 @@ class LatentManifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = "latent manifest") -> LatentManifest:
-        try:
-            body = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise shards.ManifestError(f"{where}: not JSON: {exc}") from exc
-        if body.get("format") != FORMAT_NAME:
-            raise shards.ManifestError(f"{where}: format is {body.get('format')!r}, expected {FORMAT_NAME!r}")
-        if body.get("version") != FORMAT_VERSION:
-            raise shards.ManifestError(f"{where}: version {body.get('version')} is not supported")
+        body = shards.parse_manifest(text, where, FORMAT_NAME, FORMAT_VERSION)
         try:
             return cls(
                 image_dataset=body["image_dataset"],
@@ -121,17 +114,12 @@ class LatentManifest:
 
 
 def read_manifest(dataset: str) -> LatentManifest:
-    url = shards.manifest_url(dataset)
-    try:
-        text = storage.read_text(url)
-    except storage.NotFound as exc:
-        raise shards.ManifestError(f"{url}: no latent manifest (has precompute finished here?)") from exc
+    url, text = shards.read_manifest_text(dataset, "precompute")
     return LatentManifest.from_json(text, where=url)
 
 
 def shard_urls(dataset: str, manifest: LatentManifest) -> list[str]:
-    folder = storage.dirname(shards.manifest_url(dataset))
-    return [storage.join(folder, shard.url) for shard in manifest.shards]
+    return shards.shard_urls(dataset, manifest)
 
 
 def check_lineage(manifest: LatentManifest, weights_sha256: str, expected_uri: str | None = None) -> None:

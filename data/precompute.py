@@ -116,9 +116,6 @@ class LatentEncoder:
             posterior = self.vae.encode(x).latent_dist
             return posterior.mean.float().cpu().numpy(), posterior.logvar.float().cpu().numpy()
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        return self.info.latent_shape(resolution)
-
 
 def task_digest(image_sha256: str, weights_sha256: str, config: PrecomputeConfig) -> str:
     body = [image_sha256, weights_sha256, config.moments, latents.FORMAT_NAME, latents.FORMAT_VERSION]

@@ -193,14 +193,7 @@ class ImageManifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = "manifest") -> ImageManifest:
-        try:
-            body = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{where}: not JSON: {exc}") from exc
-        if body.get("format") != FORMAT_NAME:
-            raise ManifestError(f"{where}: format is {body.get('format')!r}, expected {FORMAT_NAME!r}")
-        if body.get("version") != FORMAT_VERSION:
-            raise ManifestError(f"{where}: version {body.get('version')} is not supported (expected {FORMAT_VERSION})")
+        body = parse_manifest(text, where, FORMAT_NAME, FORMAT_VERSION)
         try:
             return cls(
                 source=body["source"],
@@ -224,22 +217,41 @@ class ImageManifest:
         )
 
 
+def parse_manifest(text: str, where: str, format_name: str, version: int) -> dict[str, Any]:
+    """A manifest's JSON body, checked to be of ``format_name`` at ``version``."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{where}: not JSON: {exc}") from exc
+    if not isinstance(body, dict) or body.get("format") != format_name:
+        found = body.get("format") if isinstance(body, dict) else None
+        raise ManifestError(f"{where}: format is {found!r}, expected {format_name!r}")
+    if body.get("version") != version:
+        raise ManifestError(f"{where}: version {body.get('version')} is not supported (expected {version})")
+    return body
+
+
+def read_manifest_text(dataset: str, stage: str) -> tuple[str, str]:
+    """``(url, text)`` of a dataset's manifest; a clear error naming ``stage`` when missing."""
+    url = manifest_url(dataset)
+    try:
+        return url, storage.read_text(url)
+    except storage.NotFound as exc:
+        raise ManifestError(f"{url}: no manifest (has the {stage} stage finished here?)") from exc
+
+
 def manifest_url(dataset: str) -> str:
     """The manifest of a dataset folder, or ``dataset`` itself if it names the manifest."""
     return dataset if dataset.endswith(".json") else storage.join(dataset, MANIFEST)
 
 
 def read_manifest(dataset: str) -> ImageManifest:
-    url = manifest_url(dataset)
-    try:
-        text = storage.read_text(url)
-    except storage.NotFound as exc:
-        raise ManifestError(f"{url}: no manifest (has the shard stage finished here?)") from exc
+    url, text = read_manifest_text(dataset, "shard")
     return ImageManifest.from_json(text, where=url)
 
 
-def shard_urls(dataset: str, manifest: ImageManifest | None = None) -> list[str]:
-    """Absolute URLs of a dataset's shards, in manifest order."""
+def shard_urls(dataset: str, manifest=None) -> list[str]:
+    """Absolute URLs of a dataset's shards (image or latent manifest), in manifest order."""
     manifest = manifest or read_manifest(dataset)
     folder = storage.dirname(manifest_url(dataset))
     return [storage.join(folder, shard.url) for shard in manifest.shards]

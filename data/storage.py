@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import tempfile
 import threading
 import uuid
@@ -309,15 +308,6 @@ def remove_stale_temporaries(folder: str) -> int:
                     os.unlink(os.path.join(root, name))
                     removed += 1
     return removed
-
-
-def remove_tree(url: str) -> None:
-    """Delete everything under a folder or prefix."""
-    if is_s3(url):
-        for entry in list_prefix(url):
-            delete(entry.url)
-        return
-    shutil.rmtree(url, ignore_errors=True)
 
 
 class _S3Reader(io.RawIOBase):

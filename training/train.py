@@ -321,14 +321,15 @@ class TrainedDiffusion:
 
 
 def resolve_autoencoder(manifest: latent_format.LatentManifest, uri: str = ""):
-    """The autoencoder for a latent set, refused unless it is the one that made the latents."""
+    """The autoencoder for a latent set (model, info, local folder), refused unless it is the
+    one that made the latents."""
     from data import autoencoder as autoencoder_format
 
     uri = uri or manifest.autoencoder.uri
     folder, _ = tracking.resolve(uri)
     vae, info = autoencoder_format.load(folder)
     latent_format.check_lineage(manifest, info.weights_sha256, expected_uri=uri)
-    return vae, info
+    return vae, info, folder
 
 
 def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None = None, progress: bool = True) -> TrainedDiffusion:
@@ -339,7 +340,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     manifest_text = storage.read_text(shards.manifest_url(latents_url))
     manifest = latent_format.LatentManifest.from_json(manifest_text, where=latents_url)
     manifest_sha = hashlib.sha256(manifest_text.encode()).hexdigest()
-    vae, vae_info = resolve_autoencoder(manifest, config.autoencoder)
+    vae, vae_info, vae_folder = resolve_autoencoder(manifest, config.autoencoder)
     if config.conditioning == "class" and not manifest.class_names:
         raise ValueError(f"{latents_url}: class conditioning needs labelled data (the manifest has no class names)")
     name = run_name(manifest_sha, config)
@@ -357,7 +358,6 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     if config.sample_every:
         import ray
 
-        vae_folder, _ = tracking.resolve(config.autoencoder or manifest.autoencoder.uri)
         autoencoder_files = ray.put({p.name: p.read_bytes() for p in Path(vae_folder).iterdir() if p.is_file()})
     urls = latent_format.shard_urls(latents_url, manifest)
     workers = config.workers
