@@ -112,3 +112,23 @@ def digits16(tmp_path_factory) -> str:
     dest = str(tmp_path_factory.mktemp("digits16"))
     shard_flow.run("builtin:digits", dest, ShardConfig(resolution=16, shard_size=50, limit=400), progress=False)
     return dest
+
+
+@pytest.fixture(scope="session")
+def digits_model(ray_local, digits16, tmp_path_factory):
+    """A small but trained model of the 16-px digits, registered as ``test-digits`` version 1:
+    autoencoder (Ray Train) → latents (Ray actors) → diffusion UNet (Ray Train). About a
+    minute; shared by the registry, evaluation and serving tests."""
+    from data.precompute import PrecomputeConfig
+    from flows.precompute import precompute_flow
+    from training import autoencoder
+    from training.train import DiffusionConfig, train
+
+    ae = autoencoder.train(digits16, autoencoder.AutoencoderConfig(
+        steps=80, batch_size=32, workers=1, lr=2e-3, warmup_steps=5, checkpoint_every=80, log_every=20,
+        scale_samples=128, model_name="test-digits-autoencoder", experiment="test-digits"), progress=False)
+    latents = str(tmp_path_factory.mktemp("digits-model") / "latents")
+    precompute_flow(digits16, latents, ae.model_uri, PrecomputeConfig(actors=1), progress=False)
+    return train(latents, DiffusionConfig(
+        steps=300, batch_size=32, workers=1, lr=2e-3, warmup_steps=20, checkpoint_every=300, log_every=50,
+        sample_steps=10, shuffle_buffer=100, experiment="test-digits", model_name="test-digits"), progress=False)

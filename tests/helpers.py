@@ -71,3 +71,35 @@ def bomb_png(side: int = 12_000) -> bytes:
 def truncated_png() -> bytes:
     data = png(64, 64, seed=3)
     return data[: len(data) // 2]
+
+
+def tiny_diffusion_parts(work_dir, conditioning: str = "class", seed: int = 0, resolution: int = 16):
+    """(UNet, autoencoder, autoencoder folder, ModelInfo) with random tiny weights, made in about
+    a second: enough for everything sampling promises that does not need a trained model."""
+    import torch
+
+    from data import autoencoder as autoencoder_format
+    from training import autoencoder, unet
+    from training.train import DiffusionConfig, model_info
+
+    torch.manual_seed(seed)
+    vae = autoencoder.build_autoencoder(autoencoder.AutoencoderConfig(), resolution).eval()
+    vae_folder = work_dir / f"autoencoder-{seed}"
+    vae_info = autoencoder_format.save(vae, vae_folder, scale_factor=0.8, resolution=resolution, config={}, lineage={})
+    latent_shape = vae_info.latent_shape()
+    classes = [str(i) for i in range(10)] if conditioning == "class" else None
+    network = unet.build_unet("tiny", conditioning, latent_shape, len(classes or ())).eval()
+    config = DiffusionConfig(conditioning=conditioning, sample_steps=4, guidance=2.0)
+    info = model_info(config, latent_shape, classes, 0.8, vae,
+                      autoencoder={"uri": str(vae_folder), "weights_sha256": vae_info.weights_sha256, "scale_factor": 0.8},
+                      lineage={"run_id": "test"})
+    return network, vae, vae_folder, info
+
+
+def tiny_diffusion_model(folder, conditioning: str = "class", seed: int = 0, resolution: int = 16):
+    """A complete model folder (serving/model.py format) with random tiny weights."""
+    from serving import model as model_format
+
+    network, _, vae_folder, info = tiny_diffusion_parts(folder.parent, conditioning, seed, resolution)
+    model_format.save(folder, network, vae_folder, info)
+    return folder

@@ -3,12 +3,14 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from data import shards
 
 CLI = [sys.executable, "-m", "flows.cli"]
-SUBCOMMANDS = ["shard", "train-autoencoder", "precompute", "train", "inspect"]
+SUBCOMMANDS = ["shard", "train-autoencoder", "precompute", "train", "inspect", "evaluate", "promote", "rollback", "export",
+               "sample", "serve"]
 
 
 def run(args, env, cwd, timeout=300):
@@ -48,3 +50,33 @@ def test_errors_are_one_clear_line(subprocess_env, tmp_path):
     assert result.returncode == 2 and "shard_sise" in result.stderr
     result = run(["inspect", "nowhere"], subprocess_env, tmp_path)
     assert result.returncode == 2 and "no manifest" in result.stderr
+
+
+def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):
+    from PIL import Image
+
+    from tests.helpers import tiny_diffusion_model
+
+    model = tiny_diffusion_model(tmp_path / "model")
+    result = run(["sample", str(model), "--label", "3", "--n", "4", "--steps", "3", "--out", "drawn"],
+                 subprocess_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["000000.png", "000001.png", "000002.png",
+                                                                      "000003.png", "grid.png"]
+    assert Image.open(tmp_path / "drawn" / "grid.png").size == (64, 16)
+
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (8, 0, 16, 16))
+    mask.save(tmp_path / "mask.png")
+    result = run(["sample", str(model), "--init-image", "drawn/000000.png", "--mask", "mask.png", "--n", "1",
+                  "--steps", "3", "--out", "filled"], subprocess_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    kept = np.asarray(Image.open(tmp_path / "filled" / "000000.png"))[:, :8]
+    assert (kept == np.asarray(Image.open(tmp_path / "drawn" / "000000.png"))[:, :8]).all()
+
+    result = run(["sample", str(model), "--label", "12", "--out", "x"], subprocess_env, tmp_path)
+    assert result.returncode == 1 and "label: 12 is not a class" in result.stderr and "Traceback" not in result.stderr
+
+    result = run(["export", str(model), "exported"], subprocess_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "exported" / "model_index.json").exists() and (tmp_path / "exported" / "pipeline.py").exists()

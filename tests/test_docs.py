@@ -8,7 +8,10 @@ import pytest
 
 from data.precompute import PrecomputeConfig
 from data.sharding import ShardConfig
+from serving.app import ServeConfig
 from training.autoencoder import AutoencoderConfig
+from training.evaluation import EvaluationConfig
+from training.registry import PromotionConfig
 from training.diffusion import NoiseSchedule
 from training.train import DiffusionConfig
 
@@ -23,6 +26,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
         (PrecomputeConfig, "autoencoder.md"),
         (DiffusionConfig, "training.md"),
         (NoiseSchedule, "training.md"),
+        (EvaluationConfig, "serving.md"),
+        (PromotionConfig, "serving.md"),
+        (ServeConfig, "serving.md"),
     ],
 )
 def test_every_config_field_is_documented_with_its_default(config, page):

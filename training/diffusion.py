@@ -1,9 +1,10 @@
-"""Diffusion as plain functions: schedules, targets, loss weights, EMA, and the reverse process.
+"""Diffusion as plain functions: schedules, targets, loss weights and EMA.
 
 The network knows nothing of the schedule: it maps ``(x_t, t, cond)`` to a prediction.
 The forward process and the samplers are diffusers' schedulers (``DDPMScheduler``'s
 ``add_noise`` and ``get_velocity``; DDPM, DDIM and DPM-Solver++ for sampling); what is
-here is what diffusers leaves to the training script.
+here is what diffusers leaves to the training script. The reverse process itself lives
+with the sampler, in ``serving/sampler.py``.
 """
 
 from __future__ import annotations
@@ -159,53 +160,3 @@ def lr_factor(step: int, warmup: int, total: int, min_factor: float = 0.0) -> fl
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_factor + (1 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def sample(
-    unet,
-    scheduler,
-    shape: tuple[int, ...],
-    *,
-    steps: int,
-    conditioning: dict,
-    null_conditioning: dict | None,
-    guidance: float,
-    generator: torch.Generator,
-    latents: torch.Tensor | None = None,
-    start_step: int = 0,
-    known: tuple[torch.Tensor, torch.Tensor] | None = None,
-    device: str = "cpu",
-) -> torch.Tensor:
-    """The reverse process with classifier-free guidance (Ho & Salimans 2022).
-
-    Both guidance passes run as one batch of 2B. ``conditioning`` holds the keyword
-    arguments that condition the UNet (``class_labels`` or ``encoder_hidden_states``), and
-    ``null_conditioning`` the unconditional ones. ``latents`` and ``start_step`` start part-way
-    (SDEdit); ``known = (latent, mask)`` keeps the masked region known, re-noised to each
-    step's level (inpainting by latent blending). ``scheduler`` must be fresh for this call.
-    """
-    scheduler.set_timesteps(steps, device=device)
-    timesteps = scheduler.timesteps[start_step:]
-    if latents is None:
-        latents = torch.randn(shape, generator=generator, device="cpu").to(device)
-    latents = latents * (scheduler.init_noise_sigma if start_step == 0 else 1.0)
-    guided = null_conditioning is not None and guidance != 1.0
-    for i, t in enumerate(timesteps):
-        model_input = torch.cat([latents, latents]) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        kwargs = {k: torch.cat([null_conditioning[k], v]) for k, v in conditioning.items()} if guided else conditioning
-        prediction = unet(model_input, t, **kwargs, return_dict=False)[0]
-        if guided:
-            uncond, cond = prediction.chunk(2)
-            prediction = uncond + guidance * (cond - uncond)
-        latents = scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
-        if known is not None:
-            known_latent, mask = known
-            if i + 1 < len(timesteps):
-                noise = torch.randn(known_latent.shape, generator=generator).to(device)
-                known_t = scheduler.add_noise(known_latent, noise, timesteps[i + 1 : i + 2])
-            else:
-                known_t = known_latent
-            latents = mask * known_t + (1 - mask) * latents
-    return latents

@@ -26,7 +26,9 @@ import torch
 from data import config as configs
 from data import latents as latent_format
 from data import shards, storage
-from training import checkpoints, diffusion, launch, tracking, unet as unets
+from serving import model as model_format
+from serving.sampler import Sampler, grid as grid_image
+from training import checkpoints, diffusion, launch, registry, tracking, unet as unets
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class DiffusionConfig:
     sample_steps: int = 25
     guidance: float = 3.0
     experiment: str = "ldmflow-diffusion"
+    model_name: str = "ldmflow-diffusion"  # registered model; each run adds a version with alias "candidate"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "workers", "checkpoint_every", "log_every", "max_bad_steps"):
@@ -287,8 +290,9 @@ class _RankZeroTracker(tracking.RankZeroTracker):
                 (folder / name).write_bytes(data)
             self.vae, _ = autoencoder_format.load(folder)
         device = next(ema.parameters()).device
-        grid, _ = sample_grid(ema.to("cpu"), self.vae, scale_factor, config, loop_config["class_names"],
-                              loop_config["latent_shape"], loop_config.get("prompts"))
+        info = model_info(config, loop_config["latent_shape"], loop_config["class_names"], scale_factor,
+                          self.vae, autoencoder={}, lineage={})
+        grid, _ = sample_grid(Sampler(ema.to("cpu"), self.vae, info), loop_config.get("prompts"))
         ema.to(device)
         self.client.log_image(self.run_id, grid, f"samples/step-{step:07d}.png")
 
@@ -303,21 +307,19 @@ def run_name(latent_manifest_sha: str, config: DiffusionConfig) -> str:
 # The driver: lineage guard, fit, EMA model folder, samples, MLflow
 
 
-MODEL_KIND = "ldmflow.diffusion"
-MODEL_META = "ldmflow.json"
-
-
 @dataclass(frozen=True)
 class TrainedDiffusion:
-    folder: Path  # the EMA UNet (diffusers folder under unet/) and ldmflow.json
+    folder: Path  # the model folder (serving/model.py format)
     run_id: str
+    model_uri: str  # models:/NAME/VERSION, also aliased "candidate"
     metrics: dict[str, float]
     grid: Path
 
     def summary(self) -> str:
         accuracy = self.metrics.get("class_accuracy")
         quality = f", samples recognised as their class {accuracy:.0%} of the time" if accuracy is not None else ""
-        return f"train: EMA model in MLflow run {self.run_id}{quality}; sample grid {self.grid}"
+        return (f"train: registered {self.model_uri} (alias {registry.CANDIDATE}) from MLflow run {self.run_id}{quality}; "
+                f"sample grid {self.grid}")
 
 
 def resolve_autoencoder(manifest: latent_format.LatentManifest, uri: str = ""):
@@ -380,10 +382,14 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     ema.eval()
 
     out = tracking.state_dir() / "runs" / f"{name}-{run_id[:8]}"  # the grid and model, also in MLflow
+    lineage = {"run_id": run_id, "latents": latents_url, "latent_manifest_sha256": manifest_sha,
+               "image_dataset": manifest.image_dataset, "image_manifest_sha256": manifest.image_manifest_sha256}
+    info = model_info(config, manifest.latent_shape, manifest.class_names, vae_info.scale_factor, vae,
+                      autoencoder=vars(manifest.autoencoder), lineage=lineage)
     model_folder = out / "model"
-    save_model(ema, model_folder, config, manifest, manifest_sha, vae_info.scale_factor, run_id)
+    model_format.save(model_folder, ema, vae_folder, info)
     prompts = grid_prompts(urls) if config.conditioning == "text" else None
-    grid, images = sample_grid(ema, vae, vae_info.scale_factor, config, manifest.class_names, manifest.latent_shape, prompts)
+    grid, images = sample_grid(Sampler(ema, vae, info), prompts)
     grid_path = out / "samples.png"
     grid.save(grid_path)
     metrics: dict[str, float] = {}
@@ -394,64 +400,48 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         metrics["class_accuracy"] = evaluation.class_accuracy(classifier, images)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
-    client.log_artifacts(run_id, str(model_folder), "model")
     client.log_artifact(run_id, str(grid_path))
+    registered = registry.register(model_folder, config.model_name, run_id)
     client.set_terminated(run_id)
-    return TrainedDiffusion(model_folder, run_id, metrics, grid_path)
+    return TrainedDiffusion(model_folder, run_id, registered.uri, metrics, grid_path)
 
 
-def save_model(ema, folder: Path, config: DiffusionConfig, manifest: latent_format.LatentManifest,
-               manifest_sha: str, scale_factor: float, run_id: str) -> None:
-    """The EMA UNet as a diffusers folder (``unet/``) plus ``ldmflow.json``: what sampling needs."""
-    ema.save_pretrained(folder / "unet", safe_serialization=True)
-    meta = {
-        "kind": MODEL_KIND,
-        "config": configs.to_dict(config),
-        "latent_shape": list(manifest.latent_shape),
-        "class_names": list(manifest.class_names) if manifest.class_names else None,
-        "scale_factor": scale_factor,
-        "autoencoder": vars(manifest.autoencoder),
-        "lineage": {"latents": manifest.image_dataset, "latent_manifest_sha256": manifest_sha,
-                    "image_manifest_sha256": manifest.image_manifest_sha256, "run_id": run_id},
-    }
-    (folder / MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+def model_info(config: DiffusionConfig, latent_shape, class_names, scale_factor: float, vae, *,
+               autoencoder: dict, lineage: dict) -> model_format.ModelInfo:
+    """What ``ldmflow.json`` says of a model trained with ``config``."""
+    from data import autoencoder as autoencoder_format
+
+    latent_shape = [int(x) for x in latent_shape]
+    return model_format.ModelInfo(
+        conditioning=config.conditioning,
+        noise=configs.to_dict(config.noise),
+        latent_shape=latent_shape,
+        resolution=latent_shape[1] * autoencoder_format.downsample_factor(vae),
+        scale_factor=float(scale_factor),
+        class_names=list(class_names) if class_names else None,
+        text_encoder=model_format.TEXT_ENCODER if config.conditioning == "text" else None,
+        defaults=model_format.SamplerDefaults(config.sampler, config.sample_steps, config.guidance),
+        autoencoder=autoencoder,
+        lineage=lineage,
+        config=configs.to_dict(config),
+    )
 
 
-@torch.no_grad()
-def sample_grid(unet, vae, scale_factor: float, config: DiffusionConfig, class_names, latent_shape,
-                prompts: list[str] | None = None, text_encoder=None, per_row: int = 8, seed: int = 1234):
-    """Fixed-seed samples decoded with the autoencoder, a row per class (``class``), per prompt
-    (``text``) or one row (``none``): (PIL grid, {row key: images (B, 3, H, W)})."""
-    from PIL import Image
-
-    latent_shape = tuple(latent_shape)
-    if config.conditioning == "class":
-        keys: list = list(range(len(class_names)))
-    elif config.conditioning == "text":
+def sample_grid(sampler: Sampler, prompts: list[str] | None = None, per_row: int = 8, seed: int = 1234):
+    """Fixed-seed samples with the model's sampler defaults, a row per class (``class``), per
+    prompt (``text``) or one row (``none``): (PIL grid, {row key: images (B, 3, H, W)})."""
+    conditioning = sampler.info.conditioning
+    if conditioning == "class":
+        keys: list = list(range(len(sampler.info.class_names or ())))
+        jobs = [sampler.job(label=k, n=per_row, seed=seed + row * per_row) for row, k in enumerate(keys)]
+    elif conditioning == "text":
         keys = list(prompts or [""])
-        text_encoder = text_encoder or unets.TextEncoder()
+        jobs = [sampler.job(prompt=k, n=per_row, seed=seed + row * per_row) for row, k in enumerate(keys)]
     else:
         keys = [None]
-    rows, images = [], {}
-    for row, key in enumerate(keys):
-        generator = torch.Generator().manual_seed(seed + row)
-        cond, null = {}, None
-        if config.conditioning == "class":
-            labels = torch.full((per_row,), key, dtype=torch.long)
-            cond = unets.conditioning_kwargs("class", labels, None)
-            null = unets.conditioning_kwargs("class", torch.full_like(labels, len(keys)), None)
-        elif config.conditioning == "text":
-            cond = unets.conditioning_kwargs("text", None, text_encoder([key] * per_row))
-            null = unets.conditioning_kwargs("text", None, text_encoder([""] * per_row))
-        latents = diffusion.sample(
-            unet, diffusion.sampling_scheduler(config.noise, config.sampler), (per_row, *latent_shape),
-            steps=config.sample_steps, conditioning=cond, null_conditioning=null, guidance=config.guidance,
-            generator=generator)
-        decoded = vae.decode(latents / scale_factor).sample.clamp(-1, 1)
-        images[key] = decoded
-        rows.append(torch.cat(list(decoded), dim=-1))
-    grid = ((torch.cat(rows, dim=-2) + 1) * 127.5).round().byte()
-    return Image.fromarray(grid.permute(1, 2, 0).numpy()), images
+        jobs = [sampler.job(n=per_row, seed=seed)]
+    rows = sampler.run(jobs)
+    return grid_image(rows), dict(zip(keys, rows))
 
 
 def grid_prompts(urls: list[str], limit: int = 10) -> list[str]:

@@ -1,0 +1,37 @@
+"""The evaluation and promotion flows: score a model version on fixed seeds, and move the
+``production`` alias only past the gate (``training/registry.py``)."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from training.evaluation import Evaluation, EvaluationConfig, evaluate
+from training.registry import Decision, PromotionConfig, promote
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(model_uri: str, config: EvaluationConfig) -> Evaluation:
+    return evaluate(model_uri, config)
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(name: str, config: PromotionConfig, eval_config: EvaluationConfig, force: bool) -> Decision:
+    return promote(name, config, eval_config, force=force)
+
+
+@flow(name="evaluate")
+def evaluate_flow(model_uri: str, config: EvaluationConfig = EvaluationConfig()) -> Evaluation:
+    """Sample ``model_uri`` on fixed seeds and score it against its real images."""
+    result = evaluate_task(model_uri, config)
+    get_run_logger().info(result.summary())
+    return result
+
+
+@flow(name="promote")
+def promote_flow(name: str, config: PromotionConfig = PromotionConfig(),
+                 eval_config: EvaluationConfig = EvaluationConfig(), force: bool = False) -> Decision:
+    """Evaluate the newest version of ``name`` against ``production``; move the alias if better."""
+    decision = promote_task(name, config, eval_config, force)
+    get_run_logger().info(decision.summary())
+    return decision

@@ -1,0 +1,34 @@
+"""``ldmflow export``: a registered model as a diffusers pipeline folder.
+
+The folder is what ``DiffusionPipeline.save_pretrained`` writes (``model_index.json``,
+``unet/``, ``vae/``, ``scheduler/``, safetensors weights) plus ``pipeline.py``, the pipeline
+class (:mod:`serving.diffusers_pipeline`), and ``ldmflow.json`` for the class names and
+lineage. ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from serving import diffusers_pipeline
+from serving import model as model_format
+from training import diffusion, tracking
+
+
+def export(model_uri: str, dest: str | Path) -> Path:
+    """Write the model at ``model_uri`` to ``dest`` as a diffusers pipeline folder."""
+    folder, _ = tracking.resolve(model_uri)
+    unet, vae, info = model_format.load_parts(folder)
+    schedule = diffusion.NoiseSchedule(**info.noise)
+    scheduler = diffusion.sampling_scheduler(schedule, info.defaults.sampler)
+    pipeline = diffusers_pipeline.LDMFlowPipeline(unet=unet, vae=vae, scheduler=scheduler)
+    dest = Path(dest)
+    pipeline.save_pretrained(dest, safe_serialization=True)
+    index = json.loads((dest / "model_index.json").read_text())
+    index["_class_name"] = ["pipeline", diffusers_pipeline.LDMFlowPipeline.__name__]
+    (dest / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(diffusers_pipeline.__file__, dest / "pipeline.py")
+    shutil.copyfile(model_format.model_folder(folder) / model_format.META, dest / model_format.META)
+    return dest

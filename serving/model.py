@@ -1,0 +1,165 @@
+"""The diffusion model folder format, defined once: written by training, read by the sampler,
+the MLflow pyfunc loader, evaluation and export.
+
+A model folder holds everything sampling needs and nothing pickled::
+
+    ldmflow.json     kind, conditioning, noise schedule, latent geometry, scale factor,
+                     class names, text encoder, sampler defaults, lineage, training config
+    unet/            the EMA UNet (diffusers' config.json + safetensors)
+    autoencoder/     a copy of the autoencoder folder (``data/autoencoder.py``): the decoder
+                     (and encoder, for editing and inpainting) with its scale factor
+
+A registered model version is an MLflow pyfunc model (``MLmodel`` with a signature) whose
+``data/ldm`` is that folder, loaded by :mod:`serving.pyfunc` without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+KIND = "ldmflow.diffusion"
+META = "ldmflow.json"
+UNET = "unet"
+AUTOENCODER = "autoencoder"
+MLFLOW_DATA = "ldm"  # the model folder's name inside an MLflow model's data/
+TEXT_ENCODER = "all-MiniLM-L6-v2"
+
+
+class ModelError(ValueError):
+    """A folder that is not a complete ldmflow diffusion model."""
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    """What a request that says nothing gets; the training config's sampling settings."""
+
+    sampler: str = "ddim"
+    steps: int = 25
+    guidance: float = 3.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """``ldmflow.json`` of a diffusion model folder."""
+
+    conditioning: str  # class | text | none
+    noise: dict[str, Any]  # training.diffusion.NoiseSchedule as a dict
+    latent_shape: list[int]  # (C, h, w)
+    resolution: int  # image side in pixels
+    scale_factor: float  # latent = autoencoder mean × scale_factor
+    class_names: list[str] | None
+    text_encoder: str | None
+    defaults: SamplerDefaults
+    autoencoder: dict[str, Any]  # uri, weights_sha256, scale_factor of the one that made the latents
+    lineage: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the diffusion stage's config
+    kind: str = KIND
+
+    @property
+    def null_label(self) -> int:
+        """The class index that means "no class" (classifier-free guidance's unconditional)."""
+        return len(self.class_names or ())
+
+
+def save(folder: str | Path, unet, autoencoder_folder: str | Path, info: ModelInfo) -> None:
+    """Write the UNet, a copy of the autoencoder folder, and ``ldmflow.json`` into ``folder``."""
+    folder = Path(folder)
+    unet.save_pretrained(folder / UNET, safe_serialization=True)
+    shutil.copytree(autoencoder_folder, folder / AUTOENCODER, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".*"))
+    (folder / META).write_text(json.dumps(asdict(info), indent=2, sort_keys=True) + "\n")
+
+
+def model_folder(path: str | Path) -> Path:
+    """The model folder inside ``path``: ``path`` itself, or the data folder of an MLflow model."""
+    import yaml
+
+    path = Path(path)
+    if (path / META).exists():
+        return path
+    mlmodel = path / "MLmodel"
+    if mlmodel.exists():
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+        data = path / str(flavor.get("data", f"data/{MLFLOW_DATA}"))
+        if (data / META).exists():
+            return data
+    raise ModelError(f"{path}: not an ldmflow diffusion model (no {META}, and no MLmodel pointing at one)")
+
+
+def read_info(folder: str | Path) -> ModelInfo:
+    path = Path(folder) / META
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelError(f"{folder}: not an ldmflow diffusion model (no {META})") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not JSON: {exc}") from exc
+    if body.get("kind") != KIND:
+        raise ModelError(f"{path}: kind is {body.get('kind')!r}, expected {KIND!r}")
+    try:
+        body["defaults"] = SamplerDefaults(**body.get("defaults", {}))
+        return ModelInfo(**body)
+    except TypeError as exc:
+        raise ModelError(f"{path}: malformed: {exc}") from exc
+
+
+def load_parts(folder: str | Path, device: str = "cpu"):
+    """(UNet, autoencoder, info) of a model folder, in eval mode on ``device``."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from data import autoencoder as autoencoder_format
+
+    folder = model_folder(folder)
+    info = read_info(folder)
+    cls = UNet2DConditionModel if info.conditioning == "text" else UNet2DModel
+    unet = cls.from_pretrained(folder / UNET, use_safetensors=True, low_cpu_mem_usage=False).to(device).eval()
+    vae, _ = autoencoder_format.load(folder / AUTOENCODER, device=device)
+    return unet, vae, info
+
+
+# ---------------------------------------------------------------------------------------
+# The MLflow pyfunc wrapping
+
+
+def signature():
+    """Input: one row per image (what to draw, all optional); output: the PNG, base64."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec("long", "label", required=False),
+        ColSpec("string", "prompt", required=False),
+        ColSpec("long", "seed", required=False),
+        ColSpec("long", "steps", required=False),
+        ColSpec("double", "guidance", required=False),
+        ColSpec("string", "sampler", required=False),
+    ])
+    outputs = Schema([ColSpec("string", "image"), ColSpec("long", "seed")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def package_mlflow(folder: str | Path, dest: str | Path) -> Path:
+    """An MLflow pyfunc model at ``dest`` wrapping the model folder (copied to ``data/ldm``)."""
+    import tempfile
+    import warnings
+    from importlib.metadata import version
+
+    import mlflow.pyfunc
+
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / MLFLOW_DATA  # save_model names the data folder after its source
+        shutil.copytree(folder, staged)
+        requirements = [f"{name}=={version(name)}" for name in ("torch", "diffusers", "safetensors", "pillow", "pandas")]
+        with warnings.catch_warnings():  # no input example: predicting one at save time would sample
+            warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+            mlflow.pyfunc.save_model(
+                str(dest), loader_module="serving.pyfunc", data_path=str(staged), signature=signature(),
+                pip_requirements=requirements + [f"ldmflow=={version('ldmflow')}"],
+                metadata={"ldmflow_kind": KIND},
+            )
+    return dest

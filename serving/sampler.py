@@ -1,0 +1,313 @@
+"""Sampling: condition → latents → image, plus img2img editing and inpainting.
+
+:class:`Sampler` holds a model's UNet, autoencoder and :class:`~serving.model.ModelInfo`
+and nothing that changes per request: every :meth:`Sampler.run` builds a fresh diffusers
+scheduler (schedulers carry a step index; sharing one between concurrent requests corrupts
+them) and per-image random generators. Image ``i`` of a job with seed ``s`` draws all its
+noise from ``torch.Generator().manual_seed(s + i)``, so the same seed gives the same image
+whether it is sampled alone or batched with other requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from serving import model as model_format
+from training import diffusion, unet as unets
+
+SamplerName = Literal["ddpm", "ddim", "dpm++"]
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request's images: ``n`` images drawn with seeds ``seed … seed + n − 1``.
+
+    With ``image`` (3, H, W) in [−1, 1] and ``strength`` < 1 it is an edit (SDEdit); with
+    ``mask`` (1, H, W), 1 where new content goes and 0 where the image is kept, it is an
+    inpainting. ``label``/``prompt`` None draws unconditionally.
+    """
+
+    n: int = 1
+    seed: int = 0
+    label: int | None = None
+    prompt: str | None = None
+    sampler: SamplerName = "ddim"
+    steps: int = 25
+    guidance: float = 3.0
+    image: torch.Tensor | None = None
+    strength: float = 1.0
+    mask: torch.Tensor | None = None
+
+    @property
+    def mode(self) -> str:
+        if self.mask is not None:
+            return "inpaint"
+        return "edit" if self.image is not None else "generate"
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys share a timestep schedule and run as one batch."""
+        strength = self.strength if self.mode == "edit" else 1.0
+        return (self.mode, self.sampler, self.steps, strength)
+
+
+def generators(jobs: list[Job]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(job.seed + i) for job in jobs for i in range(job.n)]
+
+
+def per_image_noise(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """(len(gens), *shape) standard normal noise, row i from generator i."""
+    return torch.cat([torch.randn((1, *shape), generator=g) for g in gens])
+
+
+@torch.no_grad()
+def reverse_process(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    *,
+    steps: int,
+    conditioning: dict,
+    null_conditioning: dict | None,
+    guidance: torch.Tensor | float,
+    generator: list[torch.Generator] | torch.Generator | None,
+    start_step: int = 0,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    known_noise=None,
+) -> torch.Tensor:
+    """The reverse process with classifier-free guidance (Ho & Salimans 2022).
+
+    ``latents`` is pure noise (``start_step`` 0) or a latent already noised to the level of
+    timestep ``start_step`` (SDEdit, Meng et al. 2022). Both guidance passes run as one
+    batch of 2B; ``guidance`` is a scalar or a (B, 1, 1, 1) tensor. ``known = (latent, mask)``
+    with mask 1 where the latent is kept re-imposes the known region, noised to each step's
+    level by ``known_noise(shape)``, after every step (inpainting by latent blending, as in
+    RePaint without resampling). ``scheduler`` must be fresh for this call.
+    """
+    scheduler.set_timesteps(steps, device=latents.device)
+    timesteps = scheduler.timesteps[start_step:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start_step * scheduler.order)
+    if start_step == 0:
+        latents = latents * scheduler.init_noise_sigma
+    guided = null_conditioning is not None and not _all_one(guidance)
+    for i, t in enumerate(timesteps):
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        kwargs = {k: torch.cat([null_conditioning[k], v]) for k, v in conditioning.items()} if guided else conditioning
+        prediction = unet(model_input, t, **kwargs, return_dict=False)[0]
+        if guided:
+            uncond, cond = prediction.chunk(2)
+            prediction = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
+        if known is not None:
+            known_latent, mask = known
+            if i + 1 < len(timesteps):
+                noise = known_noise(known_latent.shape[1:]).to(latents.device)
+                known_latent = scheduler.add_noise(known_latent, noise, timesteps[i + 1 : i + 2])
+            latents = mask * known_latent + (1 - mask) * latents
+    return latents
+
+
+def _all_one(guidance) -> bool:
+    if isinstance(guidance, torch.Tensor):
+        return bool((guidance == 1).all())
+    return guidance == 1
+
+
+class Sampler:
+    """A diffusion model ready to sample: UNet, autoencoder and the facts of ``ldmflow.json``."""
+
+    def __init__(self, unet, vae, info: model_format.ModelInfo, *, device: str = "cpu", text_encoder=None) -> None:
+        self.unet = unet.to(device).eval()
+        self.vae = vae.to(device).eval()
+        self.info = info
+        self.device = device
+        self.schedule = diffusion.NoiseSchedule(**info.noise)
+        self._text_encoder = text_encoder
+
+    @classmethod
+    def from_folder(cls, folder, device: str = "cpu") -> "Sampler":
+        """From a model folder or an MLflow model folder wrapping one."""
+        unet, vae, info = model_format.load_parts(folder, device)
+        return cls(unet, vae, info, device=device)
+
+    # -- what a request may ask for ---------------------------------------------------
+
+    def job(self, **fields) -> Job:
+        """A :class:`Job` with this model's defaults for the fields left out (or None)."""
+        defaults = self.info.defaults
+        given = {k: v for k, v in fields.items() if v is not None}
+        job = Job(sampler=defaults.sampler, steps=defaults.steps, guidance=defaults.guidance)
+        return replace(job, **given)
+
+    def check(self, job: Job) -> None:
+        """Raise ValueError naming the field of a job this model cannot run."""
+        if job.n < 1:
+            raise ValueError("n: must be at least 1")
+        if job.steps < 1:
+            raise ValueError("steps: must be at least 1")
+        if job.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: must be one of {', '.join(SAMPLERS)}")
+        if job.label is not None:
+            if self.info.conditioning != "class":
+                raise ValueError(f"label: this model is conditioned on {self.info.conditioning}, not class labels")
+            if not 0 <= job.label < len(self.info.class_names or ()):
+                raise ValueError(f"label: {job.label} is not a class of this model (0…{self.info.null_label - 1})")
+        if job.prompt and self.info.conditioning != "text":
+            raise ValueError(f"prompt: this model is conditioned on {self.info.conditioning}, not text")
+        if not 0 <= job.strength <= 1:
+            raise ValueError("strength: must be in [0, 1]")
+        side = self.info.resolution
+        if job.image is not None and tuple(job.image.shape) != (3, side, side):
+            raise ValueError(f"image: must be (3, {side}, {side}), got {tuple(job.image.shape)}")
+        if job.mask is not None:
+            if job.image is None:
+                raise ValueError("mask: inpainting needs an image")
+            if tuple(job.mask.shape) != (1, side, side):
+                raise ValueError(f"mask: must be (1, {side}, {side}), got {tuple(job.mask.shape)}")
+
+    # -- sampling -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, jobs: list[Job]) -> list[torch.Tensor]:
+        """Sample every job in one batch; returns, per job, images (n, 3, H, W) in [−1, 1].
+
+        All jobs must share :meth:`Job.batch_key` (sampler, steps, mode, edit strength).
+        """
+        if not jobs:
+            return []
+        keys = {job.batch_key() for job in jobs}
+        if len(keys) > 1:
+            raise ValueError(f"jobs of one batch must share sampler, steps, mode and strength, got {sorted(keys)}")
+        for job in jobs:
+            self.check(job)
+        first = jobs[0]
+        gens = generators(jobs)
+        latent_shape = tuple(self.info.latent_shape)
+        scheduler = diffusion.sampling_scheduler(self.schedule, first.sampler)
+        scheduler.set_timesteps(first.steps)
+        cond, null = self._conditioning(jobs)
+        guidance = torch.tensor([job.guidance for job in jobs for _ in range(job.n)]).view(-1, 1, 1, 1).to(self.device)
+        noise = per_image_noise(gens, latent_shape).to(self.device)
+
+        start_step, known, init = 0, None, None
+        if first.mode != "generate":
+            init = self._repeat([job.image for job in jobs], jobs)  # (B, 3, H, W)
+            init_latent = self.encode(init)
+        if first.mode == "edit":
+            run_steps = min(int(round(first.steps * first.strength)), first.steps)
+            start_step = first.steps - run_steps
+            if run_steps == 0:
+                return self._split(self.decode(init_latent), jobs)
+            t_start = scheduler.timesteps[start_step : start_step + 1]
+            latents = scheduler.add_noise(init_latent, noise, t_start.repeat(noise.shape[0]))
+        else:
+            latents = noise
+        pixel_mask = None
+        if first.mode == "inpaint":
+            pixel_mask = self._repeat([job.mask for job in jobs], jobs).to(self.device)  # 1 = generate
+            known = (init_latent, 1 - self.latent_mask(pixel_mask))
+
+            def known_noise(shape):
+                return per_image_noise(gens, shape)
+        else:
+            known_noise = None
+
+        latents = reverse_process(
+            self.unet, scheduler, latents, steps=first.steps, conditioning=cond, null_conditioning=null,
+            guidance=guidance, generator=gens, start_step=start_step, known=known, known_noise=known_noise)
+        images = self.decode(latents)
+        if pixel_mask is not None:  # the kept region is the input's own pixels, exactly
+            images = pixel_mask * images + (1 - pixel_mask) * init
+        return self._split(images, jobs)
+
+    def generate(self, **fields) -> torch.Tensor:
+        """Images (n, 3, H, W) in [−1, 1] for one job; fields as in :class:`Job`."""
+        return self.run([self.job(**fields)])[0]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled latents of images in [−1, 1] (the posterior mean: deterministic)."""
+        moments = self.vae.encode(images.to(self.device)).latent_dist
+        return moments.mean * self.info.scale_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.info.scale_factor).sample.clamp(-1, 1)
+
+    def latent_mask(self, pixel_mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w): a latent cell is generated if any pixel it covers is."""
+        return (F.adaptive_max_pool2d(pixel_mask.float(), tuple(self.info.latent_shape[1:])) > 0.5).float()
+
+    def _conditioning(self, jobs: list[Job]) -> tuple[dict, dict | None]:
+        kind = self.info.conditioning
+        if kind == "class":
+            null_label = self.info.null_label
+            labels = torch.tensor([null_label if job.label is None else job.label for job in jobs for _ in range(job.n)])
+            labels = labels.to(self.device)
+            return {"class_labels": labels}, {"class_labels": torch.full_like(labels, null_label)}
+        if kind == "text":
+            prompts = [job.prompt or "" for job in jobs for _ in range(job.n)]
+            text = self.text_encoder(prompts).to(self.device)
+            null = self.text_encoder([""] * len(prompts)).to(self.device)
+            return unets.conditioning_kwargs("text", None, text), unets.conditioning_kwargs("text", None, null)
+        return {}, None
+
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            self._text_encoder = unets.TextEncoder()
+        return self._text_encoder
+
+    @staticmethod
+    def _repeat(tensors: list[torch.Tensor], jobs: list[Job]) -> torch.Tensor:
+        return torch.cat([t.unsqueeze(0).expand(job.n, *t.shape) for t, job in zip(tensors, jobs)])
+
+    @staticmethod
+    def _split(images: torch.Tensor, jobs: list[Job]) -> list[torch.Tensor]:
+        return list(images.cpu().split([job.n for job in jobs]))
+
+    # -- images in and out ------------------------------------------------------------
+
+    def image_tensor(self, image) -> torch.Tensor:
+        """A PIL image as the model's (3, R, R) input in [−1, 1]: RGB, short side resized, centre crop."""
+        from data import images
+
+        square = images.resize_and_crop(images.to_rgb(image), self.info.resolution)
+        return torch.from_numpy(np.asarray(square, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+    def mask_tensor(self, mask) -> torch.Tensor:
+        """A PIL mask (white/non-zero: generate) as (1, R, R) of 0/1, cropped like the image."""
+        from data import images
+
+        square = images.resize_and_crop(mask.convert("L"), self.info.resolution, resample="nearest")
+        return torch.from_numpy((np.asarray(square) >= 128).astype(np.float32)).unsqueeze(0)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [−1, 1] → PIL RGB images."""
+    from PIL import Image
+
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def grid(rows: list[torch.Tensor]):
+    """A PIL grid with one row per (n, 3, H, W) tensor (all of the same n)."""
+    from PIL import Image
+
+    body = torch.cat([torch.cat(list(row), dim=-1) for row in rows], dim=-2)
+    return Image.fromarray(((body.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def load(uri: str, device: str = "cpu") -> tuple[Sampler, object]:
+    """The sampler of ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/``, a
+    folder) and its registry entry (None for a folder)."""
+    from training import tracking
+
+    folder, registered = tracking.resolve(uri)
+    return Sampler.from_folder(folder, device), registered

@@ -1,0 +1,138 @@
+"""What the sampler promises, on tiny random-weight models (no training needed): the same
+seed gives the same image alone or batched, per-request scheduler state, SDEdit at strength
+0 is the autoencoder's reconstruction, inpainting keeps the unmasked pixels, and the saved
+folder and the MLflow pyfunc sample exactly like the in-memory model."""
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from serving import model as model_format
+from serving.sampler import Sampler, to_pil
+from tests.helpers import tiny_diffusion_parts
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    return tiny_diffusion_parts(tmp_path_factory.mktemp("sampler"))
+
+
+@pytest.fixture(scope="module")
+def sampler(parts):
+    unet, vae, _, info = parts
+    return Sampler(unet, vae, info)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++"])
+def test_same_seed_same_image_alone_or_batched(sampler, name):
+    alone = sampler.generate(label=3, n=3, seed=5, sampler=name)
+    batch = sampler.run([sampler.job(label=1, n=2, seed=9, sampler=name, guidance=4.0),
+                         sampler.job(label=3, n=1, seed=6, sampler=name),
+                         sampler.job(label=3, n=2, seed=5, sampler=name)])
+    torch.testing.assert_close(batch[1][0], alone[1], atol=1e-5, rtol=0)  # seed 6 == seed 5's second image
+    torch.testing.assert_close(batch[2], alone[:2], atol=1e-5, rtol=0)
+    assert not torch.allclose(batch[0][0], alone[0])  # another label, guidance and seed: another image
+    assert alone.shape == (3, 3, 16, 16) and alone.abs().max() <= 1
+
+
+def test_concurrent_runs_do_not_share_scheduler_state(sampler):
+    """Two threads sampling with different step counts through the same Sampler get what
+    each would alone (diffusers schedulers carry a step index: one per run)."""
+    expected = {steps: sampler.generate(label=2, n=2, seed=1, sampler="dpm++", steps=steps) for steps in (3, 7)}
+    got, errors = {}, []
+
+    def worker(steps):
+        try:
+            for _ in range(3):
+                got.setdefault(steps, []).append(sampler.generate(label=2, n=2, seed=1, sampler="dpm++", steps=steps))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(steps,)) for steps in (3, 7)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for steps, results in got.items():
+        for result in results:
+            torch.testing.assert_close(result, expected[steps], atol=1e-5, rtol=0)
+
+
+def test_edit_at_strength_zero_is_the_reconstruction_and_strength_changes_it(sampler):
+    image = sampler.generate(label=4, seed=0)[0]
+    reconstruction = sampler.decode(sampler.encode(image[None]))[0]
+    unchanged = sampler.run([sampler.job(image=image, strength=0.0, label=7)])[0][0]
+    torch.testing.assert_close(unchanged, reconstruction, atol=1e-6, rtol=0)
+    half = sampler.run([sampler.job(image=image, strength=0.5, label=7, sampler="dpm++", seed=3)])[0][0]
+    full = sampler.run([sampler.job(image=image, strength=1.0, label=7, seed=3)])[0][0]
+    distance = lambda a: (a - reconstruction).abs().mean().item()  # noqa: E731
+    assert 0 < distance(half) and 0 < distance(full)
+    # Same seed and strength: the same edit, batched with another or not.
+    again = sampler.run([sampler.job(image=image, strength=0.5, label=1, sampler="dpm++", seed=8),
+                         sampler.job(image=image, strength=0.5, label=7, sampler="dpm++", seed=3)])[1][0]
+    torch.testing.assert_close(again, half, atol=1e-5, rtol=0)
+
+
+def test_inpainting_keeps_the_unmasked_region(sampler):
+    image = sampler.generate(label=5, seed=2)[0]
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :, 8:] = 1  # regenerate the right half
+    for name in ("ddpm", "ddim", "dpm++"):
+        result = sampler.run([sampler.job(image=image, mask=mask, label=1, n=2, seed=4, sampler=name)])[0]
+        torch.testing.assert_close(result[:, :, :, :8], image[:, :, :8].expand(2, -1, -1, -1), atol=0, rtol=0)
+        assert (result[:, :, :, 8:] - image[:, :, 8:]).abs().mean() > 0.01
+    assert sampler.latent_mask(mask[None]).sum() == 8  # 4×4 latents: the right two columns
+
+
+def test_requests_the_model_cannot_run_name_their_field(sampler):
+    cases = [
+        (dict(label=10), "label"),
+        (dict(prompt="a seven"), "prompt"),
+        (dict(sampler="euler"), "sampler"),
+        (dict(steps=0), "steps"),
+        (dict(image=torch.zeros(3, 8, 8)), "image"),
+        (dict(image=torch.zeros(3, 16, 16), mask=torch.zeros(1, 8, 8)), "mask"),
+        (dict(mask=torch.zeros(1, 16, 16)), "mask"),
+        (dict(image=torch.zeros(3, 16, 16), strength=1.5), "strength"),
+    ]
+    for fields, name in cases:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            sampler.check(sampler.job(**fields))
+
+
+def test_saved_folder_and_pyfunc_sample_like_the_in_memory_model(parts, sampler, tmp_path):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    unet, _, vae_folder, info = parts
+    model_format.save(tmp_path / "model", unet, vae_folder, info)
+    assert model_format.read_info(tmp_path / "model") == info
+    loaded = Sampler.from_folder(tmp_path / "model")
+    torch.testing.assert_close(loaded.generate(label=6, n=2, seed=11), sampler.generate(label=6, n=2, seed=11))
+
+    packaged = model_format.package_mlflow(tmp_path / "model", tmp_path / "mlflow")
+    assert model_format.model_folder(packaged) == packaged / "data" / model_format.MLFLOW_DATA
+    pyfunc = mlflow.pyfunc.load_model(str(packaged))
+    assert [c.name for c in pyfunc.metadata.get_input_schema().inputs][:2] == ["label", "prompt"]
+    out = pyfunc.predict(pd.DataFrame({"label": [6, 6], "seed": [11, 12]}))
+    assert list(out["seed"]) == [11, 12]
+    expected = [np.asarray(image) for image in to_pil(sampler.generate(label=6, n=2, seed=11))]
+    for encoded, want in zip(out["image"], expected):
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_text_model_follows_its_prompt(tmp_path):
+    unet, vae, _, info = tiny_diffusion_parts(tmp_path, conditioning="text")
+    sampler = Sampler(unet, vae, info)
+    seven = sampler.generate(prompt="a handwritten seven", n=2, seed=0)
+    torch.testing.assert_close(sampler.generate(prompt="a handwritten seven", n=2, seed=0), seven)
+    assert not torch.allclose(sampler.generate(prompt="a handwritten two", n=2, seed=0), seven)
+    with pytest.raises(ValueError, match="^label:"):
+        sampler.check(sampler.job(label=1))

@@ -1,0 +1,188 @@
+"""The Ray Serve sampler over real HTTP on 127.0.0.1: generation, editing and inpainting,
+dynamic batching of concurrent requests, 4xx for every malformed request, and a promotion
+picked up without a failed request."""
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving import app
+from training import registry, tracking
+from tests import helpers
+
+NAME = "serve-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(digits_model):
+    from ray import serve
+
+    run = tracking.client().create_run(tracking.experiment_id("test-serving")).info.run_id
+    version = registry.register(digits_model.folder, NAME, run).version
+    tracking.client().set_registered_model_alias(NAME, "production", version)
+    config = app.ServeConfig(port=free_port(), num_cpus=0.5, follow_seconds=0.5, max_batch_size=8,
+                             batch_wait_timeout_s=0.05, max_steps=50, max_images=8, max_image_bytes=50_000,
+                             max_image_pixels=1_000_000)
+    url = app.run(f"models:/{NAME}@production", config)
+    yield url
+    serve.shutdown()
+
+
+def call(url: str, path: str, body=None, raw: bytes | None = None, method: str | None = None, timeout: float = 60):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        text = error.read()
+        try:
+            return error.code, json.loads(text)
+        except ValueError:
+            return error.code, {"error": text.decode(errors="replace")}
+
+
+def pixels(encoded: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")).astype(int)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_generate_same_seed_same_images(server):
+    status, first = call(server, "/v1/generate", {"label": 3, "n": 2, "seed": 11, "steps": 10})
+    assert status == 200, first
+    assert first["seeds"] == [11, 12] and first["model"] == {"name": NAME, "version": "1", "uri": f"models:/{NAME}@production"}
+    assert pixels(first["images"][0]).shape == (16, 16, 3)
+    _, again = call(server, "/v1/generate", {"label": 3, "n": 1, "seed": 12, "steps": 10})
+    assert np.abs(pixels(again["images"][0]) - pixels(first["images"][1])).max() <= 1
+
+
+def test_concurrent_requests_are_batched_and_keep_their_seeds(server):
+    bodies = [{"label": i % 10, "n": 1, "seed": 100 + i, "steps": 8, "sampler": "dpm++"} for i in range(16)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(lambda body: call(server, "/v1/generate", body), bodies))
+    assert all(status == 200 for status, _ in results), results
+    assert max(body["batch"] for _, body in results) > 1  # concurrent requests shared UNet calls
+    for body, (_, batched) in list(zip(bodies, results))[:4]:  # the same image as alone
+        _, alone = call(server, "/v1/generate", body)
+        assert alone["batch"] == 1
+        assert np.abs(pixels(alone["images"][0]) - pixels(batched["images"][0])).max() <= 1
+
+
+def test_edit_and_inpaint(server):
+    _, source = call(server, "/v1/generate", {"label": 1, "seed": 5, "steps": 10})
+    image = source["images"][0]
+    status, unchanged = call(server, "/v1/edit", {"image": image, "strength": 0.0, "label": 7})
+    assert status == 200, unchanged
+    # Strength 0 is the autoencoder's reconstruction of the input: close, not equal.
+    assert np.abs(pixels(unchanged["images"][0]) - pixels(image)).mean() < 40
+    _, edited = call(server, "/v1/edit", {"image": image, "strength": 0.9, "label": 7, "seed": 1, "steps": 10})
+    assert np.abs(pixels(edited["images"][0]) - pixels(unchanged["images"][0])).mean() > 1
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255
+    status, filled = call(server, "/v1/inpaint", {"image": image, "mask": b64(helpers.encode(Image.fromarray(mask))),
+                                                  "label": 4, "n": 2, "seed": 3, "steps": 10})
+    assert status == 200, filled
+    for result in filled["images"]:
+        assert (pixels(result)[:, :8] == pixels(image)[:, :8]).all()  # the kept half, exactly
+    assert np.abs(pixels(filled["images"][0])[:, 8:] - pixels(image)[:, 8:]).mean() > 1
+
+
+def test_malformed_requests_get_4xx_naming_the_field(server):
+    png16 = b64(helpers.png(16, 16))
+    cases = [
+        ("/v1/generate", None, b"{not json", 422, "body"),
+        ("/v1/generate", {"lable": 3}, None, 422, "lable"),
+        ("/v1/generate", {"label": "three"}, None, 422, "label"),
+        ("/v1/generate", {"label": 10}, None, 422, "label"),
+        ("/v1/generate", {"prompt": "a seven"}, None, 422, "prompt"),
+        ("/v1/generate", {"steps": 51}, None, 422, "steps"),
+        ("/v1/generate", {"steps": 0}, None, 422, "steps"),
+        ("/v1/generate", {"n": 9}, None, 422, "n"),
+        ("/v1/generate", {"n": 0}, None, 422, "n"),
+        ("/v1/generate", {"sampler": "euler"}, None, 422, "sampler"),
+        ("/v1/generate", {"guidance": -1}, None, 422, "guidance"),
+        ("/v1/generate", {"seed": -5}, None, 422, "seed"),
+        ("/v1/edit", {"strength": 0.5}, None, 422, "image"),
+        ("/v1/edit", {"image": "not base64!"}, None, 422, "image"),
+        ("/v1/edit", {"image": b64(b"hello")}, None, 422, "image"),
+        ("/v1/edit", {"image": b64(helpers.truncated_png())}, None, 422, "image"),
+        ("/v1/edit", {"image": png16, "strength": 2}, None, 422, "strength"),
+        ("/v1/edit", {"image": b64(helpers.png(150, 150))}, None, 413, "image"),  # over max_image_bytes
+        ("/v1/edit", {"image": b64(helpers.bomb_png(2000))}, None, 413, "image"),  # over max_image_pixels
+        ("/v1/inpaint", {"image": png16}, None, 422, "mask"),
+        ("/v1/inpaint", {"image": png16, "mask": b64(helpers.png(8, 8))}, None, 422, "mask"),
+    ]
+    for path, body, raw, status, field in cases:
+        got, answer = call(server, path, body, raw=raw)
+        assert got == status, (path, body, got, answer)
+        assert field in answer["error"], (path, body, answer)
+    assert call(server, "/v1/generate", method="GET")[0] == 405
+    status, health = call(server, "/healthz")
+    assert status == 200 and health["status"] == "ok"  # the replica is still there
+
+
+def test_model_description_and_openapi(server):
+    status, model = call(server, "/v1/model")
+    assert status == 200
+    assert (model["name"], model["alias"], model["conditioning"]) == (NAME, "production", "class")
+    assert model["class_names"] == [str(i) for i in range(10)]
+    assert model["lineage"]["image_dataset"] and model["lineage"]["autoencoder"]["uri"].startswith("models:/")
+    assert model["tags"]["ldmflow.latent_manifest_sha256"] == model["lineage"]["latent_manifest_sha256"]
+    _, openapi = call(server, "/openapi.json")
+    assert {"/v1/generate", "/v1/edit", "/v1/inpaint", "/v1/model", "/healthz"} <= set(openapi["paths"])
+    assert "EditRequest" in openapi["components"]["schemas"]
+
+
+def test_promotion_reaches_the_server_without_a_failed_request(server, digits_model):
+    run = tracking.client().create_run(tracking.experiment_id("test-serving")).info.run_id
+    new_version = registry.register(digits_model.folder, NAME, run).version
+    outcomes, stop = [], threading.Event()
+
+    def client_loop():
+        seed = 0
+        while not stop.is_set():
+            seed += 1
+            outcomes.append(call(server, "/v1/generate", {"label": seed % 10, "seed": seed, "steps": 4}, timeout=30))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        tracking.client().set_registered_model_alias(NAME, "production", new_version)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(s == 200 and body["model"]["version"] == new_version for s, body in outcomes[-5:]):
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # and a little after the swap
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    failures = [(s, b) for s, b in outcomes if s != 200]
+    assert not failures, failures[:3]
+    versions = [body["model"]["version"] for _, body in outcomes]
+    assert versions[0] == "1" and versions[-1] == new_version
+    assert call(server, "/v1/model")[1]["version"] == new_version
