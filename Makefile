@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/shard.py
 	$(PY) benchmarks/precompute.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(STATE) .pytest_cache
