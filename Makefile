@@ -20,11 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/ldmflow --state-dir $(STATE) shard builtin:digits $(STATE)/datasets/digits --config configs/tiny.yaml
-	$(VENV)/bin/ldmflow --state-dir $(STATE) train-autoencoder $(STATE)/datasets/digits --config configs/tiny.yaml
-	$(VENV)/bin/ldmflow --state-dir $(STATE) precompute $(STATE)/datasets/digits $(STATE)/datasets/digits-latents \
-		--autoencoder models:/ldmflow-digits-autoencoder/latest --config configs/tiny.yaml
-	$(VENV)/bin/ldmflow --state-dir $(STATE) train $(STATE)/datasets/digits-latents --config configs/tiny.yaml
+	$(VENV)/bin/ldmflow --state-dir $(STATE) pipeline --config configs/tiny.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -379,8 +379,6 @@ def serve(
     at /openapi.json. With models:/NAME@ALIAS the server follows the alias: a promotion is
     picked up without downtime.
     """
-    import time
-
     from serving import app as serve_app
     from serving.model import ModelError
     from training.tracking import ModelNotFound
@@ -394,6 +392,64 @@ def serve(
     except (ModelNotFound, ModelError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"serve: {model_uri} at {url} (OpenAPI: {url}/openapi.json); Ctrl-C to stop")
+    _wait_then_stop_serve()
+
+
+@app.command()
+def pipeline(
+    config: ConfigOption = None,
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="Rerun this stage even if it is done (repeatable).")] = None,
+    stage: Annotated[Optional[list[str]], typer.Option("--stage", help="Run only these stages (repeatable); the others must be done.")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Then serve the production model until interrupted.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run everything: shard → autoencoder → precompute → train → evaluate → promote (→ serve).
+
+    Each stage is skipped when its inputs and config are unchanged since it last finished
+    (a record under STORAGE/NAME/_stages/), so a rerun after a failure resumes at the failed
+    stage, and training resumes from its checkpoint. Stages: shard, autoencoder, precompute,
+    train, evaluate, promote, serve. Endpoints come from pipeline.endpoints in the config or
+    from AWS_ENDPOINT_URL, RAY_ADDRESS, PREFECT_API_URL and MLFLOW_TRACKING_URI.
+    """
+    from data import config as configs
+    from flows.settings import load_endpoints
+
+    try:
+        load_endpoints(config).apply()  # before Prefect is imported
+    except configs.ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
+    from flows.pipeline import StageNotRun, run as run_pipeline
+    from flows.settings import STAGES
+
+    for option, names in (("--force", force or []), ("--stage", stage or [])):
+        unknown = sorted(set(names) - set(STAGES))
+        if unknown:
+            raise typer.BadParameter(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}",
+                                     param_hint=option)
+    stages = list(stage or [])
+    if serve:
+        stages = [*(stages or load_spec_stages(config)), "serve"]
+    try:
+        outcome = run_pipeline(config, force=list(force or []), stages=stages or None, progress=progress)
+    except configs.ConfigError as exc:
+        raise _fail(exc, 2) from exc
+    except (StageNotRun, ValueError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(outcome.summary())
+    if serve:
+        _wait_then_stop_serve()
+
+
+def load_spec_stages(config: str | None) -> list[str]:
+    from data import config as configs
+    from flows.settings import PipelineConfig
+
+    return list(configs.load(PipelineConfig, config, section="pipeline").stages)
+
+
+def _wait_then_stop_serve() -> None:
+    import time
+
     try:
         while True:
             time.sleep(3600)
@@ -401,6 +457,27 @@ def serve(
         from ray import serve as ray_serve
 
         ray_serve.shutdown()
+
+
+@app.command()
+def deploy(
+    file: Annotated[str, typer.Option("--file", help="Prefect deployments file.")] = "prefect.yaml",
+    name: Annotated[Optional[list[str]], typer.Option("--name", help="Only this deployment (repeatable).")] = None,
+) -> None:
+    """Register the scheduled deployments of prefect.yaml with the Prefect server.
+
+    The server is PREFECT_API_URL (or Prefect's profile); work pools named by the
+    deployments are created when missing. Workers then run them:
+    prefect worker start --pool ldmflow-cpu (and ldmflow-gpu on GPU nodes).
+    """
+    from flows.deploy import DeployError, deploy as do_deploy
+
+    try:
+        deployed = do_deploy(file, names=list(name or []))
+    except DeployError as exc:
+        raise _fail(exc) from exc
+    for line in deployed:
+        typer.echo(f"deploy: {line}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ def evaluate_task(model_uri: str, config: EvaluationConfig) -> Evaluation:
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_task(name: str, config: PromotionConfig, eval_config: EvaluationConfig, force: bool) -> Decision:
-    return promote(name, config, eval_config, force=force)
+def promote_task(name: str, config: PromotionConfig, eval_config: EvaluationConfig, force: bool,
+                 version: str | None) -> Decision:
+    return promote(name, config, eval_config, force=force, version=version)
 
 
 @flow(name="evaluate")
@@ -30,8 +31,10 @@ def evaluate_flow(model_uri: str, config: EvaluationConfig = EvaluationConfig())
 
 @flow(name="promote")
 def promote_flow(name: str, config: PromotionConfig = PromotionConfig(),
-                 eval_config: EvaluationConfig = EvaluationConfig(), force: bool = False) -> Decision:
-    """Evaluate the newest version of ``name`` against ``production``; move the alias if better."""
-    decision = promote_task(name, config, eval_config, force)
+                 eval_config: EvaluationConfig = EvaluationConfig(), force: bool = False,
+                 version: str | None = None) -> Decision:
+    """Evaluate the newest version of ``name`` (or ``version``) against ``production``; move
+    the alias if it is better."""
+    decision = promote_task(name, config, eval_config, force, version)
     get_run_logger().info(decision.summary())
     return decision

@@ -10,7 +10,7 @@ from data import shards
 
 CLI = [sys.executable, "-m", "flows.cli"]
 SUBCOMMANDS = ["shard", "train-autoencoder", "precompute", "train", "inspect", "evaluate", "promote", "rollback", "export",
-               "sample", "serve"]
+               "sample", "serve", "pipeline", "deploy"]
 
 
 def run(args, env, cwd, timeout=300):

@@ -119,8 +119,10 @@ def is_better(candidate: float, production: float, metric: str, margin: float) -
 
 
 def promote(name: str, config: PromotionConfig = PromotionConfig(),
-            eval_config: evaluation.EvaluationConfig = evaluation.EvaluationConfig(), *, force: bool = False) -> Decision:
-    """Evaluate the newest version of ``name`` and move ``production`` to it if it is better."""
+            eval_config: evaluation.EvaluationConfig = evaluation.EvaluationConfig(), *, force: bool = False,
+            version: str | None = None) -> Decision:
+    """Evaluate the newest version of ``name`` (or ``version``) and move ``production`` to it
+    if it is better."""
     client = tracking.client()
     try:
         versions = client.search_model_versions(f"name='{name}'")
@@ -128,7 +130,9 @@ def promote(name: str, config: PromotionConfig = PromotionConfig(),
         raise RegistryError(f"{name}: not in the model registry at {tracking.tracking_uri()}") from exc
     if not versions:
         raise RegistryError(f"{name}: no registered versions")
-    candidate = str(max(int(v.version) for v in versions))
+    candidate = str(version) if version else str(max(int(v.version) for v in versions))
+    if candidate not in {str(v.version) for v in versions}:
+        raise RegistryError(f"{name}: no version {candidate}")
     client.set_registered_model_alias(name, CANDIDATE, candidate)
     production = _alias_version(name, PRODUCTION)
     if production == candidate:

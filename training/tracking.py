@@ -100,7 +100,7 @@ def resolve(uri: str, dest: str | None = None) -> tuple[Path, RegisteredVersion 
     registered = None
     source = uri
     if uri.startswith("models:/"):
-        registered = _model_version(uri)
+        registered = resolve_version(uri)
         source = registered.source
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dest, tracking_uri=tracking_uri())
@@ -109,7 +109,8 @@ def resolve(uri: str, dest: str | None = None) -> tuple[Path, RegisteredVersion 
     return Path(local), registered
 
 
-def _model_version(uri: str) -> RegisteredVersion:
+def resolve_version(uri: str) -> RegisteredVersion:
+    """The registry entry of ``models:/NAME/VERSION``, ``@ALIAS`` or ``/latest`` (a concrete version)."""
     rest = uri[len("models:/") :]
     mlflow_client = client()
     try:

@@ -179,6 +179,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                                 seed=config.seed, decode=latent_format.decode_latent)
     loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, collate_fn=collate_latents, drop_last=True)
     tracker = _RankZeroTracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
+    if checkpoint and position["step"]:
+        tracker.log(position["step"], resumed_from_step=position["step"])  # a restart, visible in MLflow
 
     step, epoch, batches_done = position["step"], position["epoch"], position["batches_in_epoch"]
     bad_steps, skipped, micro = position["bad_steps"], position["skipped"], 0
@@ -348,7 +350,10 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     name = run_name(manifest_sha, config)
 
     client = tracking.client()
-    run = client.create_run(tracking.experiment_id(config.experiment), run_name=name, tags={
+    experiment = tracking.experiment_id(config.experiment)
+    for stale in client.search_runs([experiment], f"attributes.run_name = '{name}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(stale.info.run_id, status="KILLED")  # its driver died; this run resumes the job
+    run = client.create_run(experiment, run_name=name, tags={
         "ldmflow.stage": "diffusion", "ldmflow.latents": latents_url, "ldmflow.latent_manifest_sha256": manifest_sha,
         "ldmflow.autoencoder": manifest.autoencoder.uri, "ldmflow.autoencoder_sha256": vae_info.weights_sha256})
     run_id = run.info.run_id

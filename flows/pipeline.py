@@ -1,0 +1,330 @@
+"""The end-to-end flow: raw images → shards → autoencoder → latents → diffusion model →
+evaluation → promotion (→ serving), each stage a subflow that also runs alone.
+
+Every stage has a cache key: the hash of what it reads (the source listing, or the input
+manifest's sha256, or the model version) and its own config. A finished stage writes a
+record, ``STORAGE/NAME/_stages/STAGE-KEY.json``, with its inputs and outputs; a later run
+with the same key finds the record (and its outputs still there) and skips the stage. So a
+rerun after a failure resumes at the failed stage (and inside it: shards and latents skip
+what is complete, training resumes from its Ray Train checkpoint), a rerun with unchanged
+inputs skips everything, and a changed config reruns only what depends on it.
+``force`` reruns the named stages whatever their records say.
+
+Outputs that are folders carry their key in the name (``images-KEY``, ``latents-KEY``), so
+a new config never overwrites the data an older model was trained on. Every stage's MLflow
+run carries the URLs and hashes of its inputs and outputs (tags ``ldmflow.input.*`` and
+``ldmflow.output.*``); shard and precompute, which have no run of their own, get one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow, get_run_logger
+
+from data import config as configs
+from data import shards, storage
+from flows.settings import STAGES, Spec, load_spec
+from training import tracking
+
+
+class StageNotRun(RuntimeError):
+    """A stage left out of this run whose output a later stage needs, and that has no record."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    key: str
+    skipped: bool
+    outputs: dict[str, Any]
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        what = "skipped (done before with the same inputs and config)" if self.skipped else f"ran in {self.seconds:.0f} s"
+        shown = [f"{k}={_short(self.outputs[k])}" for k in _SHOWN if k in self.outputs]
+        return f"  {self.stage:12s} {what}  {' '.join(shown)}"
+
+
+_SHOWN = ("images", "latents", "model_uri", "fd", "class_accuracy", "decision", "production", "url")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class PipelineOutcome:
+    results: list[StageResult] = field(default_factory=list)
+
+    def __getitem__(self, stage: str) -> StageResult:
+        return next(r for r in self.results if r.stage == stage)
+
+    def outputs(self, stage: str) -> dict[str, Any]:
+        return self[stage].outputs
+
+    @property
+    def skipped(self) -> list[str]:
+        return [r.stage for r in self.results if r.skipped]
+
+    def summary(self) -> str:
+        lines = ["pipeline:"] + [r.line() for r in self.results]
+        stages = {r.stage for r in self.results}
+        if "train" in stages:
+            train = self.outputs("train")
+            lines.append(f"sample grid:       {train['grid']}")
+            lines.append(f"MLflow run:        {train['run_id']} (experiment {train['experiment']})")
+            lines.append(f"registered model:  {train['model_uri']}")
+        if "promote" in stages:
+            promote = self.outputs("promote")
+            lines.append(f"production:        models:/{promote['name']}/{promote['production']} "
+                         f"(models:/{promote['name']}@production)")
+            lines.append(f"serve it:          ldmflow serve models:/{promote['name']}@production")
+        lines.append(f"MLflow UI:         mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+        return "\n".join(lines)
+
+
+def cache_key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def source_fingerprint(source: str) -> str:
+    """What the raw input is, cheaply: the sorted listing (names and sizes) of a folder or
+    prefix, a tar's size, or a built-in dataset's name. Listing once per run is the cost."""
+    from data import builtin
+
+    if builtin.is_builtin(source):
+        return source
+    if source.endswith(".tar"):
+        return f"{source} {storage.size(source)}"
+    digest = hashlib.sha256()
+    for entry in storage.list_prefix(source):
+        digest.update(f"{entry.url} {entry.size}\n".encode())
+    return digest.hexdigest()
+
+
+def manifest_sha(dataset: str) -> str:
+    return hashlib.sha256(storage.read_text(shards.manifest_url(dataset)).encode()).hexdigest()
+
+
+class Stages:
+    """Runs or skips each stage by its record; keeps the results in order."""
+
+    def __init__(self, base: str, spec: Spec, force: set[str], progress: bool) -> None:
+        self.base, self.spec, self.force, self.progress = base, spec, force, progress
+        self.selected = set(spec.pipeline.stages) | force
+        self.outcome = PipelineOutcome()
+        self.log = get_run_logger()
+
+    def record_url(self, stage: str, key: str) -> str:
+        return storage.join(self.base, "_stages", f"{stage}-{key}.json")
+
+    def run(self, stage: str, key: str, body: Callable[[], dict], still_there: Callable[[dict], bool]) -> dict:
+        record_url = self.record_url(stage, key)
+        record = json.loads(storage.read_text(record_url)) if storage.exists(record_url) else None
+        if record is not None and stage not in self.force and still_there(record["outputs"]):
+            result = StageResult(stage, key, True, record["outputs"])
+        elif stage not in self.selected:
+            raise StageNotRun(f"stage {stage} is not selected and has not run for these inputs (key {key}); "
+                              f"add it to pipeline.stages")
+        else:
+            started = time.perf_counter()
+            outputs = body()
+            result = StageResult(stage, key, False, outputs, time.perf_counter() - started)
+            storage.write_text(record_url, json.dumps({
+                "stage": stage, "key": key, "outputs": outputs, "config": self.config_of(stage),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2, sort_keys=True) + "\n")
+        self.log.info(result.line())
+        self.outcome.results.append(result)
+        return result.outputs
+
+    def config_of(self, stage: str) -> dict:
+        section = getattr(self.spec, stage, None)
+        return configs.to_dict(section) if section is not None else {}
+
+
+def _lineage(run_id: str, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+    client = tracking.client()
+    for prefix, values in (("input", inputs), ("output", outputs)):
+        for key, value in values.items():
+            client.set_tag(run_id, f"ldmflow.{prefix}.{key}", str(value))
+
+
+def _stage_run(stage: str, key: str, experiment: str, config, inputs: dict, outputs: dict) -> str:
+    """An MLflow run for a stage that has none of its own (shard, precompute): config and lineage."""
+    client = tracking.client()
+    run = client.create_run(tracking.experiment_id(experiment), run_name=f"{stage}-{key[:12]}",
+                            tags={"ldmflow.stage": stage, "ldmflow.cache_key": key})
+    for name, value in configs.to_dict(config).items():
+        client.log_param(run.info.run_id, name, json.dumps(value) if isinstance(value, (dict, list)) else value)
+    _lineage(run.info.run_id, inputs, outputs)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _model_exists(uri: str) -> bool:
+    try:
+        tracking.resolve_version(uri)
+        return True
+    except tracking.ModelNotFound:
+        return False
+
+
+@flow(name="pipeline")
+def pipeline_flow(config: str | None = None, force: list[str] | None = None, stages: list[str] | None = None,
+                  progress: bool = False) -> PipelineOutcome:
+    """Raw images to a promoted model, skipping every stage whose inputs and config are unchanged.
+
+    ``config``: the YAML file with every stage's section; ``force``: stages to rerun anyway;
+    ``stages``: the stages to run (default: ``pipeline.stages``); a stage left out must have
+    run before for the same inputs.
+    """
+    from flows.autoencoder import train_autoencoder_flow
+    from flows.precompute import precompute_flow
+    from flows.promote import evaluate_flow, promote_flow
+    from flows.shard import run as shard_run
+    from flows.train import train_flow
+
+    spec = load_spec(config, {"stages": stages} if stages else None)
+    force_set = set(force or ())
+    unknown = force_set - set(STAGES)
+    if unknown:
+        raise ValueError(f"force: unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
+    p = spec.pipeline
+    endpoints = p.endpoints.apply()
+    get_run_logger().info("endpoints: %s", {k: v or "(embedded)" for k, v in endpoints.items()})
+    root = storage.absolute(p.storage) if p.storage else str(tracking.state_dir() / "datasets")
+    base = storage.join(root, p.name)
+    runner = Stages(base, spec, force_set, progress)
+    experiment = spec.train.experiment
+    last = max(STAGES.index(stage) for stage in runner.selected)
+
+    def done(stage: str) -> bool:
+        """Whether no selected stage comes after ``stage``: the run ends there."""
+        return STAGES.index(stage) >= last
+
+    # 1. shard: raw images → image shards
+    source = storage.absolute(p.source) if not p.source.startswith("builtin:") else p.source
+    key = cache_key(source=source, fingerprint=source_fingerprint(source), config=configs.to_dict(spec.shard))
+    images = storage.join(base, f"images-{key}")
+
+    def shard() -> dict:
+        if "shard" in force_set:
+            for entry in list(storage.list_prefix(images)):
+                storage.delete(entry.url)
+        outcome = shard_run(source, images, spec.shard, progress)
+        outputs = {"images": images, "manifest_sha256": manifest_sha(images), "samples": outcome.manifest.num_samples}
+        outputs["run_id"] = _stage_run("shard", key, experiment, spec.shard, {"source": source}, outputs)
+        return outputs
+
+    shard_out = runner.run("shard", key, shard, lambda out: storage.exists(shards.manifest_url(out["images"])))
+    if done("shard"):
+        return runner.outcome
+
+    # 2. autoencoder: train one (or reuse the configured one)
+    if p.autoencoder:
+        autoencoder_uri = p.autoencoder  # a concrete version, so the cache key changes when an alias moves
+        if autoencoder_uri.startswith("models:/"):
+            autoencoder_uri = tracking.resolve_version(autoencoder_uri).uri
+        key = cache_key(reuse=autoencoder_uri)
+        runner.run("autoencoder", key, lambda: {"model_uri": autoencoder_uri, "reused": True}, lambda out: True)
+    else:
+        key = cache_key(images=shard_out["manifest_sha256"], config=configs.to_dict(spec.autoencoder))
+
+        def autoencoder() -> dict:
+            trained = train_autoencoder_flow(images, spec.autoencoder, progress)
+            outputs = {"model_uri": trained.model_uri, "run_id": trained.run_id,
+                       "weights_sha256": trained.info.weights_sha256, "psnr": trained.metrics.get("psnr")}
+            _lineage(trained.run_id, {"images": images, "images_manifest_sha256": shard_out["manifest_sha256"]},
+                     {"model_uri": trained.model_uri, "weights_sha256": trained.info.weights_sha256})
+            return outputs
+
+        autoencoder_uri = runner.run("autoencoder", key, autoencoder, lambda out: _model_exists(out["model_uri"]))["model_uri"]
+    if done("autoencoder"):
+        return runner.outcome
+
+    # 3. precompute: image shards → latent shards
+    key = cache_key(images=shard_out["manifest_sha256"], autoencoder=autoencoder_uri,
+                    config=configs.to_dict(spec.precompute))
+    latents = storage.join(base, f"latents-{key}")
+
+    def precompute() -> dict:
+        outcome = precompute_flow(shard_out["images"], latents, autoencoder_uri, spec.precompute, progress)
+        if outcome.manifest.failed_shards:
+            raise RuntimeError(f"precompute: {len(outcome.manifest.failed_shards)} shards failed: "
+                               f"{outcome.manifest.failed_shards[0]['error']} (rerun to retry them)")
+        outputs = {"latents": latents, "manifest_sha256": manifest_sha(latents)}
+        outputs["run_id"] = _stage_run("precompute", key, experiment, spec.precompute,
+                                       {"images": shard_out["images"], "images_manifest_sha256": shard_out["manifest_sha256"],
+                                        "autoencoder": autoencoder_uri}, outputs)
+        return outputs
+
+    latent_out = runner.run("precompute", key, precompute, lambda out: storage.exists(shards.manifest_url(out["latents"])))
+    if done("precompute"):
+        return runner.outcome
+
+    # 4. train: latents → registered model version (alias candidate)
+    key = cache_key(latents=latent_out["manifest_sha256"], config=configs.to_dict(spec.train))
+
+    def train() -> dict:
+        train_config = spec.train
+        if "train" in force_set:  # a fresh run, not a resumption of the finished one
+            from dataclasses import replace
+
+            fresh = tracking.state_dir() / "ray_results" / f"forced-{int(time.time())}"
+            train_config = replace(train_config, checkpoint_storage=str(fresh))
+        trained = train_flow(latent_out["latents"], train_config, progress)
+        outputs = {"model_uri": trained.model_uri, "run_id": trained.run_id, "grid": str(trained.grid),
+                   "experiment": experiment, **trained.metrics}
+        _lineage(trained.run_id, {"latents": latent_out["latents"], "latents_manifest_sha256": latent_out["manifest_sha256"],
+                                  "autoencoder": autoencoder_uri}, {"model_uri": trained.model_uri})
+        return outputs
+
+    train_out = runner.run("train", key, train, lambda out: _model_exists(out["model_uri"]))
+    if done("train"):
+        return runner.outcome
+    model_uri = train_out["model_uri"]
+    name, version = model_uri[len("models:/"):].split("/")
+
+    # 5. evaluate the new version (scores become its tags)
+    key = cache_key(model=model_uri, config=configs.to_dict(spec.evaluate))
+
+    def evaluate() -> dict:
+        result = evaluate_flow(model_uri, spec.evaluate)
+        return {"model_uri": model_uri, "features": result.features, **result.metrics}
+
+    runner.run("evaluate", key, evaluate, lambda out: True)
+    if done("evaluate"):
+        return runner.outcome
+
+    # 6. promote it past the gate (or not)
+    key = cache_key(model=model_uri, config=configs.to_dict(spec.promote), evaluation=spec.evaluate.digest())
+
+    def promote() -> dict:
+        decision = promote_flow(name, spec.promote, spec.evaluate, False, version)
+        production = str(tracking.resolve_version(f"models:/{name}@production").version)
+        return {"name": name, "candidate": version, "production": production,
+                "decision": "promoted" if decision.promoted else "refused", "reason": decision.reason}
+
+    runner.run("promote", key, promote, lambda out: _model_exists(f"models:/{name}/{out['production']}"))
+    if done("promote"):
+        return runner.outcome
+
+    # 7. serve (never cached: it starts or updates the running application)
+    from serving import app as serve_app
+
+    url = serve_app.run(f"models:/{name}@production", spec.serve)
+    runner.outcome.results.append(StageResult("serve", "", False, {"url": url}))
+    return runner.outcome
+
+
+def run(config: str | None, force: list[str] | None = None, stages: list[str] | None = None,
+        progress: bool = False) -> PipelineOutcome:
+    """Run the pipeline with every service endpoint from ``pipeline.endpoints`` or the environment."""
+    return pipeline_flow(config=str(Path(config).absolute()) if config else None, force=force, stages=stages,
+                         progress=progress)

@@ -1,0 +1,99 @@
+"""The end-to-end pipeline as a user runs it (the CLI, in a subprocess), with every output
+on the local S3 server: killed during training, rerun to completion from the checkpoint,
+then rerun with nothing changed, which skips every stage."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from data import storage
+
+CLI = [sys.executable, "-m", "flows.cli"]
+
+CONFIG = """\
+shard: {{resolution: 16, shard_size: 100, limit: 300}}
+autoencoder: {{steps: 30, batch_size: 32, workers: 1, checkpoint_every: 30, log_every: 10, scale_samples: 64,
+              model_name: pipe-autoencoder, experiment: pipe}}
+precompute: {{actors: 1}}
+train: {{steps: 200, batch_size: 32, workers: 1, checkpoint_every: 20, log_every: 10, sample_steps: 5,
+        shuffle_buffer: 50, experiment: pipe, model_name: pipe-model, checkpoint_storage: "{bucket}/checkpoints"}}
+evaluate: {{num_samples: 30, reference_samples: 100, steps: 5, kid_subset_size: 20, kid_subsets: 5}}
+pipeline: {{name: pipe, storage: "{bucket}/datasets"}}
+"""
+
+STAGES = ["shard", "autoencoder", "precompute", "train", "evaluate", "promote"]
+
+
+def first_checkpoint(prefix: str) -> bool:
+    try:
+        return any("/checkpoint_" in entry.url for entry in storage.list_prefix(prefix))
+    except storage.NotFound:
+        return False
+
+
+def stage_lines(stdout: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in stdout.splitlines() if line.startswith("  ") and line.split()
+            and line.split()[0] in STAGES}
+
+
+def test_pipeline_on_s3_resumes_training_after_a_kill_then_skips_every_stage(bucket, subprocess_env, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    state = tmp_path / "state"
+    env = {**subprocess_env, "LDMFLOW_HOME": str(state)}
+    config = tmp_path / "pipe.yaml"
+    config.write_text(CONFIG.format(bucket=bucket))
+    command = [*CLI, "pipeline", "--config", str(config), "--no-progress"]
+
+    # 1. Killed (the whole process group, SIGKILL) once training has written a checkpoint.
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and first.poll() is None and not first_checkpoint(f"{bucket}/checkpoints"):
+            time.sleep(0.2)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert first_checkpoint(f"{bucket}/checkpoints"), "no training checkpoint in time"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    records = [entry.url.rsplit("/", 1)[1].split("-")[0] for entry in storage.list_prefix(f"{bucket}/datasets/pipe/_stages")]
+    assert sorted(records) == ["autoencoder", "precompute", "shard"]
+
+    # 2. Rerun: the finished stages are skipped, training resumes from its checkpoint.
+    second = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    lines = stage_lines(second.stdout)
+    assert all("skipped" in lines[s] for s in ("shard", "autoencoder", "precompute")), second.stdout
+    assert all("ran in" in lines[s] for s in ("train", "evaluate", "promote")), second.stdout
+    assert "models:/pipe-model@production" in second.stdout and "samples.png" in second.stdout
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pipe").experiment_id],
+                              "tags.`ldmflow.stage` = 'diffusion'")
+    by_status = {run.info.status: run for run in runs}
+    assert set(by_status) == {"KILLED", "FINISHED"}  # the killed driver's run is closed, not left RUNNING
+    resumed = client.get_metric_history(by_status["FINISHED"].info.run_id, "resumed_from_step")
+    assert resumed and resumed[0].value >= 20  # not started over
+
+    # Lineage: the version links back to its training run, latents, autoencoder and images.
+    version = client.get_model_version_by_alias("pipe-model", "production")
+    tags = version.tags
+    assert tags["ldmflow.run_id"] == by_status["FINISHED"].info.run_id
+    assert tags["ldmflow.latents"].startswith(f"{bucket}/datasets/pipe/latents-")
+    assert tags["ldmflow.image_dataset"].startswith(f"{bucket}/datasets/pipe/images-")
+    assert tags["ldmflow.autoencoder"] == "models:/pipe-autoencoder/1" and len(tags["ldmflow.latent_manifest_sha256"]) == 64
+    shard_runs = client.search_runs([client.get_experiment_by_name("pipe").experiment_id], "tags.`ldmflow.stage` = 'shard'")
+    assert shard_runs[0].data.tags["ldmflow.output.images"] == tags["ldmflow.image_dataset"]
+    assert by_status["FINISHED"].data.tags["ldmflow.input.latents"] == tags["ldmflow.latents"]
+
+    # 3. Nothing changed: every stage is skipped.
+    third = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    lines = stage_lines(third.stdout)
+    assert set(lines) == set(STAGES) and all("skipped" in line for line in lines.values()), third.stdout
+    record = json.loads(storage.read_text(f"{bucket}/datasets/pipe/_stages/" + next(
+        e.url.rsplit("/", 1)[1] for e in storage.list_prefix(f"{bucket}/datasets/pipe/_stages") if "/train-" in e.url)))
+    assert record["outputs"]["model_uri"] == f"models:/pipe-model/{version.version}"
