@@ -448,8 +448,16 @@ def load_spec_stages(config: str | None) -> list[str]:
 
 
 def _wait_then_stop_serve() -> None:
+    """Block until Ctrl-C or SIGTERM (a container stopping), then shut Serve down cleanly."""
+    import signal
+    import sys
     import time
 
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    sys.stdout.flush()
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         while True:
             time.sleep(3600)
