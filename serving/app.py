@@ -202,13 +202,9 @@ class SamplerServer:
     """One replica: the current model, a batcher, and a thread that follows the alias."""
 
     def __init__(self) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.model: Loaded | None = None
         self.config = ServeConfig()
         self.model_uri = ""
-        self._stop = threading.Event()
         self._follower: threading.Thread | None = None
         self._swap = threading.Lock()
 
@@ -224,14 +220,19 @@ class SamplerServer:
         self._sample.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         if uri != self.model_uri or self.model is None:
             loaded = await asyncio.to_thread(load_model, uri)
-            self.model, self.model_uri = loaded, uri
+            with self._swap:
+                self.model, self.model_uri = loaded, uri
         if self._follower is None and self.config.follow_seconds > 0 and "@" in uri:
             self._follower = threading.Thread(target=self._follow, name="alias-follower", daemon=True)
             self._follower.start()
 
     def _follow(self) -> None:
-        """Poll the alias; load a new version beside the current one, then swap."""
-        while not self._stop.wait(self.config.follow_seconds):
+        """Poll the alias; load a new version beside the current one, then swap. A daemon
+        thread: it ends with the replica."""
+        while True:
+            time.sleep(self.config.follow_seconds or 10.0)
+            if not self.config.follow_seconds:  # turned off by a later reconfigure
+                continue
             uri = self.model_uri
             try:
                 version = alias_version(uri)
