@@ -80,3 +80,28 @@ def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):
     result = run(["export", str(model), "exported"], subprocess_env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "exported" / "model_index.json").exists() and (tmp_path / "exported" / "pipeline.py").exists()
+
+
+def test_evaluate_promote_and_rollback_commands(digits_model, subprocess_env, tmp_path):
+    """The registry commands against the session's MLflow (same LDMFLOW_HOME), as a user runs them."""
+    from training import registry, tracking
+
+    name = "cli-gate"
+    for _ in range(2):
+        registry.register(digits_model.folder, name, tracking.client().create_run(tracking.experiment_id("cli")).info.run_id)
+    config = tmp_path / "eval.yaml"
+    config.write_text("evaluate: {num_samples: 20, reference_samples: 60, steps: 4, kid_subset_size: 10, kid_subsets: 3}\n"
+                      "promote: {metric: kid, margin: 1.0}\n")
+
+    result = run(["evaluate", f"models:/{name}/1", "--config", str(config)], subprocess_env, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fd " in result.stdout and "domain-classifier features" in result.stdout
+
+    result = run(["promote", name, "--config", str(config)], subprocess_env, tmp_path)  # v2, the first to production
+    assert result.returncode == 0 and "promoted version 2" in result.stdout, result.stdout + result.stderr[-2000:]
+    result = run(["rollback", name], subprocess_env, tmp_path)
+    assert result.returncode == 1 and "nothing to roll back to" in result.stderr and "Traceback" not in result.stderr
+    result = run(["promote", name, "--config", str(config)], subprocess_env, tmp_path)
+    assert result.returncode == 0 and "already holds it" in result.stdout
+    result = run(["promote", "no-such-model"], subprocess_env, tmp_path)
+    assert result.returncode == 1 and "no-such-model" in result.stderr
