@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/precompute.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/pipeline.py
 
 clean:
 	rm -rf $(STATE) .pytest_cache
