@@ -115,8 +115,8 @@ def manifest_sha(dataset: str) -> str:
 class Stages:
     """Runs or skips each stage by its record; keeps the results in order."""
 
-    def __init__(self, base: str, spec: Spec, force: set[str], progress: bool) -> None:
-        self.base, self.spec, self.force, self.progress = base, spec, force, progress
+    def __init__(self, base: str, spec: Spec, force: set[str]) -> None:
+        self.base, self.spec, self.force = base, spec, force
         self.selected = set(spec.pipeline.stages) | force
         self.outcome = PipelineOutcome()
         self.log = get_run_logger()
@@ -200,7 +200,7 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     get_run_logger().info("endpoints: %s", {k: v or "(embedded)" for k, v in endpoints.items()})
     root = storage.absolute(p.storage) if p.storage else str(tracking.state_dir() / "datasets")
     base = storage.join(root, p.name)
-    runner = Stages(base, spec, force_set, progress)
+    runner = Stages(base, spec, force_set)
     experiment = spec.train.experiment
     last = max(STAGES.index(stage) for stage in runner.selected)
 

@@ -243,13 +243,12 @@ def feature_extractor(config: EvaluationConfig, reference: str, classifier: Doma
 # Evaluating a model
 
 
-def reference_images(dataset: str, limit: int) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Up to ``limit`` real images (N, 3, H, W) in [−1, 1] in shard order, with labels and captions."""
+def reference_images(dataset: str, limit: int) -> tuple[torch.Tensor, list[str]]:
+    """Up to ``limit`` real images (N, 3, H, W) in [−1, 1] in shard order, with their captions."""
     manifest = shards.read_manifest(dataset)
-    images, labels, captions = [], [], []
+    images, captions = [], []
     for sample in shards.ShardStream(shards.shard_urls(dataset, manifest), shuffle_buffer=0):
         images.append(torch.from_numpy(sample.image))
-        labels.append(sample.label)
         captions.append(sample.caption)
         if len(images) >= limit:
             break
@@ -287,7 +286,7 @@ def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig()) -> E
     reference = config.reference or sampler.info.lineage.get("image_dataset", "")
     if not reference:
         raise ValueError(f"{model_uri}: the model names no image dataset; set evaluate.reference")
-    real, real_labels, captions = reference_images(reference, config.reference_samples)
+    real, captions = reference_images(reference, config.reference_samples)
     labelled = bool(shards.read_manifest(reference).class_names)
     classifier = classifier_for(reference) if labelled else None
     extract = feature_extractor(config, reference, classifier)
