@@ -65,19 +65,9 @@ def save(vae, folder: str | Path, *, scale_factor: float, resolution: int, confi
 
 def read_info(folder: str | Path) -> AutoencoderInfo:
     """``ldmflow.json`` of an autoencoder folder, checked."""
-    path = Path(folder) / META
-    try:
-        body = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise AutoencoderError(f"{folder}: not an ldmflow autoencoder (no {META})") from exc
-    except json.JSONDecodeError as exc:
-        raise AutoencoderError(f"{path}: not JSON: {exc}") from exc
-    if body.get("kind") != KIND:
-        raise AutoencoderError(f"{path}: kind is {body.get('kind')!r}, expected {KIND!r}")
-    try:
-        return AutoencoderInfo(**body)
-    except TypeError as exc:
-        raise AutoencoderError(f"{path}: malformed: {exc}") from exc
+    from data import config as configs
+
+    return configs.read_meta(Path(folder) / META, KIND, AutoencoderInfo, AutoencoderError)
 
 
 def load(folder: str | Path, device: str = "cpu", verify: bool = True):

@@ -143,3 +143,25 @@ def _looks_sectioned(loaded: Mapping[str, Any], cls: type) -> bool:
     """True when a file holds other stages' sections and none of ``cls``'s own fields."""
     fields = {field.name for field in dataclasses.fields(cls)}
     return not (set(loaded) & fields) and all(isinstance(v, Mapping) for v in loaded.values())
+
+
+def read_meta(path, kind: str, cls: type[C], error: type[Exception], prepare=None) -> C:
+    """A folder's JSON description file (``ldmflow.json``) as ``cls``, after checking that its
+    ``kind`` is ``kind``; every problem is raised as ``error`` naming the file.
+    ``prepare`` may rebuild nested values of the parsed mapping before ``cls`` is built."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise error(f"{path.parent}: not an {kind.replace('.', ' ')} folder (no {path.name})") from exc
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not JSON: {exc}") from exc
+    if not isinstance(body, dict) or body.get("kind") != kind:
+        found = body.get("kind") if isinstance(body, dict) else None
+        raise error(f"{path}: kind is {found!r}, expected {kind!r}")
+    try:
+        return cls(**(prepare(body) if prepare else body))
+    except TypeError as exc:
+        raise error(f"{path}: malformed: {exc}") from exc

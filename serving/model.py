@@ -91,20 +91,12 @@ def model_folder(path: str | Path) -> Path:
 
 
 def read_info(folder: str | Path) -> ModelInfo:
-    path = Path(folder) / META
-    try:
-        body = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ModelError(f"{folder}: not an ldmflow diffusion model (no {META})") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: not JSON: {exc}") from exc
-    if body.get("kind") != KIND:
-        raise ModelError(f"{path}: kind is {body.get('kind')!r}, expected {KIND!r}")
-    try:
-        body["defaults"] = SamplerDefaults(**body.get("defaults", {}))
-        return ModelInfo(**body)
-    except TypeError as exc:
-        raise ModelError(f"{path}: malformed: {exc}") from exc
+    from data import config as configs
+
+    def prepare(body: dict) -> dict:
+        return {**body, "defaults": SamplerDefaults(**body.get("defaults", {}))}
+
+    return configs.read_meta(Path(folder) / META, KIND, ModelInfo, ModelError, prepare)
 
 
 def load_parts(folder: str | Path, device: str = "cpu"):

@@ -63,7 +63,7 @@ def test_unknown_model_uris_are_clear_errors(tmp_path):
         tracking.resolve("models:/no-such-model/3")
     with pytest.raises(tracking.ModelNotFound, match="no such model folder"):
         tracking.resolve(str(tmp_path / "missing"))
-    with pytest.raises(autoencoder_format.AutoencoderError, match="not an ldmflow autoencoder"):
+    with pytest.raises(autoencoder_format.AutoencoderError, match="not an ldmflow autoencoder folder"):
         autoencoder_format.load(tmp_path)
 
 

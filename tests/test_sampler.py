@@ -136,3 +136,14 @@ def test_text_model_follows_its_prompt(tmp_path):
     assert not torch.allclose(sampler.generate(prompt="a handwritten two", n=2, seed=0), seven)
     with pytest.raises(ValueError, match="^label:"):
         sampler.check(sampler.job(label=1))
+
+
+def test_a_folder_that_is_not_a_model_is_refused_with_its_reason(tmp_path, parts):
+    with pytest.raises(model_format.ModelError, match="no ldmflow.json"):
+        model_format.model_folder(tmp_path)
+    (tmp_path / "ldmflow.json").write_text('{"kind": "ldmflow.autoencoder"}')
+    with pytest.raises(model_format.ModelError, match="kind is 'ldmflow.autoencoder'"):
+        model_format.read_info(tmp_path)
+    (tmp_path / "ldmflow.json").write_text('{"kind": "ldmflow.diffusion", "conditioning": "class"}')
+    with pytest.raises(model_format.ModelError, match="malformed"):
+        model_format.read_info(tmp_path)
