@@ -254,7 +254,7 @@ def reference_images(dataset: str, limit: int) -> tuple[torch.Tensor, list[str]]
             break
     if not images:
         raise ValueError(f"{dataset}: no readable images to compare with")
-    return torch.stack(images), labels, captions
+    return torch.stack(images), captions
 
 
 def draw(sampler, config: EvaluationConfig, captions: list[str]) -> tuple[torch.Tensor, list[int | None]]:
