@@ -1,6 +1,7 @@
 """``ldmflow deploy`` against a Prefect server (the session's local one): the deployments of
-prefect.yaml are registered with their schedules, triggers and work pools, and a
-deployment run is picked up by a real process worker and completes."""
+prefect.yaml are registered with their schedules, triggers and work pools, a deployment run
+is picked up by a real process worker and completes, and its completion fires the
+promotion deployment's event trigger."""
 
 import subprocess
 import sys
@@ -33,9 +34,11 @@ def test_deploy_then_a_worker_runs_a_deployment(subprocess_env, tmp_path):
     config = tmp_path / "tiny.yaml"
     dest = tmp_path / "datasets"
     config.write_text(f"shard: {{resolution: 8, shard_size: 50, limit: 100}}\npipeline: {{storage: '{dest}'}}\n")
-    flow_run = run_deployment("pipeline/nightly-data", parameters={"config": str(config), "stages": ["shard"]},
+    # The weekly training deployment, cut down to its first stage: what matters here is that a
+    # worker of its pool runs it to completion and that the completion starts the promotion.
+    flow_run = run_deployment("pipeline/weekly-training", parameters={"config": str(config), "stages": ["shard"]},
                               timeout=0)
-    worker = subprocess.run([PREFECT, "worker", "start", "--pool", "ldmflow-cpu", "--run-once"], env=env, cwd=tmp_path,
+    worker = subprocess.run([PREFECT, "worker", "start", "--pool", "ldmflow-gpu", "--run-once"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert worker.returncode == 0, worker.stderr[-3000:]
     with get_client(sync_client=True) as client:
@@ -48,3 +51,21 @@ def test_deploy_then_a_worker_runs_a_deployment(subprocess_env, tmp_path):
     images = next(p for p in (dest / "digits").iterdir() if p.name.startswith("images-"))
     assert shards.read_manifest(str(images)).num_samples == 100
     assert storage.exists(str(next((dest / "digits" / "_stages").iterdir())))
+
+    promote = _wait_for_runs_of("pipeline/promote-after-training", timeout=60)
+    assert promote, "the completed weekly-training run did not trigger promote-after-training"
+    assert promote[0].parameters["stages"] == ["evaluate", "promote"]
+
+
+def _wait_for_runs_of(deployment: str, timeout: float) -> list:
+    """The flow runs of ``deployment``, once there is at least one (or none after ``timeout``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        deployment_id = client.read_deployment_by_name(deployment).id
+        only = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        deadline = time.monotonic() + timeout
+        while not (runs := client.read_flow_runs(deployment_filter=only)) and time.monotonic() < deadline:
+            time.sleep(1)
+    return runs
