@@ -307,7 +307,10 @@ class SamplerServer:
         return job
 
     def _upload(self, field: str, data: str, resample: str = "bicubic"):
-        """A base64 upload as (square PIL image at the model's resolution, original size)."""
+        """A base64 upload as (square PIL image at the model's resolution, original size).
+
+        Decoding a large upload takes a while: callers run it in a thread, off the event
+        loop that the replica's other requests share."""
         from data import images
 
         if len(data) > self.config.max_image_bytes * 4 // 3 + 4:
@@ -336,7 +339,7 @@ class SamplerServer:
     @api.post("/v1/edit", response_model=ImagesResponse)
     async def edit(self, body: EditRequest) -> ImagesResponse:
         """SDEdit: noise the image's latent to ``strength``, then denoise with the new condition."""
-        image, _ = self._upload("image", body.image)
+        image, _ = await asyncio.to_thread(self._upload, "image", body.image)
         tensor = self.model.sampler.image_tensor(image)
         fields = body.model_dump(exclude={"image", "strength"})
         return await self._respond(self._job(GenerateRequest(**fields), image=tensor, strength=body.strength))
@@ -344,8 +347,8 @@ class SamplerServer:
     @api.post("/v1/inpaint", response_model=ImagesResponse)
     async def inpaint(self, body: InpaintRequest) -> ImagesResponse:
         """Keep the image where the mask is black; generate where it is white."""
-        image, size = self._upload("image", body.image)
-        mask, mask_size = self._upload("mask", body.mask, resample="nearest")
+        image, size = await asyncio.to_thread(self._upload, "image", body.image)
+        mask, mask_size = await asyncio.to_thread(self._upload, "mask", body.mask, "nearest")
         if mask_size != size:
             raise RequestError("mask", f"{mask_size[0]}x{mask_size[1]} does not match the image's {size[0]}x{size[1]}")
         sampler = self.model.sampler
