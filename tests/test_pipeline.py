@@ -18,7 +18,7 @@ shard: {{resolution: 16, shard_size: 100, limit: 300}}
 autoencoder: {{steps: 30, batch_size: 32, workers: 1, checkpoint_every: 30, log_every: 10, scale_samples: 64,
               model_name: pipe-autoencoder, experiment: pipe}}
 precompute: {{actors: 1}}
-train: {{steps: 200, batch_size: 32, workers: 1, checkpoint_every: 20, log_every: 10, sample_steps: 5,
+train: {{steps: 100, batch_size: 32, workers: 1, checkpoint_every: 20, log_every: 10, sample_steps: 5,
         shuffle_buffer: 50, experiment: pipe, model_name: pipe-model, checkpoint_storage: "{bucket}/checkpoints"}}
 evaluate: {{num_samples: 30, reference_samples: 100, steps: 5, kid_subset_size: 20, kid_subsets: 5}}
 pipeline: {{name: pipe, storage: "{bucket}/datasets"}}
@@ -27,9 +27,12 @@ pipeline: {{name: pipe, storage: "{bucket}/datasets"}}
 STAGES = ["shard", "autoencoder", "precompute", "train", "evaluate", "promote"]
 
 
-def first_checkpoint(prefix: str) -> bool:
+def checkpoint_registered(prefix: str) -> bool:
+    """Whether Ray Train has recorded a finished checkpoint under ``prefix``: its checkpoint
+    manager writes this snapshot after the checkpoint's upload completes, and a restarted run
+    resumes from what the snapshot lists (files of a checkpoint still uploading are not enough)."""
     try:
-        return any("/checkpoint_" in entry.url for entry in storage.list_prefix(prefix))
+        return any(entry.url.endswith("/checkpoint_manager_snapshot.json") for entry in storage.list_prefix(prefix))
     except storage.NotFound:
         return False
 
@@ -48,15 +51,15 @@ def test_pipeline_on_s3_resumes_training_after_a_kill_then_skips_every_stage(buc
     config.write_text(CONFIG.format(bucket=bucket))
     command = [*CLI, "pipeline", "--config", str(config), "--no-progress"]
 
-    # 1. Killed (the whole process group, SIGKILL) once training has written a checkpoint.
+    # 1. Killed (the whole process group, SIGKILL) once training has recorded a checkpoint.
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and first.poll() is None and not first_checkpoint(f"{bucket}/checkpoints"):
+        while time.monotonic() < deadline and first.poll() is None and not checkpoint_registered(f"{bucket}/checkpoints"):
             time.sleep(0.2)
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert first_checkpoint(f"{bucket}/checkpoints"), "no training checkpoint in time"
+        assert checkpoint_registered(f"{bucket}/checkpoints"), "no training checkpoint in time"
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     records = [entry.url.rsplit("/", 1)[1].split("-")[0] for entry in storage.list_prefix(f"{bucket}/datasets/pipe/_stages")]
