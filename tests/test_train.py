@@ -128,25 +128,26 @@ def kill_one_worker_after_first_checkpoint(storage_root: Path, done: threading.E
 
 def test_killed_worker_is_replaced_and_resumes_exactly(latent_set, tmp_path):
     dest, _ = latent_set
-    steps = {**TINY, "steps": 100}
-    unbroken = train(dest, DiffusionConfig(**steps, experiment="unbroken"), storage_path=str(tmp_path / "a"), progress=False)
+    steps = 100
+    fields = {**TINY, "steps": steps}
+    unbroken = train(dest, DiffusionConfig(**fields, experiment="unbroken"), storage_path=str(tmp_path / "a"), progress=False)
 
     storage_root = tmp_path / "b"
     done, killed = threading.Event(), []
     killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, args=(storage_root, done, killed))
     killer.start()
     try:
-        recovered = train(dest, DiffusionConfig(**steps, experiment="killed"), storage_path=str(storage_root), progress=False)
+        recovered = train(dest, DiffusionConfig(**fields, experiment="killed"), storage_path=str(storage_root), progress=False)
     finally:
         done.set()
         killer.join()
     assert killed, "the run finished before a worker could be killed"
 
     expected, got = loss_by_step(unbroken.run_id), loss_by_step(recovered.run_id)
-    assert sorted(got) == sorted(expected) == list(range(1, 101))
+    assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
-    replays = len(tracking.client().get_metric_history(recovered.run_id, "loss")) - 100
+    replays = len(tracking.client().get_metric_history(recovered.run_id, "loss")) - steps
     assert replays > 0  # steps after the checkpoint were trained twice: the worker was replaced
     assert (recovered.folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert 0.0 <= recovered.metrics["class_accuracy"] <= 1.0
