@@ -36,7 +36,7 @@ pipeline: {{name: bench}}
 
 def run(config: Path, env: dict) -> tuple[float, list[str]]:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "pipeline", "--config", str(config), "--no-progress"],
+    result = subprocess.run([sys.executable, "-m", "ldmflow.flows.cli", "pipeline", "--config", str(config), "--no-progress"],
                             cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
 
-from flows import runtime  # noqa: E402
+from ldmflow.flows import runtime  # noqa: E402
 
 runtime.configure()
 
@@ -38,29 +38,28 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from data import autoencoder as autoencoder_format
-    from data import cluster, latents, shards
-    from data.precompute import PrecomputeConfig, precompute
-    from data.sharding import ShardConfig
-    from flows import shard as shard_flow
-    from training.autoencoder import AutoencoderConfig, build_autoencoder
+    from ldmflow.data import cluster, image_shards, latent_shards, shard_stream
+    from ldmflow.data.precompute import PrecomputeConfig, precompute
+    from ldmflow.data.sharding import ShardConfig
+    from ldmflow.flows import shard as shard_flow
+    from ldmflow.model import autoencoders
 
     work = Path(tempfile.mkdtemp(prefix="ldmflow-bench-precompute-"))
     images = str(work / "images")
     shard_flow.run("builtin:mnist", images, ShardConfig(resolution=args.resolution, shard_size=500, limit=args.images), progress=False)
     torch.manual_seed(0)
-    vae = build_autoencoder(AutoencoderConfig(preset=args.preset), args.resolution)
+    vae = autoencoders.build(args.preset, args.resolution)
     folder = work / "autoencoder"
-    info = autoencoder_format.save(vae, folder, scale_factor=1.0, resolution=args.resolution, config={}, lineage={})
-    ref = latents.AutoencoderRef(str(folder), info.weights_sha256, 1.0)
-    urls = shards.shard_urls(images)
+    info = autoencoders.save(vae, folder, scale_factor=1.0, resolution=args.resolution, config={}, lineage={})
+    ref = latent_shards.AutoencoderRef(str(folder), info.weights_sha256, 1.0)
+    urls = image_shards.shard_urls(images)
 
     started = time.perf_counter()
-    model, _ = autoencoder_format.load(folder)
+    model, _ = autoencoders.load(folder)
     count = 0
     with torch.no_grad():
         for url in urls:
-            batch = [s.image for s in shards.ShardStream([url], shuffle_buffer=0)]
+            batch = [s.image for s in shard_stream.ShardStream([url], shuffle_buffer=0)]
             for start in range(0, len(batch), args.batch_size):
                 x = torch.from_numpy(np.stack(batch[start : start + args.batch_size]))
                 model.encode(x).latent_dist.mean.half()

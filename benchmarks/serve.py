@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
 
-from flows import runtime  # noqa: E402
+from ldmflow.flows import runtime  # noqa: E402
 
 runtime.configure()
 
@@ -39,28 +39,26 @@ def tiny_model(folder: Path, conditioning: str = "class", resolution: int = 32) 
     """A model folder with random weights: the tiny autoencoder and UNet of configs/tiny.yaml."""
     import torch
 
-    from data import autoencoder as autoencoder_format
-    from serving import model as model_format
-    from training import autoencoder, unet
-    from training.train import DiffusionConfig, model_info
+    from ldmflow.model import autoencoders, model_format, unets
+    from ldmflow.training.train import DiffusionConfig, model_info
 
     torch.manual_seed(0)
-    vae = autoencoder.build_autoencoder(autoencoder.AutoencoderConfig(), resolution)
-    vae_info = autoencoder_format.save(vae, folder.parent / f"{folder.name}-vae", scale_factor=0.4,
+    vae = autoencoders.build("tiny", resolution)
+    vae_info = autoencoders.save(vae, folder.parent / f"{folder.name}-vae", scale_factor=0.4,
                                        resolution=resolution, config={}, lineage={})
     shape = vae_info.latent_shape()
     classes = [str(i) for i in range(10)] if conditioning == "class" else None
-    network = unet.build_unet("tiny", conditioning, shape, len(classes or ()))
+    network = unets.build("tiny", conditioning, shape, len(classes or ()))
     info = model_info(DiffusionConfig(conditioning=conditioning), shape, classes, 0.4, vae, autoencoder={}, lineage={})
     model_format.save(folder, network, folder.parent / f"{folder.name}-vae", info)
     return folder
 
 
 def register(folder: Path, name: str) -> str:
-    from training import registry, tracking
+    from ldmflow.registry import models, tracking
 
     run = tracking.client().create_run(tracking.experiment_id("bench-serve")).info.run_id
-    version = registry.register(folder, name, run).version
+    version = models.register(folder, name, run).version
     tracking.client().set_registered_model_alias(name, "production", version)
     return f"models:/{name}@production"
 
@@ -86,7 +84,7 @@ def load_test(url: str, clients: int, requests: int, steps: int) -> dict:
 
 
 def http_benchmark(model_uri: str, args) -> dict:
-    from serving import app
+    from ldmflow.serving import app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,13 +122,13 @@ def sampler_vs_diffusers(work: Path, args) -> None:
     import torch
     from diffusers import DiffusionPipeline, LDMPipeline
 
-    from serving.export import export
-    from serving.sampler import Sampler
-    from training import diffusion
+    from ldmflow.model import schedules
+    from ldmflow.model.sampler import Sampler
+    from ldmflow.serving.export import export
 
     batch = 16
     uncond = Sampler.from_folder(tiny_model(work / "uncond", conditioning="none"))
-    scheduler = diffusion.sampling_scheduler(uncond.schedule, "ddim")
+    scheduler = schedules.sampling_scheduler(uncond.schedule, "ddim")
     stock = LDMPipeline(vqvae=uncond.vae, unet=uncond.unet, scheduler=scheduler)
     stock.set_progress_bar_config(disable=True)
     ours = timed(lambda: uncond.generate(n=batch, steps=args.steps, sampler="ddim"))
@@ -161,7 +159,7 @@ def main() -> None:
 
     import torch
 
-    from data import cluster
+    from ldmflow.data import cluster
 
     print(f"torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, "
           f"GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")

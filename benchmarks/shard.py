@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
 
-from flows import runtime  # noqa: E402
+from ldmflow.flows import runtime  # noqa: E402
 
 runtime.configure()
 
@@ -65,8 +65,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     args = parser.parse_args()
 
-    from data.sharding import ShardConfig
-    from flows import shard as shard_flow
+    from ldmflow.data.sharding import ShardConfig
+    from ldmflow.flows import shard as shard_flow
 
     work = Path(tempfile.mkdtemp(prefix="ldmflow-bench-shard-"))
     raw = work / "raw"

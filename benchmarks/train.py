@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
 
-from flows import runtime  # noqa: E402
+from ldmflow.flows import runtime  # noqa: E402
 
 runtime.configure()
 
@@ -34,8 +34,8 @@ def bare_loop(model, scheduler, config, batches, steps: int, encode=None) -> flo
     """Latents (or images) per second of a plain loop: noise, predict, MSE, AdamW."""
     import torch
 
-    from training import diffusion
-    from training.train import denoising_loss
+    from ldmflow.training import diffusion
+    from ldmflow.training.diffusion_loop import denoising_loss
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(0)
@@ -68,32 +68,30 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from data import autoencoder as autoencoder_format
-    from data import cluster, latents, shards
-    from data.precompute import PrecomputeConfig, precompute
-    from data.sharding import ShardConfig
-    from flows import shard as shard_flow
-    from training import diffusion, tracking
-    from training.autoencoder import AutoencoderConfig, build_autoencoder
-    from training.train import DiffusionConfig, train
-    from training.unet import build_unet
+    from ldmflow.data import cluster, image_shards, latent_shards, shard_stream
+    from ldmflow.data.precompute import PrecomputeConfig, precompute
+    from ldmflow.data.sharding import ShardConfig
+    from ldmflow.flows import shard as shard_flow
+    from ldmflow.model import autoencoders, schedules, unets
+    from ldmflow.registry import tracking
+    from ldmflow.training.train import DiffusionConfig, train
 
     work = Path(tempfile.mkdtemp(prefix="ldmflow-bench-train-"))
     images = str(work / "images")
     shard_flow.run("builtin:digits", images, ShardConfig(resolution=32, shard_size=250), progress=False)
     torch.manual_seed(0)
-    vae = build_autoencoder(AutoencoderConfig(), 32).eval()
+    vae = autoencoders.build("tiny", 32).eval()
     folder = work / "autoencoder"
-    info = autoencoder_format.save(vae, folder, scale_factor=1.0, resolution=32, config={}, lineage={})
+    info = autoencoders.save(vae, folder, scale_factor=1.0, resolution=32, config={}, lineage={})
     cluster.ensure_ray()
     latent_dir = str(work / "latents")
-    precompute(images, latent_dir, folder, latents.AutoencoderRef(str(folder), info.weights_sha256, 1.0),
+    precompute(images, latent_dir, folder, latent_shards.AutoencoderRef(str(folder), info.weights_sha256, 1.0),
                PrecomputeConfig(), progress=False)
 
     config = DiffusionConfig(steps=args.steps, batch_size=args.batch_size, log_every=25, checkpoint_every=args.steps,
                              sample_steps=2, experiment="bench")
-    scheduler = diffusion.training_scheduler(config.noise)
-    stream = shards.ShardStream(shards.shard_urls(images), shuffle_buffer=0)
+    scheduler = schedules.training_scheduler(config.noise)
+    stream = shard_stream.ShardStream(image_shards.shard_urls(images), shuffle_buffer=0)
     image_samples = list(stream)
     image_batches, latent_batches = [], []
     for start in range(0, len(image_samples) - args.batch_size + 1, args.batch_size):
@@ -106,7 +104,7 @@ def main() -> None:
 
     def fresh_unet():
         torch.manual_seed(0)
-        return build_unet("tiny", "class", (4, 8, 8), 10)
+        return unets.build("tiny", "class", (4, 8, 8), 10)
 
     threads = torch.get_num_threads()
     rows = {}

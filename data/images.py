@@ -138,3 +138,20 @@ def decode_rgb(data: bytes) -> np.ndarray:
     """An encoded sample image as a ``(H, W, 3)`` uint8 array."""
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def model_input(image: Image.Image, resolution: int):
+    """A PIL image as a model's (3, R, R) float32 input in [−1, 1]: any mode to RGB, short side
+    resized, centre crop (what an edit or inpainting request's image becomes)."""
+    import torch
+
+    square = resize_and_crop(to_rgb(image), resolution)
+    return torch.from_numpy(np.asarray(square, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def mask_input(mask: Image.Image, resolution: int):
+    """A PIL mask (white, i.e. ≥ 128: generate) as (1, R, R) of 0/1, cropped like the image."""
+    import torch
+
+    square = resize_and_crop(mask.convert("L"), resolution, resample="nearest")
+    return torch.from_numpy((np.asarray(square) >= 128).astype(np.float32)).unsqueeze(0)

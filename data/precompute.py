@@ -27,31 +27,31 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from data import autoencoder as autoencoder_format
-from data import cluster
-from data import config as configs
-from data import latents, shards, storage
+from ldmflow import configs
+from ldmflow.data import cluster, image_shards, latent_shards, shard_stream, storage
+from ldmflow.model import autoencoders
 
 PARTS = "_parts"
 
 
-@dataclass(frozen=True)
+@configs.stage_config
 class PrecomputeConfig:
-    """Configuration of the precompute stage (section ``precompute:`` of a config file)."""
+    """Latent precompute: encode every image shard once, on a pool of Ray actors."""
 
-    actors: int = 0  # 0: one per CPU (or GPU) of the cluster, at most one per shard
-    batch_size: int = 64
-    moments: Literal["mean_logvar", "mean"] = "mean_logvar"
-    max_attempts: int = 3  # tries per shard before it is reported as failed
-    use_gpu: Literal["auto", "true", "false"] = "auto"
-
-    def __post_init__(self) -> None:
-        if self.actors < 0 or self.batch_size < 1 or self.max_attempts < 1:
-            raise ValueError("actors must be >= 0, batch_size and max_attempts >= 1")
+    actors: Annotated[int, Field(
+        ge=0, description="encoder actors; 0: one per CPU (or GPU), at most one per shard")] = configs.execution(0)
+    batch_size: Annotated[int, Field(ge=1, description="images per encoder call")] = configs.execution(64)
+    moments: Annotated[Literal["mean_logvar", "mean"], Field(
+        description="store `mean_logvar` or `mean` alone")] = "mean_logvar"
+    max_attempts: Annotated[int, Field(
+        ge=1, description="tries per shard before it is reported as failed")] = configs.execution(3)
+    use_gpu: Annotated[Literal["auto", "true", "false"], Field(
+        description="`auto`, `true` or `false`")] = configs.execution("auto")
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,11 @@ class LatentEncoder:
         self.folder = Path(tempfile.mkdtemp(prefix="ldmflow-encoder-"))
         for name, data in files.items():
             (self.folder / name).write_bytes(data)
-        self.vae, self.info = autoencoder_format.load(self.folder, self.device)
+        self.vae, self.info = autoencoders.load(self.folder, self.device)
         self.batch_size = batch_size
         self.moments = moments
 
-    def __call__(self, task: EncodeTask) -> latents.LatentShardInfo:
+    def __call__(self, task: EncodeTask) -> latent_shards.LatentShardInfo:
         data = storage.read_bytes(task.image_url)
         if hashlib.sha256(data).hexdigest() != task.image_sha256:
             raise ValueError(f"{task.image_url}: corrupt image shard (sha256 differs from its manifest)")
@@ -93,21 +93,21 @@ class LatentEncoder:
         def fail(exc: Exception) -> bool:
             raise ValueError(f"{task.image_url}: corrupt image shard: {exc}") from exc
 
-        raws = list(shards.samples_from_streams([{"url": task.image_url, "stream": io.BytesIO(data)}], fail))
+        raws = list(shard_stream.samples_from_streams([{"url": task.image_url, "stream": io.BytesIO(data)}], fail))
         out = []
         for start in range(0, len(raws), self.batch_size):
             batch = raws[start : start + self.batch_size]
-            images = np.stack([shards.decode_sample(raw).image for raw in batch])
+            images = np.stack([image_shards.decode_sample(raw).image for raw in batch])
             mean, logvar = self.encode(images)
             for i, raw in enumerate(batch):
                 members = {"__key__": raw["__key__"]}
-                members |= latents.latent_sample(mean[i], logvar[i] if self.moments == "mean_logvar" else None)
-                for key in (shards.KEY_CAPTION, shards.KEY_LABEL, shards.KEY_META):
+                members |= latent_shards.latent_sample(mean[i], logvar[i] if self.moments == "mean_logvar" else None)
+                for key in (image_shards.KEY_CAPTION, image_shards.KEY_LABEL, image_shards.KEY_META):
                     if key in raw:
                         members[key] = raw[key]
                 out.append(members)
-        written = shards.write_shard(task.output_url, out)
-        return latents.LatentShardInfo(task.shard, written.num_samples, written.bytes, written.sha256, task.shard, task.image_sha256)
+        written = image_shards.write_shard(task.output_url, out)
+        return latent_shards.LatentShardInfo(task.shard, written.num_samples, written.bytes, written.sha256, task.shard, task.image_sha256)
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, 3, H, W) in [-1, 1] → posterior mean and log-variance, (B, C, h, w) float32."""
@@ -118,27 +118,28 @@ class LatentEncoder:
 
 
 def task_digest(image_sha256: str, weights_sha256: str, config: PrecomputeConfig) -> str:
-    body = [image_sha256, weights_sha256, config.moments, latents.FORMAT_NAME, latents.FORMAT_VERSION]
-    return hashlib.sha256(json.dumps(body).encode()).hexdigest()
+    """Identifies one latent shard: its image shard, the autoencoder's weights, the config's identity."""
+    return configs.key(config, image=image_sha256, weights=weights_sha256,
+                       format=[latent_shards.FORMAT_NAME, latent_shards.FORMAT_VERSION])
 
 
 def part_url(dest: str, shard: str) -> str:
     return storage.join(dest, PARTS, shard.replace(".tar", ".json"))
 
 
-def _completed(dest: str, task: EncodeTask) -> latents.LatentShardInfo | None:
+def _completed(dest: str, task: EncodeTask) -> latent_shards.LatentShardInfo | None:
     try:
         body = json.loads(storage.read_text(part_url(dest, task.shard)))
     except (storage.NotFound, json.JSONDecodeError):
         return None
     if body.get("digest") != task.digest or not storage.exists(task.output_url):
         return None
-    return latents.LatentShardInfo(**body["shard"])
+    return latent_shards.LatentShardInfo(**body["shard"])
 
 
 @dataclass(frozen=True)
 class PrecomputeOutcome:
-    manifest: latents.LatentManifest
+    manifest: latent_shards.LatentManifest
     dest: str
     written: int
     skipped: int
@@ -158,7 +159,7 @@ def precompute(
     image_dataset: str,
     dest: str,
     autoencoder_dir: str | Path,
-    ref: latents.AutoencoderRef,
+    ref: latent_shards.AutoencoderRef,
     config: PrecomputeConfig,
     progress: bool = True,
 ) -> PrecomputeOutcome:
@@ -168,19 +169,19 @@ def precompute(
 
     started = time.perf_counter()
     image_dataset, dest = storage.absolute(image_dataset), storage.absolute(dest)
-    manifest_text = storage.read_text(shards.manifest_url(image_dataset))
-    image_manifest = shards.ImageManifest.from_json(manifest_text, where=image_dataset)
-    info = autoencoder_format.read_info(autoencoder_dir)
+    manifest_text = storage.read_text(image_shards.manifest_url(image_dataset))
+    image_manifest = image_shards.ImageManifest.from_json(manifest_text, where=image_dataset)
+    info = autoencoders.read_info(autoencoder_dir)
     if info.weights_sha256 != ref.weights_sha256:
-        raise latents.LineageError(f"{autoencoder_dir} does not hold the autoencoder {ref.uri} names")
+        raise latent_shards.LineageError(f"{autoencoder_dir} does not hold the autoencoder {ref.uri} names")
     resolution = int(image_manifest.config["resolution"])
     storage.remove_stale_temporaries(dest)
 
     tasks = [
         EncodeTask(i, url, shard.sha256, storage.join(dest, shard.url), task_digest(shard.sha256, info.weights_sha256, config))
-        for i, (url, shard) in enumerate(zip(shards.shard_urls(image_dataset, image_manifest), image_manifest.shards))
+        for i, (url, shard) in enumerate(zip(image_shards.shard_urls(image_dataset, image_manifest), image_manifest.shards))
     ]
-    results: dict[int, latents.LatentShardInfo] = {}
+    results: dict[int, latent_shards.LatentShardInfo] = {}
     for task in tasks:
         done = _completed(dest, task)
         if done is not None:
@@ -246,7 +247,7 @@ def precompute(
             ray.kill(actor)
 
     infos = tuple(results[i] for i in sorted(results))
-    manifest = latents.LatentManifest(
+    manifest = latent_shards.LatentManifest(
         image_dataset=image_dataset,
         image_manifest_sha256=hashlib.sha256(manifest_text.encode()).hexdigest(),
         autoencoder=ref,
@@ -258,5 +259,5 @@ def precompute(
         class_names=image_manifest.class_names,
         config=configs.to_dict(config),
     )
-    storage.write_text(shards.manifest_url(dest), manifest.to_json())
+    storage.write_text(image_shards.manifest_url(dest), manifest.to_json())
     return PrecomputeOutcome(manifest, dest, len(tasks) - skipped - len(failures), skipped, time.perf_counter() - started)

@@ -27,46 +27,32 @@ from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field
 
-from data import config as configs
-from data import images, shards, storage
-from data.sources import Listing, RawItem, Reject, Vanished, fetch, list_source
+from ldmflow import configs
+from ldmflow.data import image_shards, images, storage
+from ldmflow.data.sources import Listing, RawItem, Reject, Vanished, fetch, list_source
 
 PARTS = "_parts"
 
 
-@dataclass(frozen=True)
+@configs.stage_config
 class ShardConfig:
-    """Configuration of the shard stage (section ``shard:`` of a config file)."""
+    """Sharding raw images: validate, deduplicate, resize and write them as WebDataset shards."""
 
-    resolution: int = 256  # output side in pixels: short side resized, then centre crop
-    shard_size: int = 1000  # inputs per shard (fewer samples where some are refused)
-    format: Literal["png", "jpg"] = "png"
-    jpeg_quality: int = 95
-    min_size: int = 0  # refuse images whose short side is smaller; 0 accepts any size
-    max_pixels: int = 64_000_000  # refuse larger images as decompression bombs
-    resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bicubic"
-    limit: int = 0  # take only the first N inputs in sorted order; 0 takes all
-    workers: int = 2  # chunks processed concurrently
-
-    def __post_init__(self) -> None:
-        for name in ("resolution", "shard_size", "jpeg_quality", "max_pixels", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("min_size", "limit"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.jpeg_quality > 100:
-            raise ValueError(f"jpeg_quality must be at most 100, got {self.jpeg_quality}")
-
-    def output_fields(self) -> dict[str, Any]:
-        """The fields that change what is written (``workers`` does not)."""
-        values = configs.to_dict(self)
-        del values["workers"]
-        return values
+    resolution: Annotated[int, Field(ge=1, description="output side in pixels")] = 256
+    shard_size: Annotated[int, Field(ge=1, description="inputs per shard")] = 1000
+    format: Annotated[Literal["png", "jpg"], Field(description="`png` or `jpg` inside the shards")] = "png"
+    jpeg_quality: Annotated[int, Field(ge=1, le=100, description="for `jpg`")] = 95
+    min_size: Annotated[int, Field(ge=0, description="refuse images whose short side is smaller (0: accept any)")] = 0
+    max_pixels: Annotated[int, Field(ge=1, description="refuse larger images as decompression bombs")] = 64_000_000
+    resample: Annotated[Literal["nearest", "bilinear", "bicubic", "lanczos"], Field(
+        description="`nearest`, `bilinear`, `bicubic`, `lanczos`")] = "bicubic"
+    limit: Annotated[int, Field(ge=0, description="take only the first N inputs (0: all)")] = 0
+    workers: Annotated[int, Field(ge=1, description="chunks processed concurrently")] = configs.execution(2)
 
 
 @dataclass(frozen=True)
@@ -82,7 +68,7 @@ class Chunk:
 
     @property
     def shard(self) -> str:
-        return shards.shard_name(self.index)
+        return image_shards.shard_name(self.index)
 
 
 @dataclass(frozen=True)
@@ -102,7 +88,7 @@ class Part:
     shard: str
     digest: str
     num_inputs: int
-    shard_info: shards.ShardInfo | None  # None when every input was refused
+    shard_info: image_shards.ShardInfo | None  # None when every input was refused
     rejects: tuple[Reject, ...]
     histogram: tuple[tuple[int, ...], ...]  # (3, 256) counts of each 8-bit value per channel
     skipped: bool = field(default=False, compare=False)  # already complete on disk
@@ -120,7 +106,7 @@ class Part:
             shard=body["shard"],
             digest=body["digest"],
             num_inputs=body["num_inputs"],
-            shard_info=shards.ShardInfo(**info) if info else None,
+            shard_info=image_shards.ShardInfo(**info) if info else None,
             rejects=tuple(Reject(**r) for r in body["rejects"]),
             histogram=tuple(tuple(row) for row in body["histogram"]),
         )
@@ -191,14 +177,13 @@ def _content_hashes(listing: Listing) -> dict[str, str]:
 
 
 def chunk_digest(chunk: Chunk, config: ShardConfig, class_names: Sequence[str] | None) -> str:
-    """Identifies a chunk's output: its inputs (as listed) and the output config."""
-    body = {
-        "config": config.output_fields(),
-        "class_names": list(class_names) if class_names is not None else None,
-        "items": [[index, item.source, item.size, item.caption, item.label, item.sha256] for index, item in chunk.items],
-        "format": [shards.FORMAT_NAME, shards.FORMAT_VERSION],
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    """Identifies a chunk's output: its inputs (as listed) and the config's identity."""
+    return configs.key(
+        config,
+        class_names=list(class_names) if class_names is not None else None,
+        items=[[index, item.source, item.size, item.caption, item.label, item.sha256] for index, item in chunk.items],
+        format=[image_shards.FORMAT_NAME, image_shards.FORMAT_VERSION],
+    )
 
 
 def part_url(dest: str, shard: str) -> str:
@@ -227,7 +212,7 @@ def write_chunk(chunk: Chunk, dest: str, config: ShardConfig, class_names: Seque
     if done is not None:
         return replace(done, skipped=True)
 
-    samples: list[shards.Sample] = []
+    samples: list[image_shards.Sample] = []
     rejects: list[Reject] = []
     histogram = np.zeros((3, 256), dtype=np.int64)  # exact integer statistics
     inputs = [item for _, item in chunk.items]
@@ -256,8 +241,8 @@ def write_chunk(chunk: Chunk, dest: str, config: ShardConfig, class_names: Seque
             "format": decoded.format,
         }
         samples.append(
-            shards.Sample(
-                key=shards.sample_key(index),
+            image_shards.Sample(
+                key=image_shards.sample_key(index),
                 image=images.encode(decoded.image, config.format, config.jpeg_quality),
                 image_ext=config.format,
                 meta=meta,
@@ -268,8 +253,8 @@ def write_chunk(chunk: Chunk, dest: str, config: ShardConfig, class_names: Seque
 
     info = None
     if samples:
-        written = shards.write_shard(storage.join(dest, chunk.shard), samples)
-        info = shards.ShardInfo(chunk.shard, written.num_samples, written.bytes, written.sha256)
+        written = image_shards.write_shard(storage.join(dest, chunk.shard), samples)
+        info = image_shards.ShardInfo(chunk.shard, written.num_samples, written.bytes, written.sha256)
     part = Part(
         shard=chunk.shard,
         digest=digest,
@@ -301,21 +286,21 @@ def histogram_mean_std(histogram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # 3. Finalize
 
 
-def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig) -> shards.ImageManifest:
+def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig) -> image_shards.ImageManifest:
     """Write rejects, duplicates and (last) the manifest; remove shards no longer planned."""
     parts = sorted(parts, key=lambda part: part.shard)
     if [part.shard for part in parts] != [chunk.shard for chunk in plan.chunks]:
         raise RuntimeError("finalize needs exactly one part per planned chunk")
     rejects = sorted([*plan.listing_rejects, *(r for part in parts for r in part.rejects)], key=lambda r: r.source)
-    shards.write_jsonl(storage.join(dest, shards.REJECTS), (asdict(r) for r in rejects))
-    shards.write_jsonl(storage.join(dest, shards.DUPLICATES), (asdict(d) for d in plan.duplicates))
+    image_shards.write_jsonl(storage.join(dest, image_shards.REJECTS), (asdict(r) for r in rejects))
+    image_shards.write_jsonl(storage.join(dest, image_shards.DUPLICATES), (asdict(d) for d in plan.duplicates))
 
     histogram = np.zeros((3, 256), dtype=np.int64)
     for part in parts:
         histogram += np.asarray(part.histogram, dtype=np.int64)
     mean, std = histogram_mean_std(histogram)
     infos = tuple(part.shard_info for part in parts if part.shard_info is not None)
-    manifest = shards.ImageManifest(
+    manifest = image_shards.ImageManifest(
         source=plan.source,
         config=configs.to_dict(config),
         num_inputs=plan.num_inputs,
@@ -327,7 +312,7 @@ def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig) 
         stats={"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]},
     )
     _remove_unplanned(dest, {info.url for info in infos}, {part.shard for part in parts})
-    storage.write_text(shards.manifest_url(dest), manifest.to_json())
+    storage.write_text(image_shards.manifest_url(dest), manifest.to_json())
     return manifest
 
 
@@ -342,7 +327,7 @@ def _remove_unplanned(dest: str, keep_shards: set[str], keep_parts: set[str]) ->
                 storage.delete(entry.url)
 
 
-def summary_line(manifest: shards.ImageManifest, dest: str, written: int, skipped: int, seconds: float) -> str:
+def summary_line(manifest: image_shards.ImageManifest, dest: str, written: int, skipped: int, seconds: float) -> str:
     rate = manifest.num_inputs / seconds if seconds > 0 else math.inf
     return (
         f"shard: {manifest.summary()} -> {dest} "

@@ -5,7 +5,7 @@ A source is one of
 - a local folder or an ``s3://`` prefix: flat, or one sub-folder per class (torchvision's
   ImageFolder layout);
 - a ``.tar`` file, or a folder/prefix holding tars (WebDataset or plain tars of a tree);
-- ``builtin:digits`` or ``builtin:mnist`` (:mod:`data.builtin`).
+- ``builtin:digits`` or ``builtin:mnist`` (:mod:`ldmflow.data.builtin`).
 
 Captions and labels come from a sidecar beside the image (``NAME.txt`` caption,
 ``NAME.cls`` label, ``NAME.json`` with ``caption`` and/or ``label``), from a
@@ -30,8 +30,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from data import builtin, storage
-from data.builtin import SourceError
+from ldmflow.data import builtin, storage
+from ldmflow.data.builtin import SourceError
 
 SIDECAR_SUFFIXES = (".txt", ".cls", ".json")
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")

@@ -11,6 +11,9 @@ folder on a laptop and an S3-compatible store on a cluster.
   ``AWS_ENDPOINT_URL`` (boto3 reads it), so MinIO, Ceph and R2 work unchanged. Transient
   errors (throttling, 5xx, dropped connections) are retried with exponential backoff by
   botocore's ``standard`` retry mode.
+
+Hand-written rather than fsspec: fsspec's local and s3fs writes are not atomic (a killed
+writer leaves a partial file that readers take), and atomicity is what resumption rests on.
 """
 
 from __future__ import annotations

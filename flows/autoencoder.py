@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from training.autoencoder import AutoencoderConfig, TrainedAutoencoder, train
+from ldmflow.training.autoencoder import AutoencoderConfig, TrainedAutoencoder, train
 
 
 @task(name="train-autoencoder", cache_policy=NO_CACHE)

@@ -27,10 +27,11 @@ from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 
-from data import config as configs
-from data import shards, storage
-from flows.settings import STAGES, Spec, load_spec
-from training import tracking
+from ldmflow import configs
+from ldmflow.data import image_shards, storage
+from ldmflow.flows.settings import STAGES, Spec, load_spec
+from ldmflow.registry import models, tracking
+from ldmflow.state import state_dir
 
 
 class StageNotRun(RuntimeError):
@@ -89,14 +90,10 @@ class PipelineOutcome:
         return "\n".join(lines)
 
 
-def cache_key(**parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def source_fingerprint(source: str) -> str:
     """What the raw input is, cheaply: the sorted listing (names and sizes) of a folder or
     prefix, a tar's size, or a built-in dataset's name. Listing once per run is the cost."""
-    from data import builtin
+    from ldmflow.data import builtin
 
     if builtin.is_builtin(source):
         return source
@@ -109,7 +106,7 @@ def source_fingerprint(source: str) -> str:
 
 
 def manifest_sha(dataset: str) -> str:
-    return hashlib.sha256(storage.read_text(shards.manifest_url(dataset)).encode()).hexdigest()
+    return hashlib.sha256(storage.read_text(image_shards.manifest_url(dataset)).encode()).hexdigest()
 
 
 class Stages:
@@ -157,21 +154,19 @@ def _lineage(run_id: str, inputs: dict[str, Any], outputs: dict[str, Any]) -> No
 
 def _stage_run(stage: str, key: str, experiment: str, config, inputs: dict, outputs: dict) -> str:
     """An MLflow run for a stage that has none of its own (shard, precompute): config and lineage."""
-    client = tracking.client()
-    run = client.create_run(tracking.experiment_id(experiment), run_name=f"{stage}-{key[:12]}",
-                            tags={"ldmflow.stage": stage, "ldmflow.cache_key": key})
-    for name, value in configs.to_dict(config).items():
-        client.log_param(run.info.run_id, name, json.dumps(value) if isinstance(value, (dict, list)) else value)
-    _lineage(run.info.run_id, inputs, outputs)
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    from ldmflow.training import runs
+
+    run_id = runs.start(experiment, f"{stage}-{key[:12]}", config, tags={"ldmflow.stage": stage, "ldmflow.cache_key": key})
+    _lineage(run_id, inputs, outputs)
+    tracking.client().set_terminated(run_id)
+    return run_id
 
 
 def _model_exists(uri: str) -> bool:
     try:
-        tracking.resolve_version(uri)
+        models.resolve_version(uri)
         return True
-    except tracking.ModelNotFound:
+    except models.ModelNotFound:
         return False
 
 
@@ -184,11 +179,11 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     ``stages``: the stages to run (default: ``pipeline.stages``); a stage left out must have
     run before for the same inputs.
     """
-    from flows.autoencoder import train_autoencoder_flow
-    from flows.precompute import precompute_flow
-    from flows.promote import evaluate_flow, promote_flow
-    from flows.shard import run as shard_run
-    from flows.train import train_flow
+    from ldmflow.flows.autoencoder import train_autoencoder_flow
+    from ldmflow.flows.precompute import precompute_flow
+    from ldmflow.flows.promote import evaluate_flow, promote_flow
+    from ldmflow.flows import shard
+    from ldmflow.flows.train import train_flow
 
     spec = load_spec(config, {"stages": stages} if stages else None)
     force_set = set(force or ())
@@ -198,7 +193,7 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     p = spec.pipeline
     endpoints = p.endpoints.apply()
     get_run_logger().info("endpoints: %s", {k: v or "(embedded)" for k, v in endpoints.items()})
-    root = storage.absolute(p.storage) if p.storage else str(tracking.state_dir() / "datasets")
+    root = storage.absolute(p.storage) if p.storage else str(state_dir() / "datasets")
     base = storage.join(root, p.name)
     runner = Stages(base, spec, force_set)
     experiment = spec.train.experiment
@@ -210,19 +205,19 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
 
     # 1. shard: raw images → image shards
     source = storage.absolute(p.source) if not p.source.startswith("builtin:") else p.source
-    key = cache_key(source=source, fingerprint=source_fingerprint(source), config=configs.to_dict(spec.shard))
+    key = configs.key(spec.shard, source=source, fingerprint=source_fingerprint(source))
     images = storage.join(base, f"images-{key}")
 
-    def shard() -> dict:
+    def write_shards() -> dict:
         if "shard" in force_set:
             for entry in list(storage.list_prefix(images)):
                 storage.delete(entry.url)
-        outcome = shard_run(source, images, spec.shard, progress)
+        outcome = shard.run(source, images, spec.shard, progress)
         outputs = {"images": images, "manifest_sha256": manifest_sha(images), "samples": outcome.manifest.num_samples}
         outputs["run_id"] = _stage_run("shard", key, experiment, spec.shard, {"source": source}, outputs)
         return outputs
 
-    shard_out = runner.run("shard", key, shard, lambda out: storage.exists(shards.manifest_url(out["images"])))
+    shard_out = runner.run("shard", key, write_shards, lambda out: storage.exists(image_shards.manifest_url(out["images"])))
     if done("shard"):
         return runner.outcome
 
@@ -230,11 +225,11 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     if p.autoencoder:
         autoencoder_uri = p.autoencoder  # a concrete version, so the cache key changes when an alias moves
         if autoencoder_uri.startswith("models:/"):
-            autoencoder_uri = tracking.resolve_version(autoencoder_uri).uri
-        key = cache_key(reuse=autoencoder_uri)
+            autoencoder_uri = models.resolve_version(autoencoder_uri).uri
+        key = configs.key(reuse=autoencoder_uri)
         runner.run("autoencoder", key, lambda: {"model_uri": autoencoder_uri, "reused": True}, lambda out: True)
     else:
-        key = cache_key(images=shard_out["manifest_sha256"], config=configs.to_dict(spec.autoencoder))
+        key = configs.key(spec.autoencoder, images=shard_out["manifest_sha256"])
 
         def autoencoder() -> dict:
             trained = train_autoencoder_flow(images, spec.autoencoder, progress)
@@ -249,8 +244,7 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
         return runner.outcome
 
     # 3. precompute: image shards → latent shards
-    key = cache_key(images=shard_out["manifest_sha256"], autoencoder=autoencoder_uri,
-                    config=configs.to_dict(spec.precompute))
+    key = configs.key(spec.precompute, images=shard_out["manifest_sha256"], autoencoder=autoencoder_uri)
     latents = storage.join(base, f"latents-{key}")
 
     def precompute() -> dict:
@@ -264,19 +258,19 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
                                         "autoencoder": autoencoder_uri}, outputs)
         return outputs
 
-    latent_out = runner.run("precompute", key, precompute, lambda out: storage.exists(shards.manifest_url(out["latents"])))
+    latent_out = runner.run("precompute", key, precompute, lambda out: storage.exists(image_shards.manifest_url(out["latents"])))
     if done("precompute"):
         return runner.outcome
 
     # 4. train: latents → registered model version (alias candidate)
-    key = cache_key(latents=latent_out["manifest_sha256"], config=configs.to_dict(spec.train))
+    key = configs.key(spec.train, latents=latent_out["manifest_sha256"])
 
     def train() -> dict:
         train_config = spec.train
         if "train" in force_set:  # a fresh run, not a resumption of the finished one
             from dataclasses import replace
 
-            fresh = tracking.state_dir() / "ray_results" / f"forced-{int(time.time())}"
+            fresh = state_dir() / "ray_results" / f"forced-{int(time.time())}"
             train_config = replace(train_config, checkpoint_storage=str(fresh))
         trained = train_flow(latent_out["latents"], train_config, progress)
         outputs = {"model_uri": trained.model_uri, "run_id": trained.run_id, "grid": str(trained.grid),
@@ -292,7 +286,7 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     name, version = model_uri[len("models:/"):].split("/")
 
     # 5. evaluate the new version (scores become its tags)
-    key = cache_key(model=model_uri, config=configs.to_dict(spec.evaluate))
+    key = configs.key(spec.evaluate, model=model_uri)
 
     def evaluate() -> dict:
         result = evaluate_flow(model_uri, spec.evaluate)
@@ -303,11 +297,11 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
         return runner.outcome
 
     # 6. promote it past the gate (or not)
-    key = cache_key(model=model_uri, config=configs.to_dict(spec.promote), evaluation=spec.evaluate.digest())
+    key = configs.key(spec.promote, model=model_uri, evaluation=configs.key(spec.evaluate))
 
     def promote() -> dict:
         decision = promote_flow(name, spec.promote, spec.evaluate, False, version)
-        production = str(tracking.resolve_version(f"models:/{name}@production").version)
+        production = str(models.resolve_version(f"models:/{name}@production").version)
         return {"name": name, "candidate": version, "production": production,
                 "decision": "promoted" if decision.promoted else "refused", "reason": decision.reason}
 
@@ -316,9 +310,9 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
         return runner.outcome
 
     # 7. serve (never cached: it starts or updates the running application)
-    from serving import app as serve_app
+    from ldmflow.serving import app
 
-    url = serve_app.run(f"models:/{name}@production", spec.serve)
+    url = app.run(f"models:/{name}@production", spec.serve)
     runner.outcome.results.append(StageResult("serve", "", False, {"url": url}))
     return runner.outcome
 

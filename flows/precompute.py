@@ -12,18 +12,18 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from data import autoencoder as autoencoder_format
-from data import latents
-from data.precompute import PrecomputeConfig, PrecomputeOutcome, precompute
-from flows.shard import STORAGE_RETRIES
-from training import tracking
+from ldmflow.data import latent_shards
+from ldmflow.data.precompute import PrecomputeConfig, PrecomputeOutcome, precompute
+from ldmflow.flows.shard import STORAGE_RETRIES
+from ldmflow.model import autoencoders
+from ldmflow.registry import models
 
 
 @task(name="resolve-autoencoder", cache_policy=NO_CACHE)
-def resolve_task(uri: str) -> tuple[Path, latents.AutoencoderRef]:
-    folder, registered = tracking.resolve(uri)
-    info = autoencoder_format.read_info(folder)
-    ref = latents.AutoencoderRef(
+def resolve_task(uri: str) -> tuple[Path, latent_shards.AutoencoderRef]:
+    folder, registered = models.resolve(uri)
+    info = autoencoders.read_info(folder)
+    ref = latent_shards.AutoencoderRef(
         uri=registered.uri if registered else uri,  # a concrete version, never "latest" or an alias
         weights_sha256=info.weights_sha256,
         scale_factor=info.scale_factor,
@@ -34,7 +34,7 @@ def resolve_task(uri: str) -> tuple[Path, latents.AutoencoderRef]:
 
 
 @task(name="encode-latents", **STORAGE_RETRIES)
-def precompute_task(dataset: str, dest: str, folder: Path, ref: latents.AutoencoderRef, config: PrecomputeConfig,
+def precompute_task(dataset: str, dest: str, folder: Path, ref: latent_shards.AutoencoderRef, config: PrecomputeConfig,
                     progress: bool) -> PrecomputeOutcome:
     return precompute(dataset, dest, folder, ref, config, progress)
 

@@ -1,13 +1,13 @@
 """The evaluation and promotion flows: score a model version on fixed seeds, and move the
-``production`` alias only past the gate (``training/registry.py``)."""
+``production`` alias only past the gate (:mod:`ldmflow.training.promotion`)."""
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from training.evaluation import Evaluation, EvaluationConfig, evaluate
-from training.registry import Decision, PromotionConfig, promote
+from ldmflow.training.evaluation import Evaluation, EvaluationConfig, evaluate
+from ldmflow.training.promotion import Decision, PromotionConfig, promote
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

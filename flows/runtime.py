@@ -11,20 +11,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_STATE_DIR = ".ldmflow"
-
-
-def state_dir(explicit: str | None = None) -> Path:
-    return Path(explicit or os.environ.get("LDMFLOW_HOME") or DEFAULT_STATE_DIR).absolute()
+from ldmflow import state
 
 
 def configure(explicit_state_dir: str | None = None, verbose: bool = False) -> Path:
     """Point Prefect at the state folder (unless the environment already says otherwise)."""
-    state = state_dir(explicit_state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    os.environ["LDMFLOW_HOME"] = str(state)
-    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    folder = state.state_dir(explicit_state_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[state.ENV] = str(folder)
+    os.environ.setdefault("PREFECT_HOME", str(folder / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
-    return state
+    return folder

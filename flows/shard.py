@@ -1,6 +1,6 @@
 """The shard flow: plan, write chunks concurrently as Prefect tasks, finalize.
 
-The flow only orchestrates; the work is in :mod:`data.sharding`. Tasks retry storage
+The flow only orchestrates; the work is in :mod:`ldmflow.data.sharding`. Tasks retry storage
 errors (a store that drops a connection, throttles or restarts) with backoff; any other
 error in a chunk fails the run, since per-input problems are already rejects.
 """
@@ -16,9 +16,9 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
-from data import shards, sharding, storage
-from data.sharding import ShardConfig
-from data.sources import check_source
+from ldmflow.data import image_shards, sharding, storage
+from ldmflow.data.sharding import ShardConfig
+from ldmflow.data.sources import check_source
 
 
 def retry_on_storage_error(task, task_run, state) -> bool:
@@ -52,13 +52,13 @@ def write_chunk_task(chunk: sharding.Chunk, dest: str, config: ShardConfig, clas
 
 
 @task(name="finalize-shards", **STORAGE_RETRIES)
-def finalize_task(plan: sharding.Plan, parts: list[sharding.Part], dest: str, config: ShardConfig) -> shards.ImageManifest:
+def finalize_task(plan: sharding.Plan, parts: list[sharding.Part], dest: str, config: ShardConfig) -> image_shards.ImageManifest:
     return sharding.finalize(plan, parts, dest, config)
 
 
 @dataclass(frozen=True)
 class ShardOutcome:
-    manifest: shards.ImageManifest
+    manifest: image_shards.ImageManifest
     dest: str
     shards_written: int
     shards_skipped: int

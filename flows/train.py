@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from training.train import DiffusionConfig, TrainedDiffusion, train
+from ldmflow.training.train import DiffusionConfig, TrainedDiffusion, train
 
 
 @task(name="train-diffusion", cache_policy=NO_CACHE)

@@ -2,7 +2,7 @@
 
 The folder is what ``DiffusionPipeline.save_pretrained`` writes (``model_index.json``,
 ``unet/``, ``vae/``, ``scheduler/``, safetensors weights) plus ``pipeline.py``, the pipeline
-class (:mod:`serving.diffusers_pipeline`), and ``ldmflow.json`` for the class names and
+class (:mod:`ldmflow.serving.diffusers_pipeline`), and ``ldmflow.json`` for the class names and
 lineage. ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it.
 """
 
@@ -12,17 +12,17 @@ import json
 import shutil
 from pathlib import Path
 
-from serving import diffusers_pipeline
-from serving import model as model_format
-from training import diffusion, tracking
+from ldmflow.model import model_format, schedules
+from ldmflow.registry import models
+from ldmflow.serving import diffusers_pipeline
 
 
 def export(model_uri: str, dest: str | Path) -> Path:
     """Write the model at ``model_uri`` to ``dest`` as a diffusers pipeline folder."""
-    folder, _ = tracking.resolve(model_uri)
+    folder, _ = models.resolve(model_uri)
     unet, vae, info = model_format.load_parts(folder)
-    schedule = diffusion.NoiseSchedule(**info.noise)
-    scheduler = diffusion.sampling_scheduler(schedule, info.defaults.sampler)
+    schedule = schedules.NoiseSchedule(**info.noise)
+    scheduler = schedules.sampling_scheduler(schedule, info.defaults.sampler)
     pipeline = diffusers_pipeline.LDMFlowPipeline(unet=unet, vae=vae, scheduler=scheduler)
     dest = Path(dest)
     pipeline.save_pretrained(dest, safe_serialization=True)

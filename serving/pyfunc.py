@@ -2,14 +2,12 @@
 
 ``mlflow.pyfunc.load_model("models:/NAME@production")`` calls :func:`_load_pyfunc` with the
 model folder; nothing is unpickled (weights are safetensors, configs JSON). ``predict``
-takes a DataFrame with one row per image (columns of :func:`serving.model.signature`, all
+takes a DataFrame with one row per image (columns of :func:`ldmflow.registry.models.signature`, all
 optional) and returns one row per image: the PNG as base64 and the seed it was drawn with.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 
 _INTEGER = ("label", "seed", "steps")
@@ -22,24 +20,17 @@ class PyfuncSampler:
     def predict(self, model_input, params=None):
         import pandas as pd
 
-        from serving.sampler import to_pil
+        from ldmflow.model.sampler import batches
+        from ldmflow.serving.codec import png_base64
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         jobs = [self.sampler.job(n=1, **_fields(row)) for row in rows]
         for job in jobs:
             self.sampler.check(job)
-        images: list = [None] * len(jobs)
-        groups: dict[tuple, list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.batch_key(), []).append(i)
-        for indices in groups.values():
+        pngs: list = [None] * len(jobs)
+        for indices in batches(jobs):
             for i, result in zip(indices, self.sampler.run([jobs[i] for i in indices])):
-                images[i] = result
-        pngs = []
-        for image in images:
-            out = io.BytesIO()
-            to_pil(image)[0].save(out, format="PNG")
-            pngs.append(base64.b64encode(out.getvalue()).decode())
+                pngs[i] = png_base64(result)[0]
         return pd.DataFrame({"image": pngs, "seed": [job.seed for job in jobs]})
 
 
@@ -56,6 +47,6 @@ def _fields(row: dict) -> dict:
 
 
 def _load_pyfunc(data_path: str) -> PyfuncSampler:
-    from serving.sampler import Sampler
+    from ldmflow.model.sampler import Sampler
 
     return PyfuncSampler(Sampler.from_folder(data_path))

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -30,8 +29,6 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "ldmflow-test-secret"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -76,7 +73,7 @@ def s3_server():
 @pytest.fixture()
 def bucket(s3_server) -> str:
     """A fresh, empty bucket on the local S3 server, as ``s3://NAME``."""
-    from data import storage
+    from ldmflow.data import storage
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=name)
@@ -85,10 +82,9 @@ def bucket(s3_server) -> str:
 
 @pytest.fixture()
 def subprocess_env(prefect_api) -> dict[str, str]:
-    """The environment for an ``ldmflow`` subprocess: same Prefect API, same S3 endpoint."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    """The environment for an ``ldmflow`` subprocess: same Prefect API, same S3 endpoint. The
+    package comes from the installation, never from the checkout's folders on a path."""
+    return dict(os.environ)
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +92,7 @@ def ray_local():
     """One local Ray instance for the session (starting Ray takes seconds)."""
     import ray
 
-    from data import cluster
+    from ldmflow.data import cluster
 
     cluster.ensure_ray()
     yield ray
@@ -106,8 +102,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def digits16(tmp_path_factory) -> str:
     """400 real digits at 16 px in 8 shards of 50: small enough for seconds-long training."""
-    from data.sharding import ShardConfig
-    from flows import shard as shard_flow
+    from ldmflow.data.sharding import ShardConfig
+    from ldmflow.flows import shard as shard_flow
 
     dest = str(tmp_path_factory.mktemp("digits16"))
     shard_flow.run("builtin:digits", dest, ShardConfig(resolution=16, shard_size=50, limit=400), progress=False)
@@ -119,10 +115,10 @@ def digits_model(ray_local, digits16, tmp_path_factory):
     """A small but trained model of the 16-px digits, registered as ``test-digits`` version 1:
     autoencoder (Ray Train) → latents (Ray actors) → diffusion UNet (Ray Train). About a
     minute; shared by the registry, evaluation and serving tests."""
-    from data.precompute import PrecomputeConfig
-    from flows.precompute import precompute_flow
-    from training import autoencoder
-    from training.train import DiffusionConfig, train
+    from ldmflow.data.precompute import PrecomputeConfig
+    from ldmflow.flows.precompute import precompute_flow
+    from ldmflow.training import autoencoder
+    from ldmflow.training.train import DiffusionConfig, train
 
     ae = autoencoder.train(digits16, autoencoder.AutoencoderConfig(
         steps=80, batch_size=32, workers=1, lr=2e-3, warmup_steps=5, checkpoint_every=80, log_every=20,

@@ -78,17 +78,16 @@ def tiny_diffusion_parts(work_dir, conditioning: str = "class", seed: int = 0, r
     a second: enough for everything sampling promises that does not need a trained model."""
     import torch
 
-    from data import autoencoder as autoencoder_format
-    from training import autoencoder, unet
-    from training.train import DiffusionConfig, model_info
+    from ldmflow.model import autoencoders, unets
+    from ldmflow.training.train import DiffusionConfig, model_info
 
     torch.manual_seed(seed)
-    vae = autoencoder.build_autoencoder(autoencoder.AutoencoderConfig(), resolution).eval()
+    vae = autoencoders.build("tiny", resolution).eval()
     vae_folder = work_dir / f"autoencoder-{seed}"
-    vae_info = autoencoder_format.save(vae, vae_folder, scale_factor=0.8, resolution=resolution, config={}, lineage={})
+    vae_info = autoencoders.save(vae, vae_folder, scale_factor=0.8, resolution=resolution, config={}, lineage={})
     latent_shape = vae_info.latent_shape()
     classes = [str(i) for i in range(10)] if conditioning == "class" else None
-    network = unet.build_unet("tiny", conditioning, latent_shape, len(classes or ())).eval()
+    network = unets.build("tiny", conditioning, latent_shape, len(classes or ())).eval()
     config = DiffusionConfig(conditioning=conditioning, sample_steps=4, guidance=2.0)
     info = model_info(config, latent_shape, classes, 0.8, vae,
                       autoencoder={"uri": str(vae_folder), "weights_sha256": vae_info.weights_sha256, "scale_factor": 0.8},
@@ -97,8 +96,8 @@ def tiny_diffusion_parts(work_dir, conditioning: str = "class", seed: int = 0, r
 
 
 def tiny_diffusion_model(folder, conditioning: str = "class", seed: int = 0, resolution: int = 16):
-    """A complete model folder (serving/model.py format) with random tiny weights."""
-    from serving import model as model_format
+    """A complete model folder (ldmflow.model.model_format) with random tiny weights."""
+    from ldmflow.model import model_format
 
     network, _, vae_folder, info = tiny_diffusion_parts(folder.parent, conditioning, seed, resolution)
     model_format.save(folder, network, vae_folder, info)

@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
-from data import autoencoder as autoencoder_format
-from data import shards
-from training import autoencoder, tracking
+from ldmflow.data import image_shards, shard_stream
+from ldmflow.model import autoencoders
+from ldmflow.registry import models, tracking
+from ldmflow.training import autoencoder, autoencoder_loop
 
 
 def held_out_l1(vae, urls, config) -> float:
-    return autoencoder.evaluate(vae, urls, config, autoencoder_format.downsample_factor(vae))["rec_l1_held_out"]
+    return autoencoder.evaluate(vae, urls, config, autoencoders.downsample_factor(vae))["rec_l1_held_out"]
 
 
 def test_train_two_workers_register_and_reload(ray_local, digits16):
@@ -19,9 +20,9 @@ def test_train_two_workers_register_and_reload(ray_local, digits16):
                                            checkpoint_every=20, log_every=10, held_out=0.1, scale_samples=128,
                                            disc_weight=0.05, disc_start=30,  # the PatchGAN joins for the last steps
                                            model_name="test-autoencoder", experiment="test-autoencoder")
-    urls = shards.shard_urls(digits16)
+    urls = image_shards.shard_urls(digits16)
     torch.manual_seed(config.seed)
-    untrained = autoencoder.build_autoencoder(config, 16).eval()
+    untrained = autoencoders.build(config.preset, 16).eval()
 
     trained = autoencoder.train(digits16, config, progress=False)
 
@@ -33,12 +34,12 @@ def test_train_two_workers_register_and_reload(ray_local, digits16):
 
     # Save → register → load gives identical outputs.
     assert trained.model_uri == "models:/test-autoencoder/1"
-    folder, registered = tracking.resolve(trained.model_uri)
+    folder, registered = models.resolve(trained.model_uri)
     assert registered.version == "1" and registered.run_id == trained.run_id
-    loaded, info = autoencoder_format.load(folder)
+    loaded, info = autoencoders.load(folder)
     assert info == trained.info
-    in_memory, _ = autoencoder_format.load(trained.folder)
-    x = torch.from_numpy(next(iter(shards.ShardStream(urls, shuffle_buffer=0))).image)[None]
+    in_memory, _ = autoencoders.load(trained.folder)
+    x = torch.from_numpy(next(iter(shard_stream.ShardStream(urls, shuffle_buffer=0))).image)[None]
     with torch.no_grad():
         assert torch.equal(loaded.encode(x).latent_dist.mean, in_memory.encode(x).latent_dist.mean)
         assert torch.equal(loaded.decode(torch.ones(1, 4, 4, 4)).sample, in_memory.decode(torch.ones(1, 4, 4, 4)).sample)
@@ -47,10 +48,13 @@ def test_train_two_workers_register_and_reload(ray_local, digits16):
     assert run.data.params["steps"] == "40" and "psnr" in run.data.metrics and "rec_loss" in run.data.metrics
     assert "d_loss" in run.data.metrics  # the discriminator trained after disc_start
     tracking.client().set_registered_model_alias("test-autoencoder", "candidate", "1")
-    by_alias, registered = tracking.resolve("models:/test-autoencoder@candidate")
-    assert registered.version == "1" and autoencoder_format.read_info(by_alias) == trained.info
-    artifacts = {a.path for a in tracking.client().list_artifacts(trained.run_id)}
-    assert {"autoencoder", "reconstructions.png"} <= artifacts
+    by_alias, registered = models.resolve("models:/test-autoencoder@candidate")
+    assert registered.version == "1" and autoencoders.read_info(by_alias) == trained.info
+    assert "reconstructions.png" in {a.path for a in tracking.client().list_artifacts(trained.run_id)}
+    # The version is an MLflow logged model of the run, and its scores are the model's own metrics.
+    logged = tracking.client().get_logged_model(registered.model_id)
+    assert logged.source_run_id == trained.run_id and logged.model_type == autoencoders.KIND
+    assert {m.key for m in logged.metrics} >= {"psnr", "scale_factor"}
 
     # The same job again resumes from its last checkpoint: no step is redone.
     again = autoencoder.train(digits16, config, progress=False)
@@ -59,21 +63,21 @@ def test_train_two_workers_register_and_reload(ray_local, digits16):
 
 
 def test_unknown_model_uris_are_clear_errors(tmp_path):
-    with pytest.raises(tracking.ModelNotFound, match="not in the model registry"):
-        tracking.resolve("models:/no-such-model/3")
-    with pytest.raises(tracking.ModelNotFound, match="no such model folder"):
-        tracking.resolve(str(tmp_path / "missing"))
-    with pytest.raises(autoencoder_format.AutoencoderError, match="not an ldmflow autoencoder folder"):
-        autoencoder_format.load(tmp_path)
+    with pytest.raises(models.ModelNotFound, match="not in the model registry"):
+        models.resolve("models:/no-such-model/3")
+    with pytest.raises(models.ModelNotFound, match="no such model folder"):
+        models.resolve(str(tmp_path / "missing"))
+    with pytest.raises(autoencoders.AutoencoderError, match="not an ldmflow autoencoder folder"):
+        autoencoders.load(tmp_path)
 
 
 def test_loss_functions_match_their_formulas():
     real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 3.0])
     # hinge: ½(mean(relu(1 − real)) + mean(relu(1 + fake)))
     expected = 0.5 * ((0 + 0.5 + 2.0) / 3 + (0 + 1.0 + 4.0) / 3)
-    assert autoencoder.hinge_d_loss(real, fake).item() == pytest.approx(expected)
+    assert autoencoder_loop.hinge_d_loss(real, fake).item() == pytest.approx(expected)
     x = torch.zeros(1, 3, 4, 4)
     assert autoencoder.psnr(x, x + 0.2) == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.04)).item())
     smooth = torch.ones(1, 3, 8, 8) * 0.3
     assert torch.allclose(autoencoder.bilinear_baseline(smooth, 4), smooth)
-    assert autoencoder.PatchDiscriminator()(torch.zeros(2, 3, 32, 32)).shape[0] == 2
+    assert autoencoder_loop.PatchDiscriminator()(torch.zeros(2, 3, 32, 32)).shape[0] == 2

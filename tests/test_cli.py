@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from data import shards
+from ldmflow.data import image_shards
 
-CLI = [sys.executable, "-m", "flows.cli"]
+CLI = [sys.executable, "-m", "ldmflow.flows.cli"]
 SUBCOMMANDS = ["shard", "train-autoencoder", "precompute", "train", "inspect", "evaluate", "promote", "rollback", "export",
                "sample", "serve", "pipeline", "deploy"]
 
@@ -34,7 +34,7 @@ def test_shard_then_inspect(subprocess_env, tmp_path):
                  subprocess_env, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "100 inputs -> 100 samples in 3 shards" in result.stdout
-    manifest = shards.read_manifest(str(tmp_path / "out"))
+    manifest = image_shards.read_manifest(str(tmp_path / "out"))
     assert manifest.config["resolution"] == 8 and manifest.config["limit"] == 100
 
     result = run(["inspect", "out"], subprocess_env, tmp_path)
@@ -84,11 +84,11 @@ def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):
 
 def test_evaluate_promote_and_rollback_commands(digits_model, subprocess_env, tmp_path):
     """The registry commands against the session's MLflow (same LDMFLOW_HOME), as a user runs them."""
-    from training import registry, tracking
+    from ldmflow.registry import models, tracking
 
     name = "cli-gate"
     for _ in range(2):
-        registry.register(digits_model.folder, name, tracking.client().create_run(tracking.experiment_id("cli")).info.run_id)
+        models.register(digits_model.folder, name, tracking.client().create_run(tracking.experiment_id("cli")).info.run_id)
     config = tmp_path / "eval.yaml"
     config.write_text("evaluate: {num_samples: 20, reference_samples: 60, steps: 4, kid_subset_size: 10, kid_subsets: 3}\n"
                       "promote: {metric: kid, margin: 1.0}\n")

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from data import shards, storage
+from ldmflow.data import image_shards, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -19,7 +19,7 @@ def test_deploy_then_a_worker_runs_a_deployment(subprocess_env, tmp_path):
     from prefect.deployments import run_deployment
 
     env = {**subprocess_env, "LDMFLOW_HOME": str(tmp_path / "state")}
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], env=env, cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "ldmflow.flows.cli", "deploy"], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pipeline/nightly-data" in result.stdout and "pipeline/promote-after-training" in result.stdout
@@ -49,7 +49,7 @@ def test_deploy_then_a_worker_runs_a_deployment(subprocess_env, tmp_path):
             state = client.read_flow_run(flow_run.id).state
     assert state.is_completed(), (state, worker.stdout[-3000:], worker.stderr[-3000:])
     images = next(p for p in (dest / "digits").iterdir() if p.name.startswith("images-"))
-    assert shards.read_manifest(str(images)).num_samples == 100
+    assert image_shards.read_manifest(str(images)).num_samples == 100
     assert storage.exists(str(next((dest / "digits" / "_stages").iterdir())))
 
     promote = _wait_for_runs_of("pipeline/promote-after-training", timeout=60)

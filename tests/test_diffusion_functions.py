@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
-from training import diffusion
+from ldmflow.model import schedules
+from ldmflow.training import diffusion
 
 
 @pytest.fixture()
 def scheduler():
-    return diffusion.training_scheduler(diffusion.NoiseSchedule())
+    return schedules.training_scheduler(schedules.NoiseSchedule())
 
 
 def test_min_snr_weights_match_the_paper():
@@ -82,8 +83,8 @@ def test_offset_noise_and_lr_schedule():
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
 def test_zero_terminal_snr(schedule):
-    plain = diffusion.training_scheduler(diffusion.NoiseSchedule(schedule=schedule))
-    rescaled = diffusion.training_scheduler(diffusion.NoiseSchedule(schedule=schedule, zero_terminal_snr=True))
+    plain = schedules.training_scheduler(schedules.NoiseSchedule(schedule=schedule))
+    rescaled = schedules.training_scheduler(schedules.NoiseSchedule(schedule=schedule, zero_terminal_snr=True))
     assert plain.alphas_cumprod[-1] > 0
     assert rescaled.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)
     assert not math.isnan(diffusion.min_snr_weights(diffusion.snr(rescaled.alphas_cumprod, torch.tensor([999])), 5.0, "v_prediction").item())
@@ -91,6 +92,6 @@ def test_zero_terminal_snr(schedule):
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
 def test_samplers_are_fresh_and_unclipped(sampler):
-    first = diffusion.sampling_scheduler(diffusion.NoiseSchedule(), sampler)
-    second = diffusion.sampling_scheduler(diffusion.NoiseSchedule(), sampler)
+    first = schedules.sampling_scheduler(schedules.NoiseSchedule(), sampler)
+    second = schedules.sampling_scheduler(schedules.NoiseSchedule(), sampler)
     assert first is not second and not first.config.get("clip_sample", False)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import images
+from ldmflow.data import images
 from tests import helpers
 
 

@@ -3,395 +3,66 @@
 No Docker, no Kubernetes, no network: the files are parsed and cross-checked.
 
 - KubeRay manifests are validated by a small explicit validator written from the v1 CRD
-  types (ray-operator/apis/ray/v1/*_types.go) and the operator's validation rules
-  (ray-operator/controllers/ray/utils/validation.go); the Serve config inside the
-  RayService is validated by Ray Serve's own schema.
+  types and the operator's validation rules (tests/infra_checks.py); the Serve config
+  inside the RayService is validated by Ray Serve's own schema and against its source.
 - The compose stack: service references, healthchecks, ports, variables, credentials.
-- The Dockerfile: what it installs agrees with pyproject.toml.
+- The Dockerfile: what it installs and copies agrees with pyproject.toml.
 """
 
 from __future__ import annotations
 
 import ast
-import fnmatch
 import re
 import shlex
-import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[1]
-INFRA = ROOT / "infra"
-KUBERAY = INFRA / "kuberay"
-COMPOSE = INFRA / "compose.yaml"
-DOCKERFILE = INFRA / "Dockerfile"
-DOCKERIGNORE = INFRA / "Dockerfile.dockerignore"  # Docker's <Dockerfile>.dockerignore
-ENV_EXAMPLE = INFRA / "env.example"
-APP_DIR = "/app"  # where the image puts configs/ (COPY configs/ /app/configs/)
-
-RAY_KINDS = ("RayCluster", "RayJob", "RayService")
-GPU = "nvidia.com/gpu"
-# Names of variables and keys that hold secrets.
-CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|ROOT_USER|CREDENTIAL", re.IGNORECASE)
-# ${VAR}, ${VAR:?msg}, ${VAR:-default}, ... but not $${VAR} (a literal $ for compose).
-COMPOSE_VAR = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}")
-URL_USERINFO = re.compile(r"://([^:/@\s]+):([^@\s]*)@")
-
-
-# ---- helpers: files -----------------------------------------------------------------
-
-
-def yaml_files() -> list[Path]:
-    return sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
-
-
-def load_docs(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
-
-
-def pyproject() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
-
-
-def requirement(name: str) -> Requirement:
-    for line in pyproject()["project"]["dependencies"]:
-        req = Requirement(line)
-        if req.name == name:
-            return req
-    raise AssertionError(f"pyproject.toml does not require {name}")
-
-
-def project_packages() -> list[str]:
-    """Top-level packages from [tool.setuptools.packages.find] include ("data*" -> data)."""
-    include = pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
-    return sorted({pattern.rstrip("*").rstrip(".") for pattern in include})
-
-
-# ---- helpers: KubeRay ---------------------------------------------------------------
-
-# Spec fields of the v1 CRDs (apis/ray/v1/*_types.go). The API server prunes unknown
-# fields of a structural schema silently, so a misspelt field is a config that vanishes.
-CLUSTER_SPEC_FIELDS = {
-    "headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions",
-    "headServiceAnnotations", "suspend", "gcsFaultToleranceOptions", "managedBy", "upgradeStrategy", "authOptions",
-}
-HEAD_GROUP_FIELDS = {"serviceType", "headService", "enableIngress", "rayStartParams", "template", "resources", "labels"}
-WORKER_GROUP_FIELDS = {
-    "groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams", "template",
-    "scaleStrategy", "suspend", "idleTimeoutSeconds", "resources", "labels",
-}
-AUTOSCALER_FIELDS = {
-    "resources", "image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "securityContext",
-    "idleTimeoutSeconds", "upscalingMode", "version",
-}
-RAYJOB_SPEC_FIELDS = {
-    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
-    "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
-    "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule",
-}
-RAYSERVICE_SPEC_FIELDS = {
-    "serveConfigV2", "rayClusterConfig", "serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold",
-    "serveService", "upgradeStrategy", "excludeHeadPodFromServeSvc", "rayClusterDeletionDelaySeconds",
-}
-# utils/constant.go: 63 minus the longest Service suffix; RayJob/RayService names get 6 more characters.
-MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
-DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
-def ray_manifests() -> list[tuple[str, dict]]:
-    """(file name / resource name, document) for every KubeRay resource under infra/kuberay."""
-    found = []
-    for path in sorted(KUBERAY.glob("*.yaml")):
-        for doc in load_docs(path):
-            if doc.get("kind") in RAY_KINDS:
-                found.append((f"{path.name}/{doc['metadata']['name']}", doc))
-    return found
-
-
-def manifest(kind: str) -> dict:
-    docs = [doc for _, doc in ray_manifests() if doc["kind"] == kind]
-    assert len(docs) == 1, f"expected one {kind} under infra/kuberay, found {len(docs)}"
-    return docs[0]
-
-
-def cluster_spec(doc: dict) -> dict:
-    """The RayClusterSpec inside a RayCluster, RayJob or RayService (each names it differently)."""
-    spec = doc.get("spec") or {}
-    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[
-        doc["kind"]
-    ] or {}
-
-
-def groups(spec: dict) -> list[tuple[str, dict]]:
-    """(name, group spec) for the head and every worker group."""
-    return [("head", spec.get("headGroupSpec") or {})] + [
-        (group.get("groupName", f"workerGroupSpecs[{i}]"), group)
-        for i, group in enumerate(spec.get("workerGroupSpecs") or [])
-    ]
-
-
-def containers(group: dict) -> list[dict]:
-    return ((group.get("template") or {}).get("spec") or {}).get("containers") or []
-
-
-def is_gpu_group(group: dict) -> bool:
-    return "num-gpus" in (group.get("rayStartParams") or {}) or any(
-        GPU in ((c.get("resources") or {}).get("limits") or {}) for c in containers(group)
-    )
-
-
-def validate_cluster_spec(spec: dict, where: str) -> list[str]:
-    problems = []
-    if not isinstance(spec.get("headGroupSpec"), dict):
-        return [f"{where}: headGroupSpec is required"]
-    problems += [f"{where}: unknown field {k!r}" for k in sorted(set(spec) - CLUSTER_SPEC_FIELDS)]
-    if "enableInTreeAutoscaling" in spec and not isinstance(spec["enableInTreeAutoscaling"], bool):
-        problems.append(f"{where}: enableInTreeAutoscaling must be a boolean")
-    options = spec.get("autoscalerOptions") or {}
-    problems += [f"{where}.autoscalerOptions: unknown field {k!r}" for k in sorted(set(options) - AUTOSCALER_FIELDS)]
-    if options.get("upscalingMode", "Default") not in ("Default", "Aggressive", "Conservative"):
-        problems.append(f"{where}.autoscalerOptions.upscalingMode: {options['upscalingMode']!r} is not an allowed value")
-    if "rayVersion" in spec and not isinstance(spec["rayVersion"], str):
-        problems.append(f"{where}: rayVersion must be a string (quote it)")
-
-    names = [name for name, _ in groups(spec)[1:]]
-    if len(names) != len(set(names)):
-        problems.append(f"{where}: worker group names repeat: {names}")
-    for name, group in groups(spec):
-        at = f"{where}.{'headGroupSpec' if name == 'head' else 'workerGroupSpecs[' + name + ']'}"
-        allowed = HEAD_GROUP_FIELDS if name == "head" else WORKER_GROUP_FIELDS
-        problems += [f"{at}: unknown field {k!r}" for k in sorted(set(group) - allowed)]
-        params = group.get("rayStartParams")
-        if not isinstance(params, dict):
-            problems.append(f"{at}: rayStartParams (a map, possibly empty) is required")
-        else:  # map[string]string in the CRD: an unquoted number is rejected
-            problems += [f"{at}.rayStartParams[{k}]: {v!r} must be a string"
-                         for k, v in params.items() if not isinstance(v, str)]
-        if not isinstance(group.get("template"), dict):
-            problems.append(f"{at}: template is required")
-        pods = containers(group)
-        if not pods:
-            problems.append(f"{at}: template.spec.containers needs at least one container (the Ray container first)")
-        elif not pods[0].get("image"):
-            problems.append(f"{at}: containers[0].image is required")
-        if name != "head":
-            counts = {k: group.get(k) for k in ("minReplicas", "replicas", "maxReplicas")}
-            if not all(isinstance(v, int) and v >= 0 for v in counts.values()):
-                problems.append(f"{at}: minReplicas, replicas, maxReplicas must be non-negative integers, got {counts}")
-            elif not counts["minReplicas"] <= counts["replicas"] <= counts["maxReplicas"]:
-                problems.append(f"{at}: needs minReplicas <= replicas <= maxReplicas, got {counts}")
-        if is_gpu_group(group) and pods:
-            limits = (pods[0].get("resources") or {}).get("limits") or {}
-            gpus = limits.get(GPU)
-            if not (isinstance(gpus, int) and gpus >= 1):
-                problems.append(f"{at}: a GPU group must put {GPU} (>= 1) in the Ray container's limits")
-            elif (params or {}).get("num-gpus") not in (None, str(gpus)):
-                problems.append(f"{at}: rayStartParams num-gpus {params['num-gpus']!r} differs from the {GPU} limit {gpus}")
-            tolerations = (group["template"].get("spec") or {}).get("tolerations") or []
-            if not any(t.get("key") == GPU for t in tolerations):
-                problems.append(f"{at}: a GPU group needs a toleration for the {GPU} taint")
-    return problems
-
-
-def validate_ray_resource(doc: dict) -> list[str]:
-    """Problems that the KubeRay v1 CRDs or the operator's validation would refuse."""
-    kind = doc.get("kind")
-    if doc.get("apiVersion") != "ray.io/v1":
-        return [f"apiVersion must be ray.io/v1, got {doc.get('apiVersion')!r}"]
-    if kind not in RAY_KINDS:
-        return [f"kind must be one of {RAY_KINDS}, got {kind!r}"]
-    problems = []
-    name = (doc.get("metadata") or {}).get("name", "")
-    if not DNS1035.match(name) or len(name) > MAX_NAME[kind]:
-        problems.append(f"metadata.name {name!r}: must be a DNS-1035 label of at most {MAX_NAME[kind]} characters")
-    spec = doc.get("spec") or {}
-    if kind == "RayJob":
-        problems += [f"spec: unknown field {k!r}" for k in sorted(set(spec) - RAYJOB_SPEC_FIELDS)]
-        if not spec.get("entrypoint"):
-            problems.append("spec.entrypoint is required")
-        if not isinstance(spec.get("rayClusterSpec"), dict):
-            problems.append("spec.rayClusterSpec is required (no clusterSelector is used)")
-        if spec.get("ttlSecondsAfterFinished", 0) < 0:
-            problems.append("spec.ttlSecondsAfterFinished must be >= 0")
-        if spec.get("ttlSecondsAfterFinished", 0) > 0 and not spec.get("shutdownAfterJobFinishes"):
-            problems.append("spec.ttlSecondsAfterFinished needs shutdownAfterJobFinishes: true")
-        if spec.get("activeDeadlineSeconds", 1) <= 0:
-            problems.append("spec.activeDeadlineSeconds must be positive")
-        if spec.get("backoffLimit", 0) < 0:
-            problems.append("spec.backoffLimit must be >= 0")
-    if kind == "RayService":
-        problems += [f"spec: unknown field {k!r}" for k in sorted(set(spec) - RAYSERVICE_SPEC_FIELDS)]
-        if not isinstance(spec.get("serveConfigV2"), str):
-            problems.append("spec.serveConfigV2 is required, as a YAML string")
-        if not isinstance(spec.get("rayClusterConfig"), dict):
-            problems.append("spec.rayClusterConfig is required")
-    where = {"RayCluster": "spec", "RayJob": "spec.rayClusterSpec", "RayService": "spec.rayClusterConfig"}[kind]
-    return problems + validate_cluster_spec(cluster_spec(doc), where)
-
-
-def env_sources(container: dict) -> dict[str, dict]:
-    """Variable name -> its env entry (value or valueFrom)."""
-    return {entry["name"]: entry for entry in container.get("env") or []}
-
-
-def configmaps() -> dict[str, dict]:
-    return {doc["metadata"]["name"]: doc.get("data") or {} for path in KUBERAY.glob("*.yaml")
-            for doc in load_docs(path) if doc.get("kind") == "ConfigMap"}
-
-
-def serve_config() -> dict:
-    return yaml.safe_load(manifest("RayService")["spec"]["serveConfigV2"])
-
-
-def assert_known_serve_fields(config: dict) -> None:
-    """Ray Serve's schema ignores unknown keys, so a misspelt option would be dropped silently."""
-    from ray.serve.config import AutoscalingConfig
-    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeApplicationSchema, ServeDeploySchema
-
-    def unknown(data: dict, model) -> set[str]:
-        return set(data) - set(model.model_fields)
-
-    assert not unknown(config, ServeDeploySchema), f"serveConfigV2: unknown {unknown(config, ServeDeploySchema)}"
-    for app in config["applications"]:
-        assert not unknown(app, ServeApplicationSchema), f"{app['name']}: unknown {unknown(app, ServeApplicationSchema)}"
-        for deployment in app.get("deployments") or []:
-            parts = [(deployment, DeploymentSchema), (deployment.get("autoscaling_config") or {}, AutoscalingConfig),
-                     (deployment.get("ray_actor_options") or {}, RayActorOptionsSchema)]
-            for data, model in parts:
-                assert not unknown(data, model), (
-                    f"{deployment['name']}: unknown {model.__name__} fields {unknown(data, model)}")
-
-
-# ---- helpers: compose ---------------------------------------------------------------
-
-
-def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
-
-
-def compose_variables() -> dict[str, set[str]]:
-    """Variable name -> the modifiers it is used with (":?msg", ":-default", "")."""
-    found: dict[str, set[str]] = {}
-    for name, modifier in COMPOSE_VAR.findall(COMPOSE.read_text()):
-        found.setdefault(name, set()).add(modifier)
-    return found
-
-
-def env_example() -> dict[str, str]:
-    pairs = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, sep, value = line.partition("=")
-            assert sep, f"env.example: not KEY=value: {line!r}"
-            pairs[key.strip()] = value.strip()
-    return pairs
-
-
-def service_strings(service: dict) -> list[str]:
-    """Every string in a service's command, entrypoint and environment."""
-    out = []
-    for key in ("command", "entrypoint"):
-        value = service.get(key)
-        out += [value] if isinstance(value, str) else list(value or [])
-    env = service.get("environment") or {}
-    out += [str(v) for v in env.values()] if isinstance(env, dict) else list(env)
-    return out
-
-
-def is_reference(value: str) -> bool:
-    """A value that is exactly one compose variable without a default: ${VAR} or ${VAR:?msg}."""
-    match = COMPOSE_VAR.fullmatch(value.strip())
-    return bool(match) and (match.group(2) == "" or match.group(2).startswith((":?", "?")))
-
-
-# ---- helpers: Dockerfile ------------------------------------------------------------
-
-
-def dockerfile(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with comments dropped and continuation lines joined."""
-    instructions, pending = [], ""
-    for line in path.read_text().splitlines():
-        if line.lstrip().startswith("#") or not line.strip():
-            continue
-        pending += line.rstrip()
-        if pending.endswith("\\"):
-            pending = pending[:-1] + " "
-            continue
-        keyword, _, rest = pending.strip().partition(" ")
-        instructions.append((keyword.upper(), " ".join(rest.split())))
-        pending = ""
-    return instructions
-
-
-def dockerfile_args(path: Path = DOCKERFILE) -> dict[str, str]:
-    return dict(arg.split("=", 1) for kw, arg in dockerfile(path) if kw == "ARG" and "=" in arg)
-
-
-def expand(text: str, args: dict[str, str]) -> str:
-    return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), text)
-
-
-def pip_installs(path: Path = DOCKERFILE) -> list[list[str]]:
-    """The arguments of every `pip install` in RUN instructions, ARGs expanded."""
-    args = dockerfile_args(path)
-    found = []
-    for keyword, command in dockerfile(path):
-        if keyword != "RUN":
-            continue
-        for part in re.split(r"&&|;", expand(command, args)):
-            words = shlex.split(part)
-            if "pip" in words[:3] and "install" in words:
-                found.append(words[words.index("install") + 1:])
-    return found
-
-
-def pinned_version(name: str, path: Path = DOCKERFILE) -> Version:
-    pins = [Requirement(w) for words in pip_installs(path) for w in words if not w.startswith("-") and w != "."]
-    versions = [next(iter(r.specifier)).version for r in pins if r.name == name and len(r.specifier) == 1
-                and next(iter(r.specifier)).operator == "=="]
-    assert versions, f"{path.name} does not pip install {name}==VERSION"
-    return Version(versions[0])
-
-
-def copies() -> list[tuple[list[str], str]]:
-    """(sources, destination) of every COPY from the build context (not --from a stage)."""
-    found = []
-    for keyword, rest in dockerfile():
-        if keyword != "COPY":
-            continue
-        words = shlex.split(rest)
-        if any(w.startswith("--from") for w in words):
-            continue
-        words = [w for w in words if not w.startswith("--")]
-        found.append(([w.strip("/").removeprefix("./") for w in words[:-1]], words[-1]))
-    return found
-
-
-def dockerignored(path: str, patterns: list[str]) -> bool:
-    """Whether Docker leaves ``path`` out of the context: the last matching pattern wins,
-    a pattern matches a path or any of its parent folders, and ``**/`` may match nothing."""
-    parts = path.split("/")
-    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    excluded = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").strip("/")
-        alternatives = {pattern, pattern.removeprefix("**/")}
-        if any(fnmatch.fnmatchcase(c, p) for c in candidates for p in alternatives):
-            excluded = not negate
-    return excluded
-
-
-def dockerignore_patterns() -> list[str]:
-    lines = (line.strip() for line in DOCKERIGNORE.read_text().splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
-
+from tests.infra_checks import (
+    APP_DIR,
+    COMPOSE,
+    CREDENTIAL_NAME,
+    GPU,
+    INFRA,
+    KUBERAY,
+    RAY_KINDS,
+    ROOT,
+    assert_known_serve_fields,
+    cluster_spec,
+    compose,
+    compose_variables,
+    configmaps,
+    containers,
+    copies,
+    dockerfile,
+    dockerfile_args,
+    dockerignore_patterns,
+    dockerignored,
+    env_example,
+    env_sources,
+    expand,
+    groups,
+    is_gpu_group,
+    is_reference,
+    literal_secrets,
+    load_docs,
+    manifest,
+    module_source,
+    pinned_version,
+    pip_installs,
+    project_packages,
+    pyproject,
+    ray_manifests,
+    requirement,
+    room_imports,
+    serve_config,
+    serve_deployments,
+    service_strings,
+    validate_ray_resource,
+    yaml_files,
+)
 
 # ---- every file parses ----------------------------------------------------------------
 
@@ -490,13 +161,12 @@ def test_rayjob_runs_the_pipeline_with_a_config_in_the_image():
 def test_rayjob_subcommand_exists_in_the_cli():
     import typer.main
 
-    from flows.cli import app
+    from ldmflow.flows.cli import app
 
     argv = shlex.split(manifest("RayJob")["spec"]["entrypoint"])
     subcommand = argv[1]
     commands = typer.main.get_command(app).commands
-    if subcommand not in commands:
-        pytest.skip(f"`ldmflow {subcommand}` is not in flows/cli.py yet (commands: {sorted(commands)})")
+    assert subcommand in commands, f"`ldmflow {subcommand}` is not in flows/cli.py yet (commands: {sorted(commands)})"
     params = {opt for param in commands[subcommand].params for opt in param.opts}
     options = [word.split("=")[0] for word in argv[2:] if word.startswith("-")]
     assert set(options) <= params, f"`ldmflow {subcommand}` takes no {sorted(set(options) - params)}"
@@ -513,8 +183,11 @@ def test_rayservice_serve_config_is_valid_for_ray_serve():
     app = apps[0]
     assert app["route_prefix"] == "/"
     module, _, attribute = app["import_path"].partition(":")
-    assert (module, attribute) == ("serving.app", "build_app"), app["import_path"]
-    assert module.split(".")[0] in project_packages(), f"{module} is not in a package the image installs"
+    assert (module, attribute) == ("ldmflow.serving.app", "build_app"), app["import_path"]
+    assert module.split(".")[0] == "ldmflow", f"{module}: everything is installed under the one package ldmflow"
+    package = module.rpartition(".")[0]
+    assert package in project_packages(), (
+        f"{module} is not in a package the image installs ({sorted(project_packages())})")
     assert re.fullmatch(r"models:/[\w.-]+@production", app["args"]["model_uri"]), app["args"]
 
 
@@ -536,26 +209,33 @@ def test_rayservice_sampler_autoscales_on_gpu_fractions():
 
 
 def test_serve_application_matches_the_source():
-    """What serveConfigV2 names exists in serving/app.py: the builder, the deployments it
-    overrides (Ray Serve refuses an override for a deployment the app does not have), and
-    the builder's arguments."""
+    """What serveConfigV2 names exists in the source: the builder in the module that
+    import_path names (found through pyproject's package-dir), the deployments it overrides
+    (Ray Serve refuses an override for a deployment the app does not have), declared there
+    or in a module of the same room that it imports, and the builder's arguments."""
     import dataclasses
     import importlib
 
+    from ray.serve import Deployment
+
     app = serve_config()["applications"][0]
     module_name, _, attribute = app["import_path"].partition(":")
-    source = ROOT / (module_name.replace(".", "/") + ".py")
-    if not source.exists():
-        pytest.skip(f"{source.relative_to(ROOT)} is not written yet")
+    source = module_source(module_name)
+    where = source.relative_to(ROOT)
+    assert source.is_file(), f"{where} (the source of {module_name}) is not written yet"
     tree = ast.parse(source.read_text())
     functions = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    assert attribute in functions, f"{source.relative_to(ROOT)} defines no function {attribute}"
-    deployments = {n.name for n in tree.body if isinstance(n, ast.ClassDef)} | {
-        kw.value.value for n in ast.walk(tree) if isinstance(n, ast.Call)
-        for kw in n.keywords if kw.arg == "name" and isinstance(kw.value, ast.Constant)}
-    for deployment in app.get("deployments") or []:
-        assert deployment["name"] in deployments, f"{source.relative_to(ROOT)} has no deployment {deployment['name']!r}"
+    assert attribute in functions, f"{where} defines no function {attribute}"
+    imported = room_imports(tree, module_name)
+    declared = serve_deployments(tree).union(
+        *(serve_deployments(ast.parse(module_source(name).read_text())) for name in imported))
     module = importlib.import_module(module_name)
+    bound = {value.name for value in vars(module).values() if isinstance(value, Deployment)}
+    for deployment in app.get("deployments") or []:
+        name = deployment["name"]
+        assert name in declared, (
+            f"neither {where} nor the modules it imports from its room ({imported}) declare a deployment {name!r}")
+        assert name in bound, f"{module_name} holds no Ray Serve deployment named {name!r} (it has {sorted(bound)})"
     config_class = getattr(module, "ServeConfig", None)  # build_app(args): model_uri + ServeConfig fields
     if config_class is not None:
         accepted = {"model_uri"} | {f.name for f in dataclasses.fields(config_class)}
@@ -598,13 +278,6 @@ def test_ray_containers_get_endpoints_from_the_configmap_and_credentials_from_th
 
 
 # ---- credentials and exposure -------------------------------------------------------
-
-
-def literal_secrets(text: str) -> list[str]:
-    """Things that look like a credential written into a file."""
-    found = re.findall(r"\bAKIA[0-9A-Z]{16}\b", text) + re.findall(r"\bminioadmin\b", text)
-    found += [f"{user}:{password}@" for user, password in URL_USERINFO.findall(text) if not is_reference(password)]
-    return found
 
 
 @pytest.mark.parametrize("path", sorted(KUBERAY.glob("*.yaml")), ids=lambda p: p.name)
@@ -765,7 +438,13 @@ def test_dockerfile_installs_the_project_without_test_extras():
 
 def test_dockerfile_copies_every_package_and_the_build_files():
     copied = {source for sources, _ in copies() for source in sources}
-    needed = set(project_packages()) | {"pyproject.toml", pyproject()["project"]["readme"], "configs"}
+    folders = set(project_packages().values())
+    for folder in folders:
+        assert (ROOT / folder / "__init__.py").is_file(), (
+            f"pyproject.toml maps a package to {folder}/, which has no __init__.py")
+    uncopied = {f for f in folders if not any(f == c or f.startswith(c + "/") for c in copied)}
+    assert not uncopied, f"infra/Dockerfile does not COPY the package folders {sorted(uncopied)}"
+    needed = {"pyproject.toml", pyproject()["project"]["readme"], "configs"}
     assert needed <= copied, f"infra/Dockerfile does not COPY {sorted(needed - copied)}"
     for source in copied:
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"

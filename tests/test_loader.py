@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import shards, storage
+from ldmflow.data import image_shards, shard_stream, storage
 
 
 def make_shards(root: str, num_shards: int, per_shard: int) -> list[str]:
@@ -20,8 +20,8 @@ def make_shards(root: str, num_shards: int, per_shard: int) -> list[str]:
         for i in range(per_shard):
             index = s * per_shard + i
             image = helpers.encode(Image.fromarray(np.full((4, 4, 3), index % 256, dtype=np.uint8)))
-            samples.append(shards.Sample(shards.sample_key(index), image, "png", {"source": f"{index}.png"}, f"c{index}", index % 3))
-        urls.append(shards.write_shard(storage.join(root, shards.shard_name(s)), samples).url)
+            samples.append(image_shards.Sample(image_shards.sample_key(index), image, "png", {"source": f"{index}.png"}, f"c{index}", index % 3))
+        urls.append(image_shards.write_shard(storage.join(root, image_shards.shard_name(s)), samples).url)
     return urls
 
 
@@ -32,7 +32,7 @@ def test_assign_shards_disjoint_and_covering(num_shards):
         seen = []
         for rank in range(world):
             for worker in range(workers):
-                indices, split = shards.assign_shards(
+                indices, split = shard_stream.assign_shards(
                     num_shards, rank=rank, world_size=world, worker=worker, num_workers=workers, epoch=epoch, seed=7
                 )
                 if num_shards >= world * workers:
@@ -46,58 +46,58 @@ def test_assign_shards_disjoint_and_covering(num_shards):
 
 
 def test_assign_shards_reshuffles_each_epoch():
-    orders = {tuple(shards.assign_shards(20, epoch=epoch, seed=1)[0]) for epoch in range(5)}
+    orders = {tuple(shard_stream.assign_shards(20, epoch=epoch, seed=1)[0]) for epoch in range(5)}
     assert len(orders) == 5
-    assert shards.assign_shards(20, epoch=3, seed=1) == shards.assign_shards(20, epoch=3, seed=1)
+    assert shard_stream.assign_shards(20, epoch=3, seed=1) == shard_stream.assign_shards(20, epoch=3, seed=1)
 
 
 def test_shuffle_buffer_is_a_permutation():
     items = list(range(100))
-    out = list(shards.shuffled(items, 10, random.Random(0)))
+    out = list(shard_stream.shuffled(items, 10, random.Random(0)))
     assert sorted(out) == items and out != items
-    assert list(shards.shuffled(items, 0, random.Random(0))) == items
+    assert list(shard_stream.shuffled(items, 0, random.Random(0))) == items
 
 
 def test_ranks_and_workers_read_every_sample_once(tmp_path):
     urls = make_shards(str(tmp_path), num_shards=6, per_shard=5)
     keys = []
     for rank in range(2):
-        stream = shards.ShardStream(urls, rank=rank, world_size=2, shuffle_buffer=4, seed=3)
-        loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2, collate_fn=shards.collate)
+        stream = shard_stream.ShardStream(urls, rank=rank, world_size=2, shuffle_buffer=4, seed=3)
+        loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2, collate_fn=shard_stream.collate)
         for batch in loader:
             assert batch["image"].shape[1:] == (3, 4, 4) and batch["image"].dtype == torch.float32
             keys.extend(batch["key"])
-    assert sorted(keys) == [shards.sample_key(i) for i in range(30)]
+    assert sorted(keys) == [image_shards.sample_key(i) for i in range(30)]
 
 
 def test_fewer_shards_than_readers_falls_back_to_samples(tmp_path):
     urls = make_shards(str(tmp_path), num_shards=1, per_shard=10)
     keys = []
     for rank in range(3):
-        keys.extend(s.key for s in shards.ShardStream(urls, rank=rank, world_size=3, shuffle_buffer=0))
-    assert sorted(keys) == [shards.sample_key(i) for i in range(10)]
+        keys.extend(s.key for s in shard_stream.ShardStream(urls, rank=rank, world_size=3, shuffle_buffer=0))
+    assert sorted(keys) == [image_shards.sample_key(i) for i in range(10)]
 
 
 def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path):
     urls = make_shards(str(tmp_path), num_shards=2, per_shard=4)
-    bad = shards.Sample("900000000", b"\x89PNG not really", "png", {"source": "bad.png"})
-    urls.append(shards.write_shard(str(tmp_path / "shard-000002.tar"), [bad]).url)
+    bad = image_shards.Sample("900000000", b"\x89PNG not really", "png", {"source": "bad.png"})
+    urls.append(image_shards.write_shard(str(tmp_path / "shard-000002.tar"), [bad]).url)
     data = open(urls[1], "rb").read()
     open(urls[1], "wb").write(data[:2000])  # cut the second shard inside its first sample's image
 
-    stream = shards.ShardStream(urls, shuffle_buffer=0)
+    stream = shard_stream.ShardStream(urls, shuffle_buffer=0)
     keys = [s.key for s in stream]
-    assert keys == [shards.sample_key(i) for i in range(4)]
+    assert keys == [image_shards.sample_key(i) for i in range(4)]
     assert stream.skips.skipped >= 2
     assert any("undecodable image" in e for e in stream.skips.errors)
 
 
 def test_make_loader_reads_a_dataset_by_manifest(tmp_path):
-    from data.sharding import ShardConfig
-    from flows import shard as shard_flow
+    from ldmflow.data.sharding import ShardConfig
+    from ldmflow.flows import shard as shard_flow
 
     shard_flow.run("builtin:digits", str(tmp_path / "d"), ShardConfig(resolution=8, shard_size=50, limit=120), progress=False)
-    loader = shards.make_loader(str(tmp_path / "d"), batch_size=32, shuffle_buffer=64, seed=0)
+    loader = shard_stream.make_loader(str(tmp_path / "d"), batch_size=32, shuffle_buffer=64, seed=0)
     batches = list(loader)
     assert sum(len(b["key"]) for b in batches) == 120
     images = torch.cat([b["image"] for b in batches])
@@ -106,8 +106,8 @@ def test_make_loader_reads_a_dataset_by_manifest(tmp_path):
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
-    with pytest.raises(shards.ManifestError, match="no manifest"):
-        shards.read_manifest(str(tmp_path))
+    with pytest.raises(image_shards.ManifestError, match="no manifest"):
+        image_shards.read_manifest(str(tmp_path))
     (tmp_path / "manifest.json").write_text('{"format": "something-else"}')
-    with pytest.raises(shards.ManifestError, match="format is 'something-else'"):
-        shards.read_manifest(str(tmp_path))
+    with pytest.raises(image_shards.ManifestError, match="format is 'something-else'"):
+        image_shards.read_manifest(str(tmp_path))

@@ -1,6 +1,7 @@
 """The end-to-end pipeline as a user runs it (the CLI, in a subprocess), with every output
 on the local S3 server: killed during training, rerun to completion from the checkpoint,
-then rerun with nothing changed, which skips every stage."""
+rerun with only execution fields changed, which skips every stage, then with one identity
+field of the evaluation changed, which reruns exactly the stages from there on."""
 
 import json
 import os
@@ -9,9 +10,9 @@ import subprocess
 import sys
 import time
 
-from data import storage
+from ldmflow.data import storage
 
-CLI = [sys.executable, "-m", "flows.cli"]
+CLI = [sys.executable, "-m", "ldmflow.flows.cli"]
 
 CONFIG = """\
 shard: {{resolution: 16, shard_size: 100, limit: 300}}
@@ -92,7 +93,13 @@ def test_pipeline_on_s3_resumes_training_after_a_kill_then_skips_every_stage(buc
     assert shard_runs[0].data.tags["ldmflow.output.images"] == tags["ldmflow.image_dataset"]
     assert by_status["FINISHED"].data.tags["ldmflow.input.latents"] == tags["ldmflow.latents"]
 
-    # 3. Nothing changed: every stage is skipped.
+    # 3. Only execution fields changed (parallelism, logging, checkpoint cadence, the
+    #    evaluation's batching): every stage is skipped, nothing restarts.
+    executed = CONFIG.replace("limit: 300}", "limit: 300, workers: 1}").replace("log_every: 10,", "log_every: 5,") \
+        .replace("precompute: {{actors: 1}}", "precompute: {{actors: 2, batch_size: 16}}") \
+        .replace("checkpoint_every: 20,", "checkpoint_every: 50,").replace("kid_subsets: 5}", "kid_subsets: 5, batch_size: 7}")
+    assert executed != CONFIG
+    config.write_text(executed.format(bucket=bucket))
     third = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
     lines = stage_lines(third.stdout)
@@ -100,3 +107,11 @@ def test_pipeline_on_s3_resumes_training_after_a_kill_then_skips_every_stage(buc
     record = json.loads(storage.read_text(f"{bucket}/datasets/pipe/_stages/" + next(
         e.url.rsplit("/", 1)[1] for e in storage.list_prefix(f"{bucket}/datasets/pipe/_stages") if "/train-" in e.url)))
     assert record["outputs"]["model_uri"] == f"models:/pipe-model/{version.version}"
+
+    # 4. An identity field of the evaluation changed: exactly evaluate and what follows it rerun.
+    config.write_text(executed.replace("num_samples: 30,", "num_samples: 20,").format(bucket=bucket))
+    fourth = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    lines = stage_lines(fourth.stdout)
+    assert all("skipped" in lines[s] for s in ("shard", "autoencoder", "precompute", "train")), fourth.stdout
+    assert all("ran in" in lines[s] for s in ("evaluate", "promote")), fourth.stdout

@@ -9,26 +9,25 @@ import numpy as np
 import pytest
 import torch
 
-from data import autoencoder as autoencoder_format
-from data import latents, shards
-from data.precompute import PrecomputeConfig, precompute
-from training import autoencoder
+from ldmflow.data import image_shards, latent_shards, shard_stream
+from ldmflow.data.precompute import PrecomputeConfig, precompute
+from ldmflow.model import autoencoders
 
 
 @pytest.fixture(scope="module")
 def tiny_autoencoder(tmp_path_factory):
     """A tiny AutoencoderKL (untrained: exactness does not need a good one), saved as a folder."""
     torch.manual_seed(0)
-    vae = autoencoder.build_autoencoder(autoencoder.AutoencoderConfig(), 16)
+    vae = autoencoders.build("tiny", 16)
     folder = tmp_path_factory.mktemp("ae") / "autoencoder"
-    info = autoencoder_format.save(vae, folder, scale_factor=0.5, resolution=16, config={}, lineage={})
-    ref = latents.AutoencoderRef(uri=str(folder), weights_sha256=info.weights_sha256, scale_factor=0.5)
+    info = autoencoders.save(vae, folder, scale_factor=0.5, resolution=16, config={}, lineage={})
+    ref = latent_shards.AutoencoderRef(uri=str(folder), weights_sha256=info.weights_sha256, scale_factor=0.5)
     return folder, ref
 
 
 def read_latents(dest):
-    manifest = latents.read_manifest(dest)
-    stream = shards.ShardStream(latents.shard_urls(dest, manifest), shuffle_buffer=0, decode=latents.decode_latent)
+    manifest = latent_shards.read_manifest(dest)
+    stream = shard_stream.ShardStream(latent_shards.shard_urls(dest, manifest), shuffle_buffer=0, decode=latent_shards.decode_latent)
     return {s.key: s for s in stream}, stream
 
 
@@ -42,8 +41,8 @@ def test_latents_equal_inline_encoding(ray_local, digits16, tiny_autoencoder, tm
 
     got, stream = read_latents(str(tmp_path / "lat"))
     assert stream.skips.skipped == 0 and len(got) == 400
-    vae, _ = autoencoder_format.load(folder)
-    images = list(shards.ShardStream(shards.shard_urls(digits16), shuffle_buffer=0))
+    vae, _ = autoencoders.load(folder)
+    images = list(shard_stream.ShardStream(image_shards.shard_urls(digits16), shuffle_buffer=0))
     with torch.no_grad():
         posterior = vae.encode(torch.from_numpy(np.stack([s.image for s in images]))).latent_dist
     for i, image in enumerate(images):
@@ -53,9 +52,9 @@ def test_latents_equal_inline_encoding(ray_local, digits16, tiny_autoencoder, tm
         np.testing.assert_allclose(sample.logvar, posterior.logvar[i].numpy(), rtol=1e-3, atol=2e-3)
         assert (sample.label, sample.caption, sample.meta["source"]) == (image.label, image.caption, image.meta["source"])
 
-    latents.check_lineage(manifest, ref.weights_sha256)
-    with pytest.raises(latents.LineageError, match="not by the configured one"):
-        latents.check_lineage(manifest, "0" * 64, expected_uri="models:/other/1")
+    latent_shards.check_lineage(manifest, ref.weights_sha256)
+    with pytest.raises(latent_shards.LineageError, match="not by the configured one"):
+        latent_shards.check_lineage(manifest, "0" * 64, expected_uri="models:/other/1")
 
     rerun = precompute(digits16, str(tmp_path / "lat"), folder, ref, PrecomputeConfig(actors=2), progress=False)
     assert (rerun.written, rerun.skipped) == (0, 8)
@@ -84,7 +83,7 @@ def test_corrupt_latent_shard_and_manifest_are_clear(ray_local, digits16, tiny_a
     import tarfile
 
     with tarfile.open(victim) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(latents.KEY_MEAN))
+        member = next(m for m in tar.getmembers() if m.name.endswith(latent_shards.KEY_MEAN))
     data = bytearray(victim.read_bytes())
     data[member.offset_data : member.offset_data + 16] = b"\x00" * 16  # break the .npy header
     victim.write_bytes(bytes(data))
@@ -93,10 +92,10 @@ def test_corrupt_latent_shard_and_manifest_are_clear(ray_local, digits16, tiny_a
     assert any("corrupt array" in e for e in stream.skips.errors)
 
     (dest / "manifest.json").write_text("{ truncated")
-    with pytest.raises(shards.ManifestError, match="not JSON"):
-        latents.read_manifest(str(dest))
-    with pytest.raises(latents.LineageError):
-        precompute(digits16, str(dest), folder, latents.AutoencoderRef("x", "1" * 64, 1.0), PrecomputeConfig(), progress=False)
+    with pytest.raises(image_shards.ManifestError, match="not JSON"):
+        latent_shards.read_manifest(str(dest))
+    with pytest.raises(latent_shards.LineageError):
+        precompute(digits16, str(dest), folder, latent_shards.AutoencoderRef("x", "1" * 64, 1.0), PrecomputeConfig(), progress=False)
 
 
 def test_kill_and_rerun_gives_the_unbroken_manifest(ray_local, digits16, tiny_autoencoder, tmp_path, subprocess_env):
@@ -104,7 +103,7 @@ def test_kill_and_rerun_gives_the_unbroken_manifest(ray_local, digits16, tiny_au
     dest = tmp_path / "killed"
     # Join the session's Ray instead of starting one that the kill would orphan.
     env = subprocess_env | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    cli = [sys.executable, "-m", "flows.cli", "precompute", digits16, str(dest), "--autoencoder", str(folder),
+    cli = [sys.executable, "-m", "ldmflow.flows.cli", "precompute", digits16, str(dest), "--autoencoder", str(folder),
            "--actors", "1", "--batch-size", "8", "--no-progress"]
     process = subprocess.Popen(cli, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
@@ -119,7 +118,7 @@ def test_kill_and_rerun_gives_the_unbroken_manifest(ray_local, digits16, tiny_au
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "already complete" in result.stdout
     reference = precompute(digits16, str(tmp_path / "reference"), folder, ref, PrecomputeConfig(actors=1, batch_size=8), progress=False)
-    assert latents.read_manifest(str(dest)) == reference.manifest
+    assert latent_shards.read_manifest(str(dest)) == reference.manifest
 
 
 def test_relative_paths_reach_the_actors(ray_local, digits16, tiny_autoencoder, tmp_path, monkeypatch):

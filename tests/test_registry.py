@@ -1,15 +1,17 @@
 """The registered model: register → load by alias → the same images; export to diffusers;
 evaluation (FD, KID, class accuracy) and the promotion gate with rollback, on MLflow/SQLite."""
 
+import dataclasses
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from serving import model as model_format
-from serving.sampler import Sampler, load
-from training import evaluation, registry, tracking
+from ldmflow.model import model_format
+from ldmflow.model.sampler import Sampler
+from ldmflow.registry import aliases, models, tracking
+from ldmflow.training import evaluation, features, promotion
 from tests.helpers import tiny_diffusion_parts
 
 
@@ -23,7 +25,7 @@ def alias(name: str, alias_name: str) -> str:
 
 def register_folder_copy(folder, name: str) -> str:
     """Register a model folder as a new version of ``name``; returns the version."""
-    return registry.register(folder, name, new_run()).version
+    return models.register(folder, name, new_run()).version
 
 
 def test_register_then_load_by_alias_samples_like_the_in_memory_model(tmp_path):
@@ -34,11 +36,11 @@ def test_register_then_load_by_alias_samples_like_the_in_memory_model(tmp_path):
     unet, vae, vae_folder, info = tiny_diffusion_parts(tmp_path)
     in_memory = Sampler(unet, vae, info)
     model_format.save(tmp_path / "model", unet, vae_folder, info)
-    version = registry.register(tmp_path / "model", "registry-roundtrip", new_run())
+    version = models.register(tmp_path / "model", "registry-roundtrip", new_run())
     assert alias("registry-roundtrip", "candidate") == version.version
 
     for uri in ("models:/registry-roundtrip@candidate", f"models:/registry-roundtrip/{version.version}"):
-        loaded, registered = load(uri)
+        loaded, registered = models.load_sampler(uri)
         assert registered.version == version.version
         torch.testing.assert_close(loaded.generate(label=2, n=3, seed=7), in_memory.generate(label=2, n=3, seed=7))
     mlflow.set_tracking_uri(tracking.tracking_uri())
@@ -54,7 +56,7 @@ def test_register_then_load_by_alias_samples_like_the_in_memory_model(tmp_path):
 def test_export_is_a_diffusers_pipeline_that_samples_the_same_images(tmp_path):
     from diffusers import DiffusionPipeline
 
-    from serving.export import export
+    from ldmflow.serving.export import export
 
     unet, vae, vae_folder, info = tiny_diffusion_parts(tmp_path)
     model_format.save(tmp_path / "model", unet, vae_folder, info)
@@ -75,22 +77,40 @@ def test_export_is_a_diffusers_pipeline_that_samples_the_same_images(tmp_path):
 
 
 def test_frechet_distance_matches_the_closed_form_for_gaussians():
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((20000, 3))
-    b = rng.standard_normal((20000, 3)) * 2.0 + np.array([1.0, 0.0, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=generator, dtype=torch.float64)
+    b = torch.randn(20000, 3, generator=generator, dtype=torch.float64) * 2.0 + torch.tensor([1.0, 0.0, -1.0])
     # N(0, I) vs N(μ, 4I): ‖μ‖² + tr(I) + tr(4I) − 2 tr(2I) = 2 + 3 + 12 − 12 = 5
-    assert evaluation.frechet_distance(a, b) == pytest.approx(5.0, rel=0.03)
-    assert evaluation.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    few = rng.standard_normal((10, 64))  # fewer samples than dimensions: finite, non-negative
-    assert 0 <= evaluation.frechet_distance(few, few + 0.1) < np.inf
+    assert evaluation.distances(a, b)["fd"] == pytest.approx(5.0, rel=0.03)
+    assert evaluation.distances(a, a)["fd"] == pytest.approx(0.0, abs=1e-6)
+    few = torch.randn(10, 64, generator=generator)  # fewer samples than dimensions: finite, non-negative
+    assert 0 <= evaluation.distances(few, few + 0.1, kid_subset_size=10)["fd"] < float("inf")
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
-    rng = np.random.default_rng(1)
-    a, b = rng.standard_normal((400, 8)), rng.standard_normal((400, 8))
-    same = evaluation.kernel_inception_distance(a, b, subset_size=100, subsets=20)
-    shifted = evaluation.kernel_inception_distance(a, b + 1.0, subset_size=100, subsets=20)
+    generator = torch.Generator().manual_seed(1)
+    a, b = torch.randn(400, 8, generator=generator), torch.randn(400, 8, generator=generator)
+    same = evaluation.distances(a, b, kid_subset_size=100, kid_subsets=20)["kid"]
+    shifted = evaluation.distances(a, b + 1.0, kid_subset_size=100, kid_subsets=20)["kid"]
     assert abs(same) < 0.02 < shifted
+    assert evaluation.distances(a, b + 1.0, kid_subset_size=100, kid_subsets=20, seed=3)["kid"] == pytest.approx(
+        evaluation.distances(a, b + 1.0, kid_subset_size=100, kid_subsets=20, seed=3)["kid"])  # seeded subsets
+
+
+def test_images_reach_the_feature_extractor_as_uint8_at_their_own_size(tmp_path):
+    """As the reference FID implementations feed Inception: saved-PNG values, not resized."""
+
+    class Probe(torch.nn.Module):  # reports what it was given, as its "features"
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            facts = [float(x.dtype == torch.uint8), float(x.shape[2]), float(x.shape[3]),
+                     float(x.min()), float(x.max()), float(return_features)]
+            return torch.tensor(facts).repeat(x.shape[0], 1)
+
+    path = tmp_path / "probe.pt"
+    torch.jit.save(torch.jit.script(Probe()), str(path))
+    images = torch.linspace(-1, 1, 2 * 3 * 16 * 16).view(2, 3, 16, 16)
+    seen = features.InceptionFeatures(str(path))(features.to_uint8(images))
+    assert seen[0].tolist() == [1.0, 16.0, 16.0, 0.0, 255.0, 1.0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,12 +123,12 @@ EVAL = evaluation.EvaluationConfig(num_samples=60, reference_samples=200, steps=
 
 def random_unet_copy(folder, dest):
     """The same model with an untrained UNet: a clearly worse candidate."""
-    from training import unet
+    from ldmflow.model import unets
 
     info = model_format.read_info(folder)
     shutil.copytree(folder, dest)
     torch.manual_seed(123)
-    fresh = unet.build_unet("tiny", info.conditioning, tuple(info.latent_shape), len(info.class_names))
+    fresh = unets.build("tiny", info.conditioning, tuple(info.latent_shape), len(info.class_names))
     fresh.save_pretrained(dest / model_format.UNET, safe_serialization=True)
     return dest
 
@@ -123,6 +143,9 @@ def test_evaluate_records_scores_on_the_model_version(digits_model, tmp_path):
     assert evaluation.recorded(name, version, EVAL) == result
     again = evaluation.evaluate(digits_model.model_uri, EVAL)  # fixed seeds: the same scores
     assert again.metrics == pytest.approx(result.metrics)
+    registered = models.resolve_version(digits_model.model_uri)  # the scores attach to the logged model too
+    logged = tracking.client().get_logged_model(registered.model_id)
+    assert {"eval_fd", "eval_kid", "eval_class_accuracy"} <= {m.key for m in logged.metrics}
 
 
 def test_evaluate_with_local_inception_weights(digits_model, tmp_path):
@@ -130,15 +153,15 @@ def test_evaluate_with_local_inception_weights(digits_model, tmp_path):
 
     class Features(torch.nn.Module):
         def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-            assert x.shape[-1] == 299
-            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+            assert x.dtype == torch.uint8  # the reference preparation: uint8, native size
+            return torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1)
 
     path = tmp_path / "inception.pt"
     torch.jit.save(torch.jit.script(Features()), str(path))
-    config = evaluation.EvaluationConfig(**{**vars(EVAL), "inception_path": str(path)})
+    config = dataclasses.replace(EVAL, inception_path=str(path))
     result = evaluation.evaluate(digits_model.model_uri, config)
     assert result.features == "inception" and result.metrics["fd"] > 0
-    missing = evaluation.EvaluationConfig(**{**vars(EVAL), "features": "inception"})
+    missing = dataclasses.replace(EVAL, features="inception")
     with pytest.raises(ValueError, match="inception_path"):
         evaluation.evaluate(digits_model.model_uri, missing)
 
@@ -147,14 +170,14 @@ def test_promotion_refuses_a_worse_candidate_accepts_a_better_one_and_rolls_back
     name = "gate-test"
     good = digits_model.folder
     bad = random_unet_copy(good, tmp_path / "bad")
-    config = registry.PromotionConfig(metric="fd")
+    config = promotion.PromotionConfig(metric="fd")
 
     register_folder_copy(bad, name)  # v1: the first version goes to production whatever its score
-    first = registry.promote(name, config, EVAL)
+    first = promotion.promote(name, config, EVAL)
     assert first.promoted and first.candidate == "1" and first.production is None
 
     register_folder_copy(good, name)  # v2: better
-    better = registry.promote(name, config, EVAL)
+    better = promotion.promote(name, config, EVAL)
     assert better.promoted and better.candidate == "2" and better.production == "1"
     assert better.candidate_score < better.production_score
     client = tracking.client()
@@ -165,19 +188,19 @@ def test_promotion_refuses_a_worse_candidate_accepts_a_better_one_and_rolls_back
     assert float(tags["ldmflow.promotion.production_score"]) == pytest.approx(better.production_score)
 
     register_folder_copy(bad, name)  # v3: worse
-    worse = registry.promote(name, config, EVAL)
+    worse = promotion.promote(name, config, EVAL)
     assert not worse.promoted and worse.candidate_score > worse.production_score
     assert alias(name, "production") == "2"
     assert alias(name, "candidate") == "3"
     assert client.get_model_version(name, "3").tags["ldmflow.promotion.decision"] == "refused"
 
-    forced = registry.promote(name, config, EVAL, force=True)  # scores come from the version tags
+    forced = promotion.promote(name, config, EVAL, force=True)  # scores come from the version tags
     assert forced.promoted and "forced" in forced.reason
-    assert registry.history(name) == ["1", "2", "3"]
+    assert aliases.history(name) == ["1", "2", "3"]
 
-    back = registry.rollback(name)
+    back = aliases.rollback(name)
     assert (back.restored, back.replaced) == ("2", "3")
     assert alias(name, "production") == "2"
-    assert registry.rollback(name).restored == "1"
-    with pytest.raises(registry.RegistryError, match="nothing to roll back to"):
-        registry.rollback(name)
+    assert aliases.rollback(name).restored == "1"
+    with pytest.raises(aliases.RegistryError, match="nothing to roll back to"):
+        aliases.rollback(name)

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from serving import model as model_format
-from serving.sampler import Sampler, to_pil
+from ldmflow.model import model_format
+from ldmflow.model.grids import to_pil
+from ldmflow.model.sampler import Sampler
+from ldmflow.registry import models
 from tests.helpers import tiny_diffusion_parts
 
 
@@ -116,7 +118,7 @@ def test_saved_folder_and_pyfunc_sample_like_the_in_memory_model(parts, sampler,
     loaded = Sampler.from_folder(tmp_path / "model")
     torch.testing.assert_close(loaded.generate(label=6, n=2, seed=11), sampler.generate(label=6, n=2, seed=11))
 
-    packaged = model_format.package_mlflow(tmp_path / "model", tmp_path / "mlflow")
+    packaged = models.package(tmp_path / "model", tmp_path / "mlflow")
     assert model_format.model_folder(packaged) == packaged / "data" / model_format.MLFLOW_DATA
     pyfunc = mlflow.pyfunc.load_model(str(packaged))
     assert [c.name for c in pyfunc.metadata.get_input_schema().inputs][:2] == ["label", "prompt"]

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving import app
-from training import registry, tracking
+from ldmflow.registry import models, tracking
+from ldmflow.serving import app
 from tests import helpers
 
 NAME = "serve-test"
@@ -34,7 +34,7 @@ def server(digits_model):
     from ray import serve
 
     run = tracking.client().create_run(tracking.experiment_id("test-serving")).info.run_id
-    version = registry.register(digits_model.folder, NAME, run).version
+    version = models.register(digits_model.folder, NAME, run).version
     tracking.client().set_registered_model_alias(NAME, "production", version)
     config = app.ServeConfig(port=free_port(), num_cpus=0.5, follow_seconds=0.5, max_batch_size=8,
                              batch_wait_timeout_s=0.05, max_steps=50, max_images=8, max_image_bytes=50_000,
@@ -156,7 +156,7 @@ def test_model_description_and_openapi(server):
 
 def test_promotion_reaches_the_server_without_a_failed_request(server, digits_model):
     run = tracking.client().create_run(tracking.experiment_id("test-serving")).info.run_id
-    new_version = registry.register(digits_model.folder, NAME, run).version
+    new_version = models.register(digits_model.folder, NAME, run).version
     outcomes, stop = [], threading.Event()
 
     def client_loop():

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import shards, storage
-from data.sharding import ShardConfig
-from flows import shard as shard_flow
+from ldmflow.data import image_shards, shard_stream, storage
+from ldmflow.data.sharding import ShardConfig
+from ldmflow.flows import shard as shard_flow
 from tests import helpers
 
 CONFIG = ShardConfig(resolution=16, shard_size=4, workers=2)
@@ -46,8 +46,8 @@ def make_class_folder_dataset(root: str) -> dict[str, tuple[np.ndarray, str | No
     return expected
 
 
-def read_all(dataset: str) -> dict[str, shards.DecodedSample]:
-    stream = shards.ShardStream(shards.shard_urls(dataset), shuffle_buffer=0)
+def read_all(dataset: str) -> dict[str, image_shards.DecodedSample]:
+    stream = shard_stream.ShardStream(image_shards.shard_urls(dataset), shuffle_buffer=0)
     samples = {sample.meta["source"]: sample for sample in stream}
     assert stream.skips.skipped == 0
     return samples
@@ -60,12 +60,12 @@ def test_round_trip_pixels_captions_labels(where, tmp_path, request):
     expected = make_class_folder_dataset(source)
 
     outcome = shard_flow.run(source, dest, CONFIG, progress=False)
-    manifest = shards.read_manifest(dest)
+    manifest = image_shards.read_manifest(dest)
     assert manifest == outcome.manifest
     assert manifest.class_names == ("cat", "dog", "eel")
     assert (manifest.num_inputs, manifest.num_samples, manifest.num_duplicates, manifest.num_rejected) == (9, 9, 0, 0)
     assert [s.url for s in manifest.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    for info, url in zip(manifest.shards, shards.shard_urls(dest)):
+    for info, url in zip(manifest.shards, image_shards.shard_urls(dest)):
         assert storage.size(url) == info.bytes
 
     samples = read_all(dest)
@@ -114,12 +114,12 @@ def test_awkward_and_broken_inputs(tmp_path):
     assert manifest.num_samples == len(good) - 1
     assert manifest.num_duplicates == 1
     assert manifest.num_rejected == len(broken) + 2
-    rejects = {row["source"]: row["reason"] for row in shards.read_jsonl(str(dest / shards.REJECTS))}
+    rejects = {row["source"]: row["reason"] for row in image_shards.read_jsonl(str(dest / image_shards.REJECTS))}
     for name, (_, reason) in broken.items():
         assert reason in rejects[name], (name, rejects[name])
     assert rejects["o_second_empty.png"] == "empty file"
     assert rejects["metadata.jsonl"].startswith("unusable metadata file: line 2 is not JSON")
-    duplicates = shards.read_jsonl(str(dest / shards.DUPLICATES))
+    duplicates = image_shards.read_jsonl(str(dest / image_shards.DUPLICATES))
     assert duplicates == [{"source": "h_copy_of_plain.png", "duplicate_of": "a_plain.png"}]
     samples = read_all(str(dest))
     assert samples["g_rotated.jpg"].meta | {"sha256": None} == {
@@ -134,17 +134,17 @@ def test_deterministic_and_resumes_only_missing_shards(tmp_path):
     config = ShardConfig(resolution=16, shard_size=3, workers=2)
     one = shard_flow.run(str(source), str(first), config, progress=False)
     shard_flow.run(str(source), str(second), config, progress=False)
-    for name in [s.url for s in one.manifest.shards] + [shards.MANIFEST, shards.REJECTS]:
+    for name in [s.url for s in one.manifest.shards] + [image_shards.MANIFEST, image_shards.REJECTS]:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
     # Lose one shard and the manifest: a rerun rewrites just that shard, byte for byte.
     original = (second / "shard-000002.tar").read_bytes()
     (second / "shard-000002.tar").unlink()
-    (second / shards.MANIFEST).unlink()
+    (second / image_shards.MANIFEST).unlink()
     again = shard_flow.run(str(source), str(second), config, progress=False)
     assert (again.shards_written, again.shards_skipped) == (1, 3)
     assert (second / "shard-000002.tar").read_bytes() == original
-    assert (second / shards.MANIFEST).read_bytes() == (first / shards.MANIFEST).read_bytes()
+    assert (second / image_shards.MANIFEST).read_bytes() == (first / image_shards.MANIFEST).read_bytes()
 
     # A new config invalidates every chunk and removes shards the new plan no longer has.
     bigger = shard_flow.run(str(source), str(second), ShardConfig(resolution=16, shard_size=5), progress=False)
@@ -156,7 +156,7 @@ def test_kill_and_rerun_gives_the_unbroken_manifest(tmp_path, subprocess_env):
     """SIGKILL the CLI mid-run: no partial shard is visible; a rerun ends as an unbroken run."""
     dest, reference = tmp_path / "killed", tmp_path / "reference"
     args = ["--resolution", "32", "--shard-size", "60", "--workers", "1", "--limit", "1200", "--no-progress"]
-    cli = [sys.executable, "-m", "flows.cli", "shard", "builtin:digits"]
+    cli = [sys.executable, "-m", "ldmflow.flows.cli", "shard", "builtin:digits"]
     process = subprocess.Popen([*cli, str(dest), *args], env=subprocess_env, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -166,7 +166,7 @@ def test_kill_and_rerun_gives_the_unbroken_manifest(tmp_path, subprocess_env):
     process.send_signal(signal.SIGKILL)
     process.wait()
     written = sorted(dest.glob("shard-*.tar"))
-    assert 3 <= len(written) < 20 and not (dest / shards.MANIFEST).exists()
+    assert 3 <= len(written) < 20 and not (dest / image_shards.MANIFEST).exists()
     for path in written:  # every visible shard is a complete tar
         with tarfile.open(path) as tar:
             assert len(tar.getmembers()) % 4 == 0 and len(tar.getmembers()) > 0
@@ -176,7 +176,7 @@ def test_kill_and_rerun_gives_the_unbroken_manifest(tmp_path, subprocess_env):
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
     assert "already complete" in result.stdout
-    assert (dest / shards.MANIFEST).read_bytes() == (reference / shards.MANIFEST).read_bytes()
+    assert (dest / image_shards.MANIFEST).read_bytes() == (reference / image_shards.MANIFEST).read_bytes()
     assert not [p for p in os.listdir(dest) if storage.is_temporary(p)]
 
 
@@ -203,7 +203,7 @@ def test_tar_source_with_webdataset_members(tmp_path):
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "part.tar").write_bytes(data[: len(data) * 2 // 3])
     cut = shard_flow.run(str(tmp_path / "cut"), str(tmp_path / "cut-out"), CONFIG, progress=False).manifest
-    rejects = shards.read_jsonl(str(tmp_path / "cut-out" / shards.REJECTS))
+    rejects = image_shards.read_jsonl(str(tmp_path / "cut-out" / image_shards.REJECTS))
     assert any(r["source"] == "part.tar" and "truncated or corrupt tar" in r["reason"] for r in rejects)
     assert cut.num_inputs == cut.num_samples + cut.num_duplicates + cut.num_rejected
     assert 0 < cut.num_samples < 5
@@ -215,20 +215,20 @@ def test_builtin_digits(tmp_path):
     assert (manifest.num_inputs, len(manifest.shards)) == (1797, 2)
     assert manifest.num_inputs == manifest.num_samples + manifest.num_duplicates
     assert manifest.class_names == tuple("0123456789")
-    sample = next(iter(shards.ShardStream(shards.shard_urls(str(tmp_path / "digits")), shuffle_buffer=0)))
+    sample = next(iter(shard_stream.ShardStream(image_shards.shard_urls(str(tmp_path / "digits")), shuffle_buffer=0)))
     assert sample.caption == "a handwritten digit zero" and sample.label == 0
     assert 0.2 < manifest.stats["mean"][0] < 0.4
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
-    from data.sources import SourceError
+    from ldmflow.data.sources import SourceError
 
     with pytest.raises(SourceError, match="no such folder"):
         shard_flow.run(str(tmp_path / "nope"), str(tmp_path / "out"), CONFIG, progress=False)
 
 
 def test_statistics_match_numpy():
-    from data.sharding import channel_histograms, histogram_mean_std
+    from ldmflow.data.sharding import channel_histograms, histogram_mean_std
 
     pixels = helpers.pattern(32, 24, seed=5)
     mean, std = histogram_mean_std(channel_histograms(Image.fromarray(pixels)))

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from data import storage
+from ldmflow.data import storage
 
 
 @pytest.fixture(params=["local", "s3"])

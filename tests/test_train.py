@@ -12,21 +12,22 @@ import numpy as np
 import pytest
 import torch
 
-from data import autoencoder as autoencoder_format
-from data import latents, shards
-from data.precompute import PrecomputeConfig, precompute
-from training import autoencoder, diffusion, tracking, unet
-from training.train import DiffusionConfig, denoising_loss, train
+from ldmflow.data import image_shards, latent_shards, shard_stream
+from ldmflow.data.precompute import PrecomputeConfig, precompute
+from ldmflow.model import autoencoders, schedules, unets
+from ldmflow.registry import tracking
+from ldmflow.training.diffusion_loop import denoising_loss
+from ldmflow.training.train import DiffusionConfig, train
 
 TINY = dict(steps=200, batch_size=16, lr=1e-3, warmup_steps=10, checkpoint_every=20, log_every=1, sample_steps=5,
             shuffle_buffer=50)
 
 
-def save_tiny_autoencoder(folder: Path, seed: int) -> latents.AutoencoderRef:
+def save_tiny_autoencoder(folder: Path, seed: int) -> latent_shards.AutoencoderRef:
     torch.manual_seed(seed)
-    vae = autoencoder.build_autoencoder(autoencoder.AutoencoderConfig(), 16)
-    info = autoencoder_format.save(vae, folder, scale_factor=0.8, resolution=16, config={}, lineage={})
-    return latents.AutoencoderRef(uri=str(folder), weights_sha256=info.weights_sha256, scale_factor=0.8)
+    vae = autoencoders.build("tiny", 16)
+    info = autoencoders.save(vae, folder, scale_factor=0.8, resolution=16, config={}, lineage={})
+    return latent_shards.AutoencoderRef(uri=str(folder), weights_sha256=info.weights_sha256, scale_factor=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,10 @@ def _one_step_worker(loop_config):
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(0)
-    model = unet.build_unet("tiny", "class", (4, 4, 4), 10)
+    model = unets.build("tiny", "class", (4, 4, 4), 10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     ddp = ray.train.torch.prepare_model(model)
-    scheduler = diffusion.training_scheduler(config.noise)
+    scheduler = schedules.training_scheduler(config.noise)
     generator = torch.Generator().manual_seed(7)  # the same global batch on every worker
     total = loop_config["global_batch"]
     x0 = torch.randn(total, 4, 4, 4, generator=generator)
@@ -90,7 +91,7 @@ def test_ddp_step_equals_single_worker_double_batch(ray_local, tmp_path):
         ).fit()
         weights[workers] = load_file(out)
     torch.manual_seed(0)
-    initial = unet.build_unet("tiny", "class", (4, 4, 4), 10).state_dict()
+    initial = unets.build("tiny", "class", (4, 4, 4), 10).state_dict()
     moved = sum(not torch.equal(initial[k], weights[1][k]) for k in initial)
     assert moved > len(initial) // 2
     for key in weights[1]:
@@ -156,7 +157,7 @@ def test_killed_worker_is_replaced_and_resumes_exactly(latent_set, tmp_path):
 def test_lineage_guard_refuses_another_autoencoder(latent_set, tmp_path):
     dest, _ = latent_set
     save_tiny_autoencoder(tmp_path / "other", seed=1)
-    with pytest.raises(latents.LineageError, match="not by the configured one"):
+    with pytest.raises(latent_shards.LineageError, match="not by the configured one"):
         train(dest, DiffusionConfig(**TINY, autoencoder=str(tmp_path / "other")), progress=False)
 
 
@@ -164,11 +165,11 @@ def poisoned_copy(dest: str, target: Path, names: list[str]) -> Path:
     """A copy of a latent set whose named shards hold NaN latents."""
     shutil.copytree(dest, target)
     for name in names:
-        samples = list(shards.iter_raw_samples([str(target / name)], shards.SkipCounter()))
+        samples = list(shard_stream.iter_raw_samples([str(target / name)], shard_stream.SkipCounter()))
         for raw in samples:
-            raw[latents.KEY_MEAN] = latents.encode_array(np.full_like(latents.decode_array(raw[latents.KEY_MEAN]), np.nan))
+            raw[latent_shards.KEY_MEAN] = latent_shards.encode_array(np.full_like(latent_shards.decode_array(raw[latent_shards.KEY_MEAN]), np.nan))
             raw.pop("__url__", None)
-        shards.write_shard(str(target / name), samples)
+        image_shards.write_shard(str(target / name), samples)
     return target
 
 
@@ -192,7 +193,7 @@ def test_text_conditioning_trains_and_samples_by_prompt(latent_set, bucket):
     Ray Train's checkpoints on the S3 server."""
     from PIL import Image
 
-    from data import storage
+    from ldmflow.data import storage
 
     dest, _ = latent_set
     config = DiffusionConfig(**{**TINY, "steps": 6, "checkpoint_every": 3, "sample_every": 3}, conditioning="text",
@@ -202,7 +203,7 @@ def test_text_conditioning_trains_and_samples_by_prompt(latent_set, bucket):
     assert any(name.endswith("/unet.safetensors") for name in stored)
     grid = Image.open(trained.grid)
     assert grid.size == (8 * 16, 10 * 16)  # a row per distinct caption ("a handwritten digit zero" …)
-    assert json.loads((trained.folder / "unet" / "config.json").read_text())["cross_attention_dim"] == unet.TEXT_DIM
+    assert json.loads((trained.folder / "unet" / "config.json").read_text())["cross_attention_dim"] == unets.TEXT_DIM
     grids = [a.path for a in tracking.client().list_artifacts(trained.run_id, "samples")]
     assert grids == ["samples/step-0000003.png", "samples/step-0000006.png"]
     assert "class_accuracy" not in trained.metrics

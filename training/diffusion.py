@@ -1,72 +1,19 @@
-"""Diffusion as plain functions: schedules, targets, loss weights and EMA.
+"""Diffusion training as plain functions: targets, loss weights, noise tricks, EMA, LR.
 
 The network knows nothing of the schedule: it maps ``(x_t, t, cond)`` to a prediction.
-The forward process and the samplers are diffusers' schedulers (``DDPMScheduler``'s
-``add_noise`` and ``get_velocity``; DDPM, DDIM and DPM-Solver++ for sampling); what is
-here is what diffusers leaves to the training script. The reverse process itself lives
-with the sampler, in ``serving/sampler.py``.
+The schedule and its diffusers schedulers are the model layer's
+(:mod:`ldmflow.model.schedules`); what is here is what diffusers leaves to the training
+script. The reverse process lives with the sampler (:mod:`ldmflow.model.sampler`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-
-Schedule = Literal["linear", "scaled_linear", "cosine"]
-Prediction = Literal["epsilon", "v_prediction"]
-_DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
-
-
-@dataclass(frozen=True)
-class NoiseSchedule:
-    """What defines the forward process; saved with every checkpoint and model."""
-
-    schedule: Schedule = "linear"
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    prediction_type: Prediction = "epsilon"
-    zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2024)
-
-    def scheduler_config(self) -> dict:
-        """Keyword arguments shared by every diffusers scheduler built for this schedule.
-
-        ``clip_sample`` is off: predicted x0 is a latent, not an image in [-1, 1].
-        """
-        return dict(
-            num_train_timesteps=self.num_train_timesteps,
-            beta_start=self.beta_start,
-            beta_end=self.beta_end,
-            beta_schedule=_DIFFUSERS_SCHEDULE[self.schedule],
-            prediction_type=self.prediction_type,
-            rescale_betas_zero_snr=self.zero_terminal_snr,
-        )
-
-
-def training_scheduler(schedule: NoiseSchedule):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(**schedule.scheduler_config(), clip_sample=False)
-
-
-def sampling_scheduler(schedule: NoiseSchedule, sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"):
-    """A fresh scheduler for one sampling run (schedulers carry per-run step state)."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    config = schedule.scheduler_config()
-    if sampler == "ddpm":
-        return DDPMScheduler(**config, clip_sample=False)
-    if sampler == "ddim":
-        spacing = "trailing" if schedule.zero_terminal_snr else "leading"
-        return DDIMScheduler(**config, clip_sample=False, set_alpha_to_one=False, timestep_spacing=spacing)
-    if sampler == "dpm++":
-        return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"unknown sampler {sampler!r}: choose ddpm, ddim or dpm++")
 
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from data import cluster
-from training import tracking
+from ldmflow.data import cluster
+from ldmflow.registry import tracking
+from ldmflow.state import state_dir
 
 
 def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, workers: int, use_gpu: str,
@@ -21,7 +22,7 @@ def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: st
     from ray.train.torch import TorchTrainer
 
     cluster.ensure_ray()
-    path, filesystem = cluster.checkpoint_storage(storage_url or str(tracking.state_dir() / "ray_results"))
+    path, filesystem = cluster.checkpoint_storage(storage_url or str(state_dir() / "ray_results"))
     trainer = TorchTrainer(
         worker,
         train_loop_config=loop_config,

@@ -1,5 +1,6 @@
-"""The autoencoder folder format, defined once: written by training, read by precompute,
-diffusion training and the sampler.
+"""The autoencoder: diffusers' ``AutoencoderKL`` sized by named presets, and its folder
+format, defined once: written by training, read by precompute, diffusion training and the
+sampler.
 
 A folder holds diffusers' own files for ``AutoencoderKL`` (``config.json`` and
 ``diffusion_pytorch_model.safetensors``: weights as safetensors, config as JSON, nothing
@@ -16,9 +17,36 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ldmflow.model import meta
+
 KIND = "ldmflow.autoencoder"
-META = "ldmflow.json"
+META = meta.NAME
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests and the demo: f=4, 4-channel latents (32 px → 8×8×4).
+    "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+                 mid_block_add_attention=False),
+    # Stable Diffusion's geometry: f=8, 4-channel latents (256 px → 32×32×4).
+    "base": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32),
+}
+
+
+def build(preset: str, resolution: int):
+    """A fresh ``AutoencoderKL`` of the named preset for ``resolution``-pixel images."""
+    from diffusers import AutoencoderKL
+
+    sizes = PRESETS[preset]
+    depth = len(sizes["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * depth,
+        up_block_types=("UpDecoderBlock2D",) * depth,
+        sample_size=resolution,
+        **sizes,
+    )
 
 
 class AutoencoderError(ValueError):
@@ -65,9 +93,7 @@ def save(vae, folder: str | Path, *, scale_factor: float, resolution: int, confi
 
 def read_info(folder: str | Path) -> AutoencoderInfo:
     """``ldmflow.json`` of an autoencoder folder, checked."""
-    from data import config as configs
-
-    return configs.read_meta(Path(folder) / META, KIND, AutoencoderInfo, AutoencoderError)
+    return meta.read(Path(folder) / META, KIND, AutoencoderInfo, AutoencoderError)
 
 
 def load(folder: str | Path, device: str = "cpu", verify: bool = True):

@@ -1,6 +1,6 @@
 """Sampling: condition → latents → image, plus img2img editing and inpainting.
 
-:class:`Sampler` holds a model's UNet, autoencoder and :class:`~serving.model.ModelInfo`
+:class:`Sampler` holds a model's UNet, autoencoder and :class:`~ldmflow.model.model_format.ModelInfo`
 and nothing that changes per request: every :meth:`Sampler.run` builds a fresh diffusers
 scheduler (schedulers carry a step index; sharing one between concurrent requests corrupts
 them) and per-image random generators. Image ``i`` of a job with seed ``s`` draws all its
@@ -13,12 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serving import model as model_format
-from training import diffusion, unet as unets
+from ldmflow.model import model_format, schedules, unets
 
 SamplerName = Literal["ddpm", "ddim", "dpm++"]
 SAMPLERS = ("ddpm", "ddim", "dpm++")
@@ -54,6 +52,15 @@ class Job:
         """Jobs with equal keys share a timestep schedule and run as one batch."""
         strength = self.strength if self.mode == "edit" else 1.0
         return (self.mode, self.sampler, self.steps, strength)
+
+
+def batches(jobs: list[Job]) -> list[list[int]]:
+    """Indices of ``jobs`` grouped by :meth:`Job.batch_key`, in order of first appearance:
+    each group can run as one :meth:`Sampler.run`."""
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(job.batch_key(), []).append(i)
+    return list(groups.values())
 
 
 def generators(jobs: list[Job]) -> list[torch.Generator]:
@@ -128,7 +135,7 @@ class Sampler:
         self.vae = vae.to(device).eval()
         self.info = info
         self.device = device
-        self.schedule = diffusion.NoiseSchedule(**info.noise)
+        self.schedule = schedules.NoiseSchedule(**info.noise)
         self._text_encoder = text_encoder
 
     @classmethod
@@ -190,7 +197,7 @@ class Sampler:
         first = jobs[0]
         gens = generators(jobs)
         latent_shape = tuple(self.info.latent_shape)
-        scheduler = diffusion.sampling_scheduler(self.schedule, first.sampler)
+        scheduler = schedules.sampling_scheduler(self.schedule, first.sampler)
         scheduler.set_timesteps(first.steps)
         cond, null = self._conditioning(jobs)
         guidance = torch.tensor([job.guidance for job in jobs for _ in range(job.n)]).view(-1, 1, 1, 1).to(self.device)
@@ -270,44 +277,3 @@ class Sampler:
     @staticmethod
     def _split(images: torch.Tensor, jobs: list[Job]) -> list[torch.Tensor]:
         return list(images.cpu().split([job.n for job in jobs]))
-
-    # -- images in and out ------------------------------------------------------------
-
-    def image_tensor(self, image) -> torch.Tensor:
-        """A PIL image as the model's (3, R, R) input in [−1, 1]: RGB, short side resized, centre crop."""
-        from data import images
-
-        square = images.resize_and_crop(images.to_rgb(image), self.info.resolution)
-        return torch.from_numpy(np.asarray(square, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-
-    def mask_tensor(self, mask) -> torch.Tensor:
-        """A PIL mask (white/non-zero: generate) as (1, R, R) of 0/1, cropped like the image."""
-        from data import images
-
-        square = images.resize_and_crop(mask.convert("L"), self.info.resolution, resample="nearest")
-        return torch.from_numpy((np.asarray(square) >= 128).astype(np.float32)).unsqueeze(0)
-
-
-def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [−1, 1] → PIL RGB images."""
-    from PIL import Image
-
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
-
-
-def grid(rows: list[torch.Tensor]):
-    """A PIL grid with one row per (n, 3, H, W) tensor (all of the same n)."""
-    from PIL import Image
-
-    body = torch.cat([torch.cat(list(row), dim=-1) for row in rows], dim=-2)
-    return Image.fromarray(((body.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
-def load(uri: str, device: str = "cpu") -> tuple[Sampler, object]:
-    """The sampler of ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/``, a
-    folder) and its registry entry (None for a folder)."""
-    from training import tracking
-
-    folder, registered = tracking.resolve(uri)
-    return Sampler.from_folder(folder, device), registered

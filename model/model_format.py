@@ -6,11 +6,12 @@ A model folder holds everything sampling needs and nothing pickled::
     ldmflow.json     kind, conditioning, noise schedule, latent geometry, scale factor,
                      class names, text encoder, sampler defaults, lineage, training config
     unet/            the EMA UNet (diffusers' config.json + safetensors)
-    autoencoder/     a copy of the autoencoder folder (``data/autoencoder.py``): the decoder
-                     (and encoder, for editing and inpainting) with its scale factor
+    autoencoder/     a copy of the autoencoder folder (:mod:`ldmflow.model.autoencoders`): the
+                     decoder (and encoder, for editing and inpainting) with its scale factor
 
-A registered model version is an MLflow pyfunc model (``MLmodel`` with a signature) whose
-``data/ldm`` is that folder, loaded by :mod:`serving.pyfunc` without unpickling anything.
+A registered model version is an MLflow pyfunc model (:mod:`ldmflow.registry.models`) whose
+``data/ldm`` is that folder, loaded by :mod:`ldmflow.serving.pyfunc` without unpickling
+anything.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ldmflow.model import autoencoders, meta
+
 KIND = "ldmflow.diffusion"
-META = "ldmflow.json"
+META = meta.NAME
 UNET = "unet"
 AUTOENCODER = "autoencoder"
 MLFLOW_DATA = "ldm"  # the model folder's name inside an MLflow model's data/
@@ -47,7 +50,7 @@ class ModelInfo:
     """``ldmflow.json`` of a diffusion model folder."""
 
     conditioning: str  # class | text | none
-    noise: dict[str, Any]  # training.diffusion.NoiseSchedule as a dict
+    noise: dict[str, Any]  # ldmflow.model.schedules.NoiseSchedule as a dict
     latent_shape: list[int]  # (C, h, w)
     resolution: int  # image side in pixels
     scale_factor: float  # latent = autoencoder mean × scale_factor
@@ -91,67 +94,19 @@ def model_folder(path: str | Path) -> Path:
 
 
 def read_info(folder: str | Path) -> ModelInfo:
-    from data import config as configs
-
     def prepare(body: dict) -> dict:
         return {**body, "defaults": SamplerDefaults(**body.get("defaults", {}))}
 
-    return configs.read_meta(Path(folder) / META, KIND, ModelInfo, ModelError, prepare)
+    return meta.read(Path(folder) / META, KIND, ModelInfo, ModelError, prepare)
 
 
 def load_parts(folder: str | Path, device: str = "cpu"):
     """(UNet, autoencoder, info) of a model folder, in eval mode on ``device``."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    from data import autoencoder as autoencoder_format
-
     folder = model_folder(folder)
     info = read_info(folder)
     cls = UNet2DConditionModel if info.conditioning == "text" else UNet2DModel
     unet = cls.from_pretrained(folder / UNET, use_safetensors=True, low_cpu_mem_usage=False).to(device).eval()
-    vae, _ = autoencoder_format.load(folder / AUTOENCODER, device=device)
+    vae, _ = autoencoders.load(folder / AUTOENCODER, device=device)
     return unet, vae, info
-
-
-# ---------------------------------------------------------------------------------------
-# The MLflow pyfunc wrapping
-
-
-def signature():
-    """Input: one row per image (what to draw, all optional); output: the PNG, base64."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
-
-    inputs = Schema([
-        ColSpec("long", "label", required=False),
-        ColSpec("string", "prompt", required=False),
-        ColSpec("long", "seed", required=False),
-        ColSpec("long", "steps", required=False),
-        ColSpec("double", "guidance", required=False),
-        ColSpec("string", "sampler", required=False),
-    ])
-    outputs = Schema([ColSpec("string", "image"), ColSpec("long", "seed")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
-
-
-def package_mlflow(folder: str | Path, dest: str | Path) -> Path:
-    """An MLflow pyfunc model at ``dest`` wrapping the model folder (copied to ``data/ldm``)."""
-    import tempfile
-    import warnings
-    from importlib.metadata import version
-
-    import mlflow.pyfunc
-
-    dest = Path(dest)
-    with tempfile.TemporaryDirectory() as scratch:
-        staged = Path(scratch) / MLFLOW_DATA  # save_model names the data folder after its source
-        shutil.copytree(folder, staged)
-        requirements = [f"{name}=={version(name)}" for name in ("torch", "diffusers", "safetensors", "pillow", "pandas")]
-        with warnings.catch_warnings():  # no input example: predicting one at save time would sample
-            warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
-            mlflow.pyfunc.save_model(
-                str(dest), loader_module="serving.pyfunc", data_path=str(staged), signature=signature(),
-                pip_requirements=requirements + [f"ldmflow=={version('ldmflow')}"],
-                metadata={"ldmflow_kind": KIND},
-            )
-    return dest

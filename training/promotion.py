@@ -1,4 +1,4 @@
-"""Promotion behind an evaluation gate, and rollback: aliases of MLflow registered models.
+"""Promotion behind an evaluation gate: moving the ``production`` alias, or refusing to.
 
 Every trained version gets the alias ``candidate``. :func:`promote` evaluates the newest
 version against the one holding ``production`` on the same fixed seeds and moves
@@ -6,41 +6,35 @@ version against the one holding ``production`` on the same fixed seeds and moves
 when forced, or when there is no production version yet). The decision and both scores are
 tags of the candidate version. The registered model keeps the list of versions that held
 ``production`` (tag ``ldmflow.production_history``); ``previous`` points at the one before
-the current, which :func:`rollback` restores. Stages (deprecated in MLflow) are not used.
+the current, which :func:`ldmflow.registry.aliases.rollback` restores. Stages (deprecated
+in MLflow) are not used.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from training import evaluation, tracking
+from pydantic import Field
 
-CANDIDATE = "candidate"
-PRODUCTION = "production"
-PREVIOUS = "previous"
-HISTORY_TAG = "ldmflow.production_history"
+from ldmflow import configs
+from ldmflow.registry import aliases, tracking
+from ldmflow.registry.aliases import PRODUCTION, RegistryError
+from ldmflow.registry.models import CANDIDATE
+from ldmflow.training import evaluation
+
 DECISION_TAG = "ldmflow.promotion."
 
 
-@dataclass(frozen=True)
+@configs.stage_config
 class PromotionConfig:
-    """Configuration of ``ldmflow promote`` (section ``promote:`` of a config file)."""
+    """Promotion: when a candidate takes the ``production`` alias."""
 
-    metric: Literal["fd", "kid", "class_accuracy"] = "fd"
-    margin: float = 0.0  # the candidate must beat production by more than this (in the metric's units)
-
-    def __post_init__(self) -> None:
-        if self.margin < 0:
-            raise ValueError("margin must be non-negative")
-
-
-class RegistryError(LookupError):
-    """A registered model or alias that is not there, or a history with nothing to go back to."""
+    metric: Annotated[Literal["fd", "kid", "class_accuracy"], Field(
+        description="`fd`, `kid` or `class_accuracy`")] = "fd"
+    margin: Annotated[float, Field(
+        ge=0, description="how much better the candidate must be, in the metric's units")] = 0.0
 
 
 @dataclass(frozen=True)
@@ -58,53 +52,6 @@ class Decision:
         verb = "promoted" if self.promoted else "kept"
         subject = f"version {self.candidate}" if self.promoted else f"version {self.production}"
         return f"promote: {self.name}: {verb} {subject} at {PRODUCTION}: {self.reason}"
-
-
-def register(model_folder: str | Path, name: str, run_id: str):
-    """Log the model folder to ``run_id`` as an MLflow pyfunc model (artifact path ``model``)
-    and register it as a new version of ``name`` with the alias ``candidate``; the version's
-    tags carry the model's lineage."""
-    from serving import model as model_format
-
-    info = model_format.read_info(model_format.model_folder(model_folder))
-    with tempfile.TemporaryDirectory() as scratch:
-        packaged = model_format.package_mlflow(model_folder, Path(scratch) / "model")
-        tracking.client().log_artifacts(run_id, str(packaged), "model")
-    registered = tracking.register_folder(name, run_id, "model", tags=lineage_tags(info))
-    tracking.client().set_registered_model_alias(name, CANDIDATE, registered.version)
-    return registered
-
-
-def lineage_tags(info) -> dict[str, str]:
-    """Model-version tags that link back through training run, latents, autoencoder and images."""
-    tags = {f"ldmflow.{key}": str(value) for key, value in info.lineage.items()}
-    tags["ldmflow.autoencoder"] = str(info.autoencoder.get("uri", ""))
-    tags["ldmflow.autoencoder_sha256"] = str(info.autoencoder.get("weights_sha256", ""))
-    tags["ldmflow.conditioning"] = info.conditioning
-    return tags
-
-
-def _alias_version(name: str, alias: str) -> str | None:
-    try:
-        return str(tracking.client().get_model_version_by_alias(name, alias).version)
-    except Exception:
-        return None
-
-
-def history(name: str) -> list[str]:
-    """Versions that held ``production``, oldest first, the current one last."""
-    tags = tracking.client().get_registered_model(name).tags
-    return json.loads(tags.get(HISTORY_TAG, "[]"))
-
-
-def _set_production(name: str, version: str, versions: list[str]) -> None:
-    client = tracking.client()
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(versions))
-    client.set_registered_model_alias(name, PRODUCTION, version)
-    if len(versions) > 1:
-        client.set_registered_model_alias(name, PREVIOUS, versions[-2])
-    elif _alias_version(name, PREVIOUS) is not None:
-        client.delete_registered_model_alias(name, PREVIOUS)
 
 
 def score(name: str, version: str, config: evaluation.EvaluationConfig) -> evaluation.Evaluation:
@@ -134,7 +81,7 @@ def promote(name: str, config: PromotionConfig = PromotionConfig(),
     if candidate not in {str(v.version) for v in versions}:
         raise RegistryError(f"{name}: no version {candidate}")
     client.set_registered_model_alias(name, CANDIDATE, candidate)
-    production = _alias_version(name, PRODUCTION)
+    production = aliases.version_of(name, PRODUCTION)
     if production == candidate:
         return Decision(name, candidate, production, False, "the newest version already holds it", config.metric)
 
@@ -164,36 +111,8 @@ def promote(name: str, config: PromotionConfig = PromotionConfig(),
     for key, value in tags.items():
         client.set_model_version_tag(name, candidate, DECISION_TAG + key, value)
     if promoted:
-        past = [v for v in history(name) if v != candidate]
+        past = [v for v in aliases.history(name) if v != candidate]
         if production is not None and (not past or past[-1] != production):
             past.append(production)  # production set by hand, outside promote
-        _set_production(name, candidate, past + [candidate])
+        aliases.set_production(name, candidate, past + [candidate])
     return decision
-
-
-@dataclass(frozen=True)
-class Rollback:
-    name: str
-    restored: str
-    replaced: str
-
-    def summary(self) -> str:
-        return f"rollback: {self.name}: {PRODUCTION} is version {self.restored} again (was {self.replaced})"
-
-
-def rollback(name: str) -> Rollback:
-    """Move ``production`` back to the version that held it before the current one."""
-    past = history(name)
-    current = _alias_version(name, PRODUCTION)
-    if current is None:
-        raise RegistryError(f"{name}: no version holds {PRODUCTION}")
-    if past and past[-1] == current:
-        past = past[:-1]
-    if not past:
-        raise RegistryError(f"{name}: version {current} is the first to hold {PRODUCTION}; there is nothing to roll back to")
-    restored = past[-1]
-    _set_production(name, restored, past)
-    tracking.client().set_model_version_tag(name, restored, "ldmflow.rollback",
-                                            f"restored {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
-                                            f"replacing version {current}")
-    return Rollback(name, restored, current)

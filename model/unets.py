@@ -22,7 +22,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_unet(preset: str, conditioning: str, latent_shape: tuple[int, int, int], num_classes: int = 0):
+def build(preset: str, conditioning: str, latent_shape: tuple[int, int, int], num_classes: int = 0):
     """A fresh UNet for latents of ``latent_shape`` (C, h, w)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 

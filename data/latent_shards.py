@@ -1,6 +1,6 @@
 """The latent-shard format, defined once: writer, manifest, lineage guard and reader.
 
-Same layout as image shards (``data/shards.py``), one tar per image shard, same keys:
+Same layout as image shards (``data/image_shards.py``), one tar per image shard, same keys:
 
 =============  ===========================================================
 ``KEY.mean.npy``    latent posterior mean, fp16, (C, h, w)
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from data import shards
+from ldmflow.data import image_shards
 
 FORMAT_NAME = "ldmflow.latent-shards"
 FORMAT_VERSION = 1
@@ -88,7 +88,7 @@ class LatentManifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = "latent manifest") -> LatentManifest:
-        body = shards.parse_manifest(text, where, FORMAT_NAME, FORMAT_VERSION)
+        body = image_shards.parse_manifest(text, where, FORMAT_NAME, FORMAT_VERSION)
         try:
             return cls(
                 image_dataset=body["image_dataset"],
@@ -103,7 +103,7 @@ class LatentManifest:
                 config=body["config"],
             )
         except (KeyError, TypeError) as exc:
-            raise shards.ManifestError(f"{where}: missing or malformed field: {exc}") from exc
+            raise image_shards.ManifestError(f"{where}: missing or malformed field: {exc}") from exc
 
     def summary(self) -> str:
         failed = f", {len(self.failed_shards)} shards FAILED" if self.failed_shards else ""
@@ -114,12 +114,12 @@ class LatentManifest:
 
 
 def read_manifest(dataset: str) -> LatentManifest:
-    url, text = shards.read_manifest_text(dataset, "precompute")
+    url, text = image_shards.read_manifest_text(dataset, "precompute")
     return LatentManifest.from_json(text, where=url)
 
 
 def shard_urls(dataset: str, manifest: LatentManifest) -> list[str]:
-    return shards.shard_urls(dataset, manifest)
+    return image_shards.shard_urls(dataset, manifest)
 
 
 def check_lineage(manifest: LatentManifest, weights_sha256: str, expected_uri: str | None = None) -> None:
@@ -159,7 +159,7 @@ def decode_latent(raw: dict[str, Any]) -> LatentSample:
         logvar = decode_array(raw[KEY_LOGVAR]).astype(np.float32) if KEY_LOGVAR in raw else None
     except Exception as exc:
         raise ValueError(f"latent sample {raw['__key__']!r} in {raw.get('__url__')}: corrupt array: {exc}") from exc
-    label = int(raw[shards.KEY_LABEL].decode("ascii")) if shards.KEY_LABEL in raw else -1
-    caption = raw[shards.KEY_CAPTION].decode("utf-8") if shards.KEY_CAPTION in raw else ""
-    meta = json.loads(raw[shards.KEY_META]) if shards.KEY_META in raw else {}
+    label = int(raw[image_shards.KEY_LABEL].decode("ascii")) if image_shards.KEY_LABEL in raw else -1
+    caption = raw[image_shards.KEY_CAPTION].decode("utf-8") if image_shards.KEY_CAPTION in raw else ""
+    meta = json.loads(raw[image_shards.KEY_META]) if image_shards.KEY_META in raw else {}
     return LatentSample(raw["__key__"], mean, logvar, label, caption, meta)

@@ -1,4 +1,4 @@
-"""The image-shard format, defined once: its writer, its manifest, and its streaming reader.
+"""The image-shard format, defined once: its writer, its manifest, and how one sample decodes.
 
 A dataset is a folder (local or ``s3://``) of WebDataset tars named ``shard-000000.tar``
 and so on, with ``manifest.json``, ``rejects.jsonl`` and ``duplicates.jsonl`` beside them.
@@ -15,6 +15,7 @@ Each sample in a tar is a group of members sharing a key (a zero-padded input in
 Tars are written with a fixed mtime, owner and mode, so the same samples always give the
 same bytes. The manifest lists every shard with its sample count, byte size and sha256;
 shard URLs in it are relative to the manifest, so a dataset can be copied as a folder.
+Streaming shards into training is :mod:`ldmflow.data.shard_stream`'s.
 """
 
 from __future__ import annotations
@@ -22,20 +23,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
-import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-import torch.utils.data
 
-from data import storage
-from data.images import decode_rgb
-
-log = logging.getLogger(__name__)
+from ldmflow.data import storage
+from ldmflow.data.images import decode_rgb
 
 FORMAT_NAME = "ldmflow.image-shards"
 FORMAT_VERSION = 1
@@ -110,7 +105,11 @@ class WrittenShard:
 
 
 def write_shard(url: str, samples: Iterable[Sample | dict[str, Any]]) -> WrittenShard:
-    """Write ``samples`` (or raw member dicts with ``__key__``) as one tar at ``url``, atomically."""
+    """Write ``samples`` (or raw member dicts with ``__key__``) as one tar at ``url``, atomically.
+
+    webdataset's ``TarWriter`` writes the tar; around it, by hand, what ``ShardWriter``
+    lacks: an atomic upload through :mod:`ldmflow.data.storage`, fixed tar metadata (the same
+    samples give the same bytes), and the sha256 and size taken while writing."""
     import webdataset as wds
 
     count = 0
@@ -258,86 +257,7 @@ def shard_urls(dataset: str, manifest=None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
-# Reading
-
-
-def assign_shards(
-    num_shards: int,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    worker: int = 0,
-    num_workers: int = 1,
-    epoch: int = 0,
-    seed: int = 0,
-    shuffle: bool = True,
-) -> tuple[list[int], tuple[int, int] | None]:
-    """Which shards one reader (a rank's dataloader worker) reads this epoch.
-
-    Shards are reshuffled each epoch from ``(seed, epoch)`` and dealt round-robin to the
-    ``world_size * num_workers`` readers, so readers get disjoint sets that together cover
-    every shard. When there are fewer shards than readers, every reader reads every shard
-    and keeps one sample in ``n``: the second value is then ``(index, n)``, else ``None``.
-    """
-    order = list(range(num_shards))
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-    readers = world_size * num_workers
-    reader = rank * num_workers + worker
-    if num_shards >= readers:
-        return order[reader::readers], None
-    return order, (reader, readers)
-
-
-def is_held_out(key: str, fraction: float) -> bool:
-    """A fixed, key-determined ``fraction`` of samples, held out of training for evaluation."""
-    if fraction <= 0:
-        return False
-    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") / 2**32
-    return bucket < fraction
-
-
-class SkipCounter:
-    """Counts (and logs) corrupt samples and unreadable shards instead of raising."""
-
-    def __init__(self) -> None:
-        self.skipped = 0
-        self.errors: list[str] = []
-
-    def __call__(self, exc: Exception) -> bool:
-        self.skipped += 1
-        message = f"{type(exc).__name__}: {str(exc.args[0]) if exc.args else exc}"
-        if len(self.errors) < 100:
-            self.errors.append(message)
-        log.warning("skipped a corrupt sample or shard: %s", message)
-        return True
-
-
-def samples_from_streams(sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-    """Raw member dicts grouped by key from ``{"url", "stream"}`` tar sources."""
-    from webdataset import tariterators
-
-    files = tariterators.tar_file_expander(sources, handler=handler)
-    yield from tariterators.group_by_keys(files, handler=handler)
-
-
-def iter_raw_samples(urls: Sequence[str], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-    """Raw member dicts (``__key__``, ``png``, ``txt``…) from tars read through storage."""
-
-    def opened() -> Iterator[dict[str, Any]]:
-        for url in urls:
-            try:
-                stream = storage.open_read(url)
-            except storage.StorageError as exc:
-                if handler(exc):
-                    continue
-                raise
-            try:
-                yield {"url": url, "stream": stream}
-            finally:
-                stream.close()
-
-    yield from samples_from_streams(opened(), handler)
+# Decoding one sample
 
 
 @dataclass
@@ -363,118 +283,3 @@ def decode_sample(raw: dict[str, Any]) -> DecodedSample:
     caption = raw[KEY_CAPTION].decode("utf-8") if KEY_CAPTION in raw else ""
     meta = json.loads(raw[KEY_META]) if KEY_META in raw else {}
     return DecodedSample(raw["__key__"], image, label, caption, meta)
-
-
-def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
-    """Shuffle a stream through a buffer of ``buffer_size`` items (1 or less: no shuffle)."""
-    if buffer_size <= 1:
-        yield from items
-        return
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(buffer_size)
-        yield buffer[index]
-        buffer[index] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def _torch_worker() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-class ShardStream(torch.utils.data.IterableDataset):
-    """Stream decoded samples from image shards, split across ranks and loader workers.
-
-    A ``torch.utils.data.IterableDataset``: each pass reads the
-    shards assigned to this rank and dataloader worker for the current ``epoch``, through a
-    shuffle buffer, and skips (and counts in ``skips``) a sample or shard that is corrupt.
-    Call :meth:`set_epoch` before each epoch to reshuffle. ``keep(key)`` selects samples
-    (for example :func:`is_held_out` or its negation).
-    """
-
-    def __init__(
-        self,
-        urls: Sequence[str],
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        decode: Callable[[dict[str, Any]], Any] = decode_sample,
-        keep: Callable[[str], bool] | None = None,
-    ) -> None:
-        if not urls:
-            raise ValueError("no shards to read")
-        self.urls = list(urls)
-        self.rank, self.world_size = rank, world_size
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.decode = decode
-        self.keep = keep
-        self.epoch = 0
-        self.skips = SkipCounter()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[Any]:
-        worker, num_workers = _torch_worker()
-        indices, sample_split = assign_shards(
-            len(self.urls),
-            rank=self.rank,
-            world_size=self.world_size,
-            worker=worker,
-            num_workers=num_workers,
-            epoch=self.epoch,
-            seed=self.seed,
-            shuffle=self.shuffle_buffer > 1,
-        )
-        raw = iter_raw_samples([self.urls[i] for i in indices], self.skips)
-        if self.keep is not None:
-            raw = (sample for sample in raw if self.keep(sample["__key__"]))
-        if sample_split is not None:
-            reader, readers = sample_split
-            raw = (sample for i, sample in enumerate(raw) if i % readers == reader)
-        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
-        for sample in shuffled(raw, self.shuffle_buffer, rng):
-            try:
-                yield self.decode(sample)
-            except ValueError as exc:
-                self.skips(exc)
-
-
-def collate(samples: Sequence[DecodedSample]) -> dict[str, Any]:
-    """Stack decoded samples into a batch: ``image`` (B, 3, H, W), ``label`` (B,), lists."""
-    return {
-        "image": torch.from_numpy(np.stack([s.image for s in samples])),
-        "label": torch.tensor([s.label for s in samples], dtype=torch.long),
-        "caption": [s.caption for s in samples],
-        "key": [s.key for s in samples],
-    }
-
-
-def make_loader(
-    dataset: str,
-    batch_size: int,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    shuffle_buffer: int = 1000,
-    seed: int = 0,
-    drop_last: bool = False,
-):
-    """A ``torch.utils.data.DataLoader`` of batches from the image dataset at ``dataset``."""
-    stream = ShardStream(shard_urls(dataset), rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer, seed=seed)
-    return torch.utils.data.DataLoader(
-        stream,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate,
-        drop_last=drop_last,
-        persistent_workers=False,
-    )

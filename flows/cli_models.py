@@ -1,0 +1,194 @@
+"""The model-side subcommands: ``evaluate``, ``promote``, ``rollback``, ``export``,
+``sample``, ``serve`` (registered on the app in :mod:`ldmflow.flows.cli`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ldmflow.flows.cli_options import ConfigOption, ModelUri, fail, load_config
+
+
+def evaluate(
+    model_uri: ModelUri,
+    config: ConfigOption = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Generated images (spread over the classes).")] = None,
+    features: Annotated[Optional[str], typer.Option(help="auto, inception or domain.")] = None,
+    inception_path: Annotated[Optional[str], typer.Option(help="Local TorchScript Inception file (never downloaded).")] = None,
+) -> None:
+    """Score a model's samples on fixed seeds: Fréchet distance, KID and class accuracy.
+
+    Features come from Inception when its weights are on this machine, otherwise from a
+    classifier trained on the real images; the output says which. Scores of a registered
+    version are recorded as its tags.
+    """
+    from ldmflow.flows.promote import evaluate_flow
+    from ldmflow.registry.models import ModelNotFound
+    from ldmflow.training.evaluation import EvaluationConfig
+
+    stage_config = load_config(EvaluationConfig, config, "evaluate",
+                                dict(num_samples=num_samples, features=features, inception_path=inception_path))
+    try:
+        result = evaluate_flow(model_uri, stage_config)
+    except (ModelNotFound, ValueError) as exc:
+        raise fail(exc) from exc
+    typer.echo(result.summary())
+
+
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    config: ConfigOption = None,
+    metric: Annotated[Optional[str], typer.Option(help="fd, kid or class_accuracy.")] = None,
+    margin: Annotated[Optional[float], typer.Option(help="How much better the candidate must be.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the candidate is not better.")] = False,
+) -> None:
+    """Move the production alias to the newest version if it beats the current one.
+
+    Both versions are evaluated on the same fixed seeds (recorded scores are reused); the
+    decision and both scores become tags of the candidate. Refusing is not an error (exit 0).
+    """
+    from ldmflow.flows.promote import promote_flow
+    from ldmflow.registry.aliases import RegistryError
+    from ldmflow.registry.models import ModelNotFound
+    from ldmflow.training.evaluation import EvaluationConfig
+    from ldmflow.training.promotion import PromotionConfig
+
+    promotion = load_config(PromotionConfig, config, "promote", dict(metric=metric, margin=margin))
+    evaluation = load_config(EvaluationConfig, config, "evaluate", {})
+    try:
+        decision = promote_flow(name, promotion, evaluation, force)
+    except (RegistryError, ModelNotFound, ValueError) as exc:
+        raise fail(exc) from exc
+    typer.echo(decision.summary())
+
+
+def rollback(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
+    """Give the production alias back to the version that held it before the current one."""
+    from ldmflow.registry import aliases
+
+    try:
+        typer.echo(aliases.rollback(name).summary())
+    except aliases.RegistryError as exc:
+        raise fail(exc) from exc
+
+
+def export_model(
+    model_uri: ModelUri,
+    dest: Annotated[str, typer.Argument(metavar="DIR", help="Folder to write the diffusers pipeline to.")],
+) -> None:
+    """Write a model as a diffusers pipeline folder.
+
+    Load it with DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True); the
+    pipeline class is the folder's pipeline.py.
+    """
+    from ldmflow.model.model_format import ModelError
+    from ldmflow.registry.models import ModelNotFound
+    from ldmflow.serving.export import export
+
+    try:
+        folder = export(model_uri, dest)
+    except (ModelNotFound, ModelError) as exc:
+        raise fail(exc) from exc
+    typer.echo(f"export: {model_uri} -> {folder} (diffusers pipeline)")
+
+
+def sample(
+    model_uri: ModelUri,
+    out: Annotated[str, typer.Option(help="Folder for the PNGs and grid.png.")] = "samples",
+    label: Annotated[Optional[int], typer.Option(help="Class index (class-conditioned models).")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Text (text-conditioned models).")] = None,
+    n: Annotated[int, typer.Option(help="Number of images.")] = 8,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim or dpm++ (default: the model's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
+    seed: Annotated[int, typer.Option(help="Image i is drawn with seed + i.")] = 0,
+    init_image: Annotated[Optional[str], typer.Option(help="Edit this image (SDEdit) or, with --mask, inpaint it.")] = None,
+    strength: Annotated[float, typer.Option(help="Edit strength: 0 returns the image, 1 ignores it.")] = 0.6,
+    mask: Annotated[Optional[str], typer.Option(help="Inpainting mask image: white where new content goes.")] = None,
+) -> None:
+    """Draw images from a model and write them as PNGs plus a grid."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ldmflow.data import images
+    from ldmflow.model.grids import grid, to_pil
+    from ldmflow.model.model_format import ModelError
+    from ldmflow.registry.models import ModelNotFound, load_sampler
+
+    try:
+        model, _ = load_sampler(model_uri)
+        side = model.info.resolution
+        fields = dict(n=n, label=label, prompt=prompt, steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+        if init_image:
+            fields["image"] = images.model_input(Image.open(init_image), side)
+            fields["strength"] = 1.0 if mask else strength
+        if mask:
+            if not init_image:
+                raise ValueError("--mask needs --init-image")
+            fields["mask"] = images.mask_input(Image.open(mask), side)
+        job = model.job(**fields)
+        model.check(job)
+        drawn = model.run([job])[0]
+    except (ModelNotFound, ModelError, ValueError, OSError, UnidentifiedImageError) as exc:
+        raise fail(exc) from exc
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(to_pil(drawn)):
+        image.save(folder / f"{seed + i:06d}.png")
+    grid([drawn]).save(folder / "grid.png")
+    typer.echo(f"sample: {n} images from {model_uri} -> {folder}/ (grid.png)")
+
+
+def serve_model(
+    model_uri: ModelUri,
+    config: ConfigOption = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port.")] = None,
+    num_replicas: Annotated[Optional[int], typer.Option(help="Replicas (the minimum when autoscaling).")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help="Autoscale up to this many replicas.")] = None,
+    num_gpus: Annotated[Optional[float], typer.Option(help="GPUs per replica (a fraction shares one).")] = None,
+) -> None:
+    """Serve a model over HTTP with Ray Serve until interrupted.
+
+    POST /v1/generate, /v1/edit, /v1/inpaint; GET /v1/model, /healthz; the OpenAPI document
+    at /openapi.json. With models:/NAME@ALIAS the server follows the alias: a promotion is
+    picked up without downtime.
+    """
+    from ldmflow.model.model_format import ModelError
+    from ldmflow.registry.models import ModelNotFound
+    from ldmflow.serving import app
+    from ldmflow.serving.config import ServeConfig
+    from ldmflow.serving.follower import load_model
+
+    stage_config = load_config(ServeConfig, config, "serve",
+                                dict(host=host, port=port, num_replicas=num_replicas, max_replicas=max_replicas,
+                                     num_gpus=num_gpus))
+    try:
+        load_model(model_uri)  # fail here, with one line, rather than in a replica
+        url = app.run(model_uri, stage_config)
+    except (ModelNotFound, ModelError) as exc:
+        raise fail(exc) from exc
+    typer.echo(f"serve: {model_uri} at {url} (OpenAPI: {url}/openapi.json); Ctrl-C to stop")
+    wait_then_stop_serve()
+
+
+def wait_then_stop_serve() -> None:
+    """Block until Ctrl-C or SIGTERM (a container stopping), then shut Serve down cleanly."""
+    import signal
+    import sys
+    import time
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    sys.stdout.flush()
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()

@@ -1,0 +1,32 @@
+"""``ldmflow.json``: the description file of every ldmflow model folder (the autoencoder
+folder of :mod:`ldmflow.model.autoencoders`, the diffusion model folder of
+:mod:`ldmflow.model.model_format`), read one way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TypeVar
+
+C = TypeVar("C")
+NAME = "ldmflow.json"
+
+
+def read(path, kind: str, cls: type[C], error: type[Exception], prepare=None) -> C:
+    """A folder's JSON description file (``ldmflow.json``) as ``cls``, after checking that its
+    ``kind`` is ``kind``; every problem is raised as ``error`` naming the file.
+    ``prepare`` may rebuild nested values of the parsed mapping before ``cls`` is built."""
+    path = Path(path)
+    try:
+        body = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise error(f"{path.parent}: not an {kind.replace('.', ' ')} folder (no {path.name})") from exc
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not JSON: {exc}") from exc
+    if not isinstance(body, dict) or body.get("kind") != kind:
+        found = body.get("kind") if isinstance(body, dict) else None
+        raise error(f"{path}: kind is {found!r}, expected {kind!r}")
+    try:
+        return cls(**(prepare(body) if prepare else body))
+    except TypeError as exc:
+        raise error(f"{path}: malformed: {exc}") from exc

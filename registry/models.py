@@ -1,0 +1,199 @@
+"""Registered models: how a folder becomes an MLflow model version, and how a model URI
+becomes a local folder (or a ready :class:`~ldmflow.model.sampler.Sampler`) again.
+
+Every version is an MLflow 3 *logged model* of the run that trained it (so metrics, such as
+evaluation scores, attach to the model itself) registered under its name. A diffusion
+model is an MLflow pyfunc model whose ``data/ldm`` is the model folder
+(:mod:`ldmflow.model.model_format`) and whose ``loader_module`` is
+:mod:`ldmflow.serving.pyfunc`; an autoencoder is its folder as it is. Model URIs:
+``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``,
+``runs:/RUN_ID/PATH`` or a local folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldmflow.model import model_format
+from ldmflow.registry import tracking
+
+PYFUNC_LOADER = "ldmflow.serving.pyfunc"  # written into every MLmodel: a persisted name
+CANDIDATE = "candidate"  # the alias of every newly trained version
+MODEL_ID_TAG = "ldmflow.model_id"  # on each version: the MLflow logged model it was made from
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    model_id: str | None = None  # the MLflow logged model (versions registered before 0.2 have none)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def register_folder(name: str, run_id: str, folder: str | Path, kind: str,
+                    tags: dict[str, str] | None = None) -> RegisteredVersion:
+    """Log ``folder`` as an MLflow logged model of the run ``run_id`` (MLflow 3: the model is
+    an entity of its own, to which metrics attach) and register it as a new version of
+    ``name``; ``tags`` go on both, ``kind`` is the logged model's type."""
+    client = tracking.client()
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name)
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, tags=tags,
+                                        model_type=kind)
+    try:
+        client.log_model_artifacts(logged.model_id, str(folder))
+    except Exception:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(logged.model_id, "READY")
+    # The artifact location itself as the source: the store resolves a models:/ source
+    # through the process-wide tracking URI, which ldmflow never sets.
+    version = client.create_model_version(name, logged.artifact_location, run_id=run_id,
+                                          tags={**(tags or {}), MODEL_ID_TAG: logged.model_id})
+    return RegisteredVersion(name, str(version.version), logged.artifact_location, run_id, logged.model_id)
+
+
+class ModelNotFound(LookupError):
+    """A model URI that names nothing (no such model, version, alias, run or folder)."""
+
+
+def resolve(uri: str, dest: str | None = None) -> tuple[Path, RegisteredVersion | None]:
+    """A local folder holding the model at ``uri``, and its registry entry if it has one.
+
+    ``uri`` is ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``,
+    ``runs:/RUN_ID/PATH`` or a local folder.
+    """
+    import mlflow.artifacts
+
+    if not uri.startswith(("models:/", "runs:/")):
+        path = Path(uri)
+        if not path.is_dir():
+            raise ModelNotFound(f"{uri}: no such model folder")
+        return path, None
+    registered = None
+    source = uri
+    if uri.startswith("models:/"):
+        registered = resolve_version(uri)
+        source = registered.source
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dest, tracking_uri=tracking.tracking_uri())
+    except Exception as exc:
+        raise ModelNotFound(f"{uri}: its files could not be fetched: {exc}") from exc
+    return Path(local), registered
+
+
+def resolve_version(uri: str) -> RegisteredVersion:
+    """The registry entry of ``models:/NAME/VERSION``, ``@ALIAS`` or ``/latest`` (a concrete version)."""
+    rest = uri[len("models:/") :]
+    mlflow_client = tracking.client()
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = mlflow_client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = rest.partition("/")
+            if number in ("", "latest"):
+                versions = mlflow_client.search_model_versions(f"name='{name}'")
+                if not versions:
+                    raise ModelNotFound(f"{uri}: model {name!r} has no versions")
+                version = max(versions, key=lambda v: int(v.version))
+            else:
+                version = mlflow_client.get_model_version(name, number)
+    except ModelNotFound:
+        raise
+    except Exception as exc:
+        raise ModelNotFound(f"{uri}: not in the model registry at {tracking.tracking_uri()}") from exc
+    return RegisteredVersion(version.name, str(version.version), version.source, version.run_id,
+                             version.tags.get(MODEL_ID_TAG))
+
+
+def alias_version(uri: str) -> str | None:
+    """The version an alias URI (``models:/NAME@ALIAS``) points at now; None for other URIs."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return None
+    name, alias = uri[len("models:/") :].split("@", 1)
+    return str(tracking.client().get_model_version_by_alias(name, alias).version)
+
+
+def load_sampler(uri: str, device: str = "cpu"):
+    """The :class:`~ldmflow.model.sampler.Sampler` of the model at ``uri``, and its registry
+    entry (None for a folder)."""
+    from ldmflow.model.sampler import Sampler
+
+    folder, registered = resolve(uri)
+    return Sampler.from_folder(folder, device), registered
+
+
+# ---------------------------------------------------------------------------------------
+# A diffusion model folder as an MLflow pyfunc model
+
+
+def signature():
+    """Input: one row per image (what to draw, all optional); output: the PNG, base64."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec("long", "label", required=False),
+        ColSpec("string", "prompt", required=False),
+        ColSpec("long", "seed", required=False),
+        ColSpec("long", "steps", required=False),
+        ColSpec("double", "guidance", required=False),
+        ColSpec("string", "sampler", required=False),
+    ])
+    outputs = Schema([ColSpec("string", "image"), ColSpec("long", "seed")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def package(folder: str | Path, dest: str | Path) -> Path:
+    """An MLflow pyfunc model at ``dest`` wrapping the model folder (copied to ``data/ldm``)."""
+    import warnings
+    from importlib.metadata import version
+
+    import mlflow.pyfunc
+
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / model_format.MLFLOW_DATA  # save_model names the data folder after its source
+        shutil.copytree(folder, staged)
+        requirements = [f"{name}=={version(name)}" for name in ("torch", "diffusers", "safetensors", "pillow", "pandas")]
+        with warnings.catch_warnings():  # no input example: predicting one at save time would sample
+            warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+            mlflow.pyfunc.save_model(
+                str(dest), loader_module=PYFUNC_LOADER, data_path=str(staged), signature=signature(),
+                pip_requirements=requirements + [f"ldmflow=={version('ldmflow')}"],
+                metadata={"ldmflow_kind": model_format.KIND},
+            )
+    return dest
+
+
+def register(model_folder: str | Path, name: str, run_id: str) -> RegisteredVersion:
+    """Package the model folder as an MLflow pyfunc model, log it as a logged model of
+    ``run_id`` and register it as a new version of ``name`` with the alias ``candidate``;
+    the version's tags carry the model's lineage."""
+    info = model_format.read_info(model_format.model_folder(model_folder))
+    with tempfile.TemporaryDirectory() as scratch:
+        packaged = package(model_folder, Path(scratch) / "model")
+        registered = register_folder(name, run_id, packaged, model_format.KIND, tags=lineage_tags(info))
+    tracking.client().set_registered_model_alias(name, CANDIDATE, registered.version)
+    return registered
+
+
+def lineage_tags(info: model_format.ModelInfo) -> dict[str, str]:
+    """Model-version tags that link back through training run, latents, autoencoder and images."""
+    tags = {f"ldmflow.{key}": str(value) for key, value in info.lineage.items()}
+    tags["ldmflow.autoencoder"] = str(info.autoencoder.get("uri", ""))
+    tags["ldmflow.autoencoder_sha256"] = str(info.autoencoder.get("weights_sha256", ""))
+    tags["ldmflow.conditioning"] = info.conditioning
+    return tags

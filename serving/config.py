@@ -1,0 +1,39 @@
+"""Configuration of ``ldmflow serve`` (section ``serve:`` of a config file): where it listens,
+replica resources and autoscaling, batching, and the limits every request is held to."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from ldmflow import configs
+
+
+@configs.stage_config
+class ServeConfig:
+    """Serving: where the HTTP API listens, replica resources and autoscaling, batching, and
+    the limits every request is held to."""
+
+    host: Annotated[str, Field(description="address to bind")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535, description="HTTP port")] = 8000
+    num_replicas: Annotated[int, Field(ge=1, description="replicas (the minimum when autoscaling)")] = 1
+    max_replicas: Annotated[int, Field(ge=0, description="above `num_replicas`: autoscale between the two")] = 0
+    target_ongoing_requests: Annotated[float, Field(gt=0, description="autoscaling target per replica")] = 4.0
+    num_cpus: Annotated[float, Field(ge=0, description="CPUs per replica")] = 1.0
+    num_gpus: Annotated[float, Field(ge=0, description="GPUs per replica; a fraction shares a GPU")] = 0.0
+    max_ongoing_requests: Annotated[int, Field(ge=1, description="requests a replica accepts at once")] = 32
+    max_batch_size: Annotated[int, Field(ge=1, description="requests per batch; 1 turns batching off")] = 8
+    batch_wait_timeout_s: Annotated[float, Field(ge=0, description="how long a batch waits to fill")] = 0.02
+    max_steps: Annotated[int, Field(ge=1, description="largest `steps` accepted")] = 100
+    max_images: Annotated[int, Field(ge=1, description="largest `n` accepted")] = 16
+    max_image_bytes: Annotated[int, Field(ge=1, description="largest upload (image or mask), decoded")] = 4_000_000
+    max_image_pixels: Annotated[int, Field(
+        ge=1, description="largest upload in pixels (decompression bombs)")] = 4_194_304
+    follow_seconds: Annotated[float, Field(ge=0, description="how often an alias is checked; 0: never")] = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be at least max_batch_size, or batches stop short")
+        if self.max_replicas and self.max_replicas < self.num_replicas:
+            raise ValueError("max_replicas must be 0 or at least num_replicas")

@@ -1,0 +1,212 @@
+"""One replica of the Ray Serve sampler: the HTTP routes, request validation, and batching.
+
+``POST /v1/generate``, ``POST /v1/edit`` (SDEdit), ``POST /v1/inpaint``, ``GET /v1/model``,
+``GET /healthz``; the OpenAPI document is at ``/openapi.json`` (FastAPI). Requests that can
+share a timestep schedule (same mode, sampler, steps and edit strength) are batched with
+``@serve.batch``, and both classifier-free guidance passes of a batch run as one UNet call.
+
+Everything a request carries is checked before it reaches a batch: malformed JSON, unknown
+fields, out-of-range values, configured limits (steps, images, upload size and pixels), bad
+base64, undecodable images, masks of the wrong size, labels the model does not have. Each
+gets a 4xx whose ``error`` names the field; nothing a client sends can take a replica down.
+The model itself sits in a :class:`~ldmflow.serving.follower.ModelSlot`, kept on its alias.
+"""
+
+import asyncio
+import base64
+import binascii
+import secrets
+from dataclasses import asdict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from ldmflow import configs
+from ldmflow.data import images
+from ldmflow.model.sampler import batches
+from ldmflow.serving.codec import png_base64
+from ldmflow.serving.config import ServeConfig
+from ldmflow.serving.follower import AliasFollower, Loaded, ModelSlot, load_model
+from ldmflow.serving.schemas import (
+    EditRequest,
+    GenerateRequest,
+    ImagesResponse,
+    InpaintRequest,
+    ModelRef,
+    RequestError,
+    jsonable,
+)
+
+api = FastAPI(title="ldmflow sampler", version="1",
+              description="Generate, edit and inpaint images with a registered ldmflow latent diffusion model.")
+
+
+@api.exception_handler(RequestError)
+async def _refused(_: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            position = error.get("loc", ("body", "?"))[-1]
+            problems.append(f"body: not valid JSON (at character {position})")
+            continue
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+        problems.append(f"{where}: {error.get('msg')}")
+    return JSONResponse({"error": "; ".join(problems), "detail": jsonable(exc.errors())}, status_code=422)
+
+
+@serve.deployment(name="SamplerServer")
+@serve.ingress(api)
+class SamplerServer:
+    """One replica: the current model, a batcher, and a thread that follows the alias."""
+
+    def __init__(self) -> None:
+        self.slot = ModelSlot()
+        self.config = ServeConfig()
+        self._follower: AliasFollower | None = None
+
+    @property
+    def model(self) -> Loaded | None:
+        return self.slot.loaded
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Apply ``{"model_uri": ..., **ServeConfig fields}``; a new model is loaded before
+        the old one is let go."""
+        fields = dict(user_config)
+        uri = fields.pop("model_uri")
+        self.config = configs.from_dict(ServeConfig, fields)
+        self._sample.set_max_batch_size(self.config.max_batch_size)
+        self._sample.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        if uri != self.slot.uri or self.model is None:
+            self.slot.put(uri, await asyncio.to_thread(load_model, uri))
+        if self._follower is None and self.config.follow_seconds > 0 and "@" in uri:
+            self._follower = AliasFollower(self.slot, lambda: self.config.follow_seconds)
+            self._follower.start()
+
+    # -- batching ---------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _sample(self, jobs: list) -> list:
+        """Run a batch of jobs; incompatible jobs (other steps, sampler, mode) run as sub-batches.
+
+        The model is read once: a swap during the batch does not affect it.
+        """
+        model = self.model
+        results: list = [None] * len(jobs)
+        for indices in batches(jobs):
+            runnable = []
+            for i in indices:
+                try:
+                    model.sampler.check(jobs[i])  # the model may have changed since validation
+                    runnable.append(i)
+                except ValueError as exc:
+                    results[i] = RequestError.of(exc, 409)
+            if runnable:
+                images = await asyncio.to_thread(model.sampler.run, [jobs[i] for i in runnable])
+                for i, image in zip(runnable, images):
+                    results[i] = (image, model, len(runnable))
+        return results
+
+    async def _respond(self, job) -> ImagesResponse:
+        outcome = await self._sample(job)
+        if isinstance(outcome, RequestError):
+            raise outcome
+        images, model, batch = outcome
+        ref = ModelRef(name=model.name, version=model.version, uri=model.uri)
+        return ImagesResponse(images=png_base64(images), seeds=[job.seed + i for i in range(job.n)], model=ref,
+                              batch=batch)
+
+    # -- validation -------------------------------------------------------------------
+
+    def _job(self, body: GenerateRequest, **extra):
+        model = self.model
+        config = self.config
+        if body.n > config.max_images:
+            raise RequestError("n", f"at most {config.max_images} images per request")
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - config.max_images)
+        job = model.sampler.job(n=body.n, seed=seed, label=body.label, prompt=body.prompt or None,
+                                steps=body.steps, sampler=body.sampler, guidance=body.guidance, **extra)
+        if job.steps > config.max_steps:
+            raise RequestError("steps", f"at most {config.max_steps}")
+        try:
+            model.sampler.check(job)
+        except ValueError as exc:
+            raise RequestError.of(exc) from exc
+        return job
+
+    def _upload(self, field: str, data: str, resample: str = "bicubic"):
+        """A base64 upload as (square PIL image at the model's resolution, original size).
+
+        Decoding a large upload takes a while: callers run it in a thread, off the event
+        loop that the replica's other requests share."""
+        if len(data) > self.config.max_image_bytes * 4 // 3 + 4:
+            raise RequestError(field, f"larger than {self.config.max_image_bytes} bytes", 413)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise RequestError(field, f"not valid base64: {exc}") from exc
+        if len(raw) > self.config.max_image_bytes:
+            raise RequestError(field, f"larger than {self.config.max_image_bytes} bytes", 413)
+        try:
+            decoded = images.preprocess(raw, self.model.sampler.info.resolution,
+                                        max_pixels=self.config.max_image_pixels, resample=resample)
+        except images.Rejected as exc:
+            status = 413 if "decompression bomb" in str(exc) else 422
+            raise RequestError(field, str(exc), status) from exc
+        return decoded.image, (decoded.width, decoded.height)
+
+    # -- routes -----------------------------------------------------------------------
+
+    @api.post("/v1/generate", response_model=ImagesResponse)
+    async def generate(self, body: GenerateRequest) -> ImagesResponse:
+        """Draw ``n`` images for a label, a prompt, or unconditionally."""
+        return await self._respond(self._job(body))
+
+    @api.post("/v1/edit", response_model=ImagesResponse)
+    async def edit(self, body: EditRequest) -> ImagesResponse:
+        """SDEdit: noise the image's latent to ``strength``, then denoise with the new condition."""
+        image, _ = await asyncio.to_thread(self._upload, "image", body.image)
+        tensor = images.model_input(image, self.model.sampler.info.resolution)
+        fields = body.model_dump(exclude={"image", "strength"})
+        return await self._respond(self._job(GenerateRequest(**fields), image=tensor, strength=body.strength))
+
+    @api.post("/v1/inpaint", response_model=ImagesResponse)
+    async def inpaint(self, body: InpaintRequest) -> ImagesResponse:
+        """Keep the image where the mask is black; generate where it is white."""
+        image, size = await asyncio.to_thread(self._upload, "image", body.image)
+        mask, mask_size = await asyncio.to_thread(self._upload, "mask", body.mask, "nearest")
+        if mask_size != size:
+            raise RequestError("mask", f"{mask_size[0]}x{mask_size[1]} does not match the image's {size[0]}x{size[1]}")
+        side = self.model.sampler.info.resolution
+        fields = body.model_dump(exclude={"image", "mask"})
+        job = self._job(GenerateRequest(**fields), image=images.model_input(image, side),
+                        mask=images.mask_input(mask, side))
+        return await self._respond(job)
+
+    @api.get("/v1/model")
+    async def model_info(self) -> dict:
+        """Which model this replica serves: name, version, alias, lineage, conditioning, limits."""
+        model = self.model
+        info = model.sampler.info
+        alias = model.uri.split("@", 1)[1] if "@" in model.uri else None
+        return {
+            "uri": model.uri, "name": model.name, "version": model.version, "alias": alias,
+            "conditioning": info.conditioning, "class_names": info.class_names, "resolution": info.resolution,
+            "defaults": asdict(info.defaults), "lineage": {**info.lineage, "autoencoder": info.autoencoder},
+            "tags": model.tags, "loaded_at": model.loaded_at,
+            "limits": {"max_steps": self.config.max_steps, "max_images": self.config.max_images,
+                       "max_image_bytes": self.config.max_image_bytes,
+                       "max_image_pixels": self.config.max_image_pixels},
+        }
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.model.uri, "version": self.model.version}
+
+

@@ -1,0 +1,247 @@
+"""The diffusion stage's Ray Train worker loop: latents in, a denoising UNet (and its EMA) out.
+
+Each worker streams its own disjoint, per-epoch reshuffled subset of latent shards, draws
+a latent from the stored moments (times the autoencoder's scale factor), noises it with
+diffusers' ``DDPMScheduler`` and regresses the ε or v target (:mod:`ldmflow.training.diffusion`).
+DDP averages gradients; rank 0 logs to MLflow. Checkpoints (UNet and EMA weights as
+safetensors, optimizer and LR-scheduler state, every rank's RNG state and data position,
+the config) go through Ray Train, so a replaced worker, or the same job run again,
+resumes exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ldmflow.data import latent_shards, shard_stream
+from ldmflow.model import schedules, unets
+from ldmflow.training import checkpoints, diffusion, loop, runs
+
+if TYPE_CHECKING:
+    from ldmflow.training.train import DiffusionConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive non-finite losses: the run goes back to its last checkpoint."""
+
+
+@dataclass
+class LatentBatch:
+    mean: torch.Tensor  # (B, C, h, w)
+    logvar: torch.Tensor | None
+    labels: torch.Tensor  # (B,), -1 where unknown
+    captions: list[str]
+
+
+def collate_latents(samples: list[latent_shards.LatentSample]) -> LatentBatch:
+    logvar = None
+    if samples[0].logvar is not None:
+        logvar = torch.from_numpy(np.stack([s.logvar for s in samples]))
+    return LatentBatch(
+        torch.from_numpy(np.stack([s.mean for s in samples])),
+        logvar,
+        torch.tensor([s.label for s in samples], dtype=torch.long),
+        [s.caption for s in samples],
+    )
+
+
+def draw_latents(batch: LatentBatch, scale_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """z = (μ + σ·ε) · scale_factor from the stored moments (μ alone when no log-variance)."""
+    z = batch.mean
+    if batch.logvar is not None:
+        z = z + torch.exp(0.5 * batch.logvar) * torch.randn(z.shape, generator=generator)
+    return z * scale_factor
+
+
+def denoising_loss(model, scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   cond: dict[str, torch.Tensor], config: DiffusionConfig, autocast: bool) -> torch.Tensor:
+    """One batch's loss: noise x0 to ``timesteps``, predict, weight (the model is an argument)."""
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+        prediction = model(x_t, timesteps, **cond, return_dict=False)[0]
+    return diffusion.diffusion_loss(
+        prediction,
+        diffusion.target(scheduler, x0, noise, timesteps, config.noise.prediction_type),
+        timesteps,
+        scheduler.alphas_cumprod,
+        weighting=config.loss_weighting,
+        gamma=config.snr_gamma,
+        prediction_type=config.noise.prediction_type,
+    )
+
+
+def _all_finite(loss: torch.Tensor, world: int) -> bool:
+    """Whether every rank's loss is finite (all ranks must agree to skip a step together)."""
+    flag = torch.tensor([1.0 if torch.isfinite(loss).all() else 0.0], device=loss.device)
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train.torch
+
+    from ldmflow.training.train import DiffusionConfig
+
+    worker = loop.start(DiffusionConfig, loop_config)
+    config, rank, world, device = worker.config, worker.rank, worker.world, worker.device
+    autocast = device.type == "cuda" and config.mixed_precision in ("auto", "bf16")
+    latent_shape = tuple(loop_config["latent_shape"])
+    num_classes = len(loop_config["class_names"] or ())
+    scale_factor = float(loop_config["scale_factor"])
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = unets.build(config.preset, config.conditioning, latent_shape, num_classes)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: diffusion.lr_factor(s, config.warmup_steps, config.steps, config.min_lr_factor))
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_steps": 0, "skipped": 0}
+
+    def load(folder: str) -> dict[str, Any]:
+        saved = checkpoints.load(folder, modules={"unet": model, "ema": ema},
+                                 optimizers={"optimizer": optimizer, "lr_schedule": lr_schedule})
+        if (Path(folder) / f"rng-{rank}.safetensors").exists():
+            generator.set_state(checkpoints.load_tensor(folder, f"rng-{rank}"))
+        return saved
+
+    saved = loop.restore(load)
+    if saved is not None:
+        positions = saved["position"]
+        if rank < len(positions) and len(positions) == world:
+            position.update(positions[rank])
+        else:  # resumed with another number of workers: same step, the epoch starts afresh
+            position.update(step=saved["step"], epoch=positions[0]["epoch"] + 1, batches_in_epoch=0)
+
+    ddp_model = ray.train.torch.prepare_model(model)
+    ema.to(device)
+    scheduler = schedules.training_scheduler(config.noise)
+    text_encoder = unets.TextEncoder(str(device)) if config.conditioning == "text" else None
+    stream = shard_stream.ShardStream(loop_config["shard_urls"], rank=rank, world_size=world,
+                                      shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+                                      decode=latent_shards.decode_latent)
+    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, collate_fn=collate_latents, drop_last=True)
+    tracker = GridTracker(loop_config, rank)
+    if saved is not None and position["step"]:
+        tracker.log(position["step"], resumed_from_step=position["step"])  # a restart, visible in MLflow
+
+    step, epoch, batches_done = position["step"], position["epoch"], position["batches_in_epoch"]
+    bad_steps, skipped, micro = position["bad_steps"], position["skipped"], 0
+    window_started, window_samples, grad_norm = time.perf_counter(), 0, torch.tensor(0.0)
+    for epoch, index, batch in loop.batches(stream, loader, rank, epoch, batches_done):
+        if step >= config.steps:
+            break
+        x0 = draw_latents(batch, scale_factor, generator).to(device)
+        noise = diffusion.offset_noise(torch.randn(x0.shape, generator=generator), config.noise_offset, generator).to(device)
+        timesteps = torch.randint(0, config.noise.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
+        known = torch.where(batch.labels >= 0, batch.labels, torch.full_like(batch.labels, num_classes))  # unlabelled: null
+        labels = diffusion.drop_labels(known, config.cond_dropout, num_classes, generator).to(device)
+        text = None
+        if text_encoder is not None:
+            text = diffusion.drop_embeddings(text_encoder(batch.captions), config.cond_dropout, generator).to(device)
+        cond = unets.conditioning_kwargs(config.conditioning, labels, text)
+        accumulating = micro + 1 < config.grad_accum and world > 1  # sync gradients on the last micro-batch only
+        with ddp_model.no_sync() if accumulating else contextlib.nullcontext():
+            loss = denoising_loss(ddp_model, scheduler, x0, noise, timesteps, cond, config, autocast)
+            batches_done = index + 1
+            finite = _all_finite(loss, world)
+            if finite:
+                (loss / config.grad_accum).backward()
+        micro += 1
+        if finite and micro == config.grad_accum:
+            grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), config.grad_clip)
+            finite = bool(torch.isfinite(grad_norm))  # gradients are synchronised: every rank agrees
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            micro = 0
+            bad_steps += 1
+            skipped += 1
+            tracker.log(step, skipped_nonfinite_steps=skipped)
+            if bad_steps >= config.max_bad_steps:
+                raise NonFiniteLoss(f"{bad_steps} consecutive non-finite losses at step {step}")
+            continue
+        bad_steps = 0
+        window_samples += x0.shape[0] * world
+        if micro < config.grad_accum:
+            continue
+        micro = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_schedule.step()
+        diffusion.ema_update(ema.parameters(), model.parameters(),
+                             diffusion.ema_decay(step, config.ema_decay, config.ema_warmup))
+        step += 1
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed = time.perf_counter() - window_started
+            tracker.log(step, loss=loss.item(), lr=lr_schedule.get_last_lr()[0], grad_norm=float(grad_norm),
+                        latents_per_s=window_samples / max(elapsed, 1e-9))
+            window_started, window_samples = time.perf_counter(), 0
+        if config.sample_every and step % config.sample_every == 0:
+            tracker.log_grid(step, ema, config, scale_factor)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _report_checkpoint(step, epoch, batches_done, skipped, loss.item(), rank, world, model, ema, optimizer,
+                               lr_schedule, generator, loop_config["config"])
+
+
+def _report_checkpoint(step, epoch, batches_done, skipped, loss, rank, world, model, ema, optimizer, lr_schedule,
+                       generator, config):
+    """Every rank's RNG state and data position; rank 0 writes them with weights and optimizer."""
+    position = {"step": step, "epoch": epoch, "batches_in_epoch": batches_done, "bad_steps": 0, "skipped": skipped}
+    positions = [None] * world
+    states = [None] * world
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(positions, position)
+        torch.distributed.all_gather_object(states, generator.get_state())
+    else:
+        positions, states = [position], [generator.get_state()]
+
+    def write(folder: str) -> None:
+        checkpoints.save(folder, modules={"unet": model, "ema": ema},
+                         optimizers={"optimizer": optimizer, "lr_schedule": lr_schedule},
+                         state={"position": positions, "config": config, "step": step})
+        for r, state in enumerate(states):
+            checkpoints.save_tensor(folder, f"rng-{r}", state)
+
+    loop.report({"step": step, "loss": loss}, rank, write)
+
+
+class GridTracker(runs.RankZeroTracker):
+    """Rank 0's MLflow logging, plus sample grids of the EMA model every ``sample_every`` steps."""
+
+    def __init__(self, loop_config: dict[str, Any], rank: int) -> None:
+        super().__init__(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
+        self.loop_config = loop_config
+        self.vae = None
+
+    def log_grid(self, step: int, ema, config: DiffusionConfig, scale_factor: float) -> None:
+        """A grid of EMA samples decoded with the autoencoder (its files come by object store)."""
+        if self.client is None or self.loop_config.get("autoencoder_files") is None:
+            return
+        from ldmflow.model import autoencoders, grids
+        from ldmflow.model.sampler import Sampler
+        from ldmflow.training.train import model_info
+
+        if self.vae is None:
+            import ray
+
+            folder = Path(tempfile.mkdtemp(prefix="ldmflow-vae-"))
+            for name, data in ray.get(self.loop_config["autoencoder_files"]).items():
+                (folder / name).write_bytes(data)
+            self.vae, _ = autoencoders.load(folder)
+        device = next(ema.parameters()).device
+        info = model_info(config, self.loop_config["latent_shape"], self.loop_config["class_names"], scale_factor,
+                          self.vae, autoencoder={}, lineage={})
+        grid, _ = grids.sample_grid(Sampler(ema.to("cpu"), self.vae, info), self.loop_config.get("prompts"))
+        ema.to(device)
+        self.log_image(grid, f"samples/step-{step:07d}.png")
