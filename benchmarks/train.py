@@ -16,6 +16,7 @@ Usage: python benchmarks/train.py [--steps 150] [--batch-size 64]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -116,7 +117,7 @@ def main() -> None:
     rows[f"bare loop, {threads} threads"] = bare_loop(fresh_unet(), scheduler, config, latent_batches, args.steps)
 
     for workers in (1, 2):
-        trained = train(latent_dir, DiffusionConfig(**{**vars(config), "workers": workers}), progress=False)
+        trained = train(latent_dir, dataclasses.replace(config, workers=workers), progress=False)
         history = sorted(tracking.client().get_metric_history(trained.run_id, "latents_per_s"), key=lambda m: m.step)
         rows[f"ldmflow train, {workers} worker(s)"] = float(np.mean([m.value for m in history[1:]]))
 
