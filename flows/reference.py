@@ -92,8 +92,11 @@ def sections() -> list[tuple[str, type]]:
     """Every section of a config file, nested ones after their parent, with its class."""
     from ldmflow.model.schedules import NoiseSchedule
 
-    ordered = list(stage_sections().items())
-    ordered.insert(4, ("train-noise", NoiseSchedule))
+    ordered = []
+    for name, cls in stage_sections().items():
+        ordered.append((name, cls))
+        if name == "train":
+            ordered.append(("train-noise", NoiseSchedule))
     return ordered + [("pipeline", PipelineConfig), ("pipeline-endpoints", Endpoints)]
 
 

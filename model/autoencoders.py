@@ -11,7 +11,6 @@ identity for lineage checks) and the training config and lineage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,7 +82,7 @@ def save(vae, folder: str | Path, *, scale_factor: float, resolution: int, confi
         latent_channels=int(vae.config.latent_channels),
         downsample_factor=downsample_factor(vae),
         resolution=int(resolution),
-        weights_sha256=_sha256(folder / WEIGHTS),
+        weights_sha256=meta.file_sha256(folder / WEIGHTS),
         config=config,
         lineage=lineage,
     )
@@ -105,16 +104,8 @@ def load(folder: str | Path, device: str = "cpu", verify: bool = True):
     if verify:
         if not weights.exists():
             raise AutoencoderError(f"{folder}: weights file {WEIGHTS} is missing")
-        actual = _sha256(weights)
+        actual = meta.file_sha256(weights)
         if actual != info.weights_sha256:
             raise AutoencoderError(f"{folder}: weights sha256 {actual[:12]}… does not match ldmflow.json")
     vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
     return vae.to(device).eval(), info
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

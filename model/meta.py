@@ -4,6 +4,7 @@ folder of :mod:`ldmflow.model.autoencoders`, the diffusion model folder of
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TypeVar
@@ -30,3 +31,12 @@ def read(path, kind: str, cls: type[C], error: type[Exception], prepare=None) ->
         return cls(**(prepare(body) if prepare else body))
     except TypeError as exc:
         raise error(f"{path}: malformed: {exc}") from exc
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a (weights) file, read in 1 MiB blocks: a model file's identity."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

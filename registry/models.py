@@ -122,8 +122,7 @@ def alias_version(uri: str) -> str | None:
     """The version an alias URI (``models:/NAME@ALIAS``) points at now; None for other URIs."""
     if not uri.startswith("models:/") or "@" not in uri:
         return None
-    name, alias = uri[len("models:/") :].split("@", 1)
-    return str(tracking.client().get_model_version_by_alias(name, alias).version)
+    return resolve_version(uri).version
 
 
 def load_sampler(uri: str, device: str = "cpu"):

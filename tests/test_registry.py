@@ -133,6 +133,23 @@ def random_unet_copy(folder, dest):
     return dest
 
 
+def test_reference_features_are_computed_once_per_dataset_and_extractor(digits16, tmp_path):
+    """A second evaluation against the same dataset reads the cached features, not the images:
+    with the shards gone it still gets them; another extractor or limit computes anew."""
+    copy = shutil.copytree(digits16, tmp_path / "images")
+    reference = features.Reference.read(str(copy))
+    torch.manual_seed(0)
+    extract = features.DomainFeatures(features.DomainClassifier(10).eval(), reference.key)
+    first = features.reference_features(extract, reference, 40, batch_size=16)
+    assert first.shape == (40, 1024)
+    for shard in copy.glob("shard-*.tar"):
+        shard.unlink()
+    again = features.reference_features(extract, features.Reference.read(str(copy)), 40, batch_size=16)
+    assert torch.equal(again, first)
+    with pytest.raises(ValueError, match="no readable images"):
+        features.reference_features(extract, reference, 30, batch_size=16)  # another limit: not cached
+
+
 def test_evaluate_records_scores_on_the_model_version(digits_model, tmp_path):
     result = evaluation.evaluate(digits_model.model_uri, EVAL)
     assert result.features == "domain-classifier"

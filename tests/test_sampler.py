@@ -5,6 +5,7 @@ folder and the MLflow pyfunc sample exactly like the in-memory model."""
 
 import base64
 import io
+import shutil
 import threading
 
 import numpy as np
@@ -128,6 +129,15 @@ def test_saved_folder_and_pyfunc_sample_like_the_in_memory_model(parts, sampler,
     for encoded, want in zip(out["image"], expected):
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+    # A package written before the ldmflow namespace (its MLmodel names `serving.pyfunc`)
+    # still loads through ldmflow, which reads the folder and never imports the loader.
+    assert f"loader_module: {models.PYFUNC_LOADER}" in (packaged / "MLmodel").read_text()
+    old = tmp_path / "old-mlflow"
+    shutil.copytree(packaged, old)
+    (old / "MLmodel").write_text((old / "MLmodel").read_text().replace(models.PYFUNC_LOADER, "serving.pyfunc"))
+    torch.testing.assert_close(Sampler.from_folder(old).generate(label=6, n=2, seed=11),
+                               sampler.generate(label=6, n=2, seed=11))
 
 
 def test_text_model_follows_its_prompt(tmp_path):

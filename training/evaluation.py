@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ldmflow import configs
-from ldmflow.data import image_shards, shard_stream
 from ldmflow.registry import models, tracking
 from ldmflow.training import features
 
@@ -104,20 +103,6 @@ def distances(fake: torch.Tensor, real: torch.Tensor, *, kid_subset_size: int = 
 # Evaluating a model
 
 
-def reference_images(dataset: str, limit: int) -> tuple[torch.Tensor, list[str]]:
-    """Up to ``limit`` real images (N, 3, H, W) in [−1, 1] in shard order, with their captions."""
-    manifest = image_shards.read_manifest(dataset)
-    images, captions = [], []
-    for sample in shard_stream.ShardStream(image_shards.shard_urls(dataset, manifest), shuffle_buffer=0):
-        images.append(torch.from_numpy(sample.image))
-        captions.append(sample.caption)
-        if len(images) >= limit:
-            break
-    if not images:
-        raise ValueError(f"{dataset}: no readable images to compare with")
-    return torch.stack(images), captions
-
-
 def draw(sampler, config: EvaluationConfig, captions: list[str]) -> tuple[torch.Tensor, list[int | None]]:
     """``num_samples`` images on fixed seeds: evenly over the classes of a class model, on the
     reference captions (cycled) for a text model, unconditional otherwise."""
@@ -145,14 +130,14 @@ def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig()) -> E
     reference = config.reference or sampler.info.lineage.get("image_dataset", "")
     if not reference:
         raise ValueError(f"{model_uri}: the model names no image dataset; set evaluate.reference")
-    real, captions = reference_images(reference, config.reference_samples)
-    labelled = bool(image_shards.read_manifest(reference).class_names)
-    classifier = features.classifier_for(reference) if labelled else None
-    extract = features.extractor(config.features, config.inception_path, reference, classifier)
+    real = features.Reference.read(reference)
+    classifier = features.classifier_for(real) if real.manifest.class_names else None
+    extract = features.extractor(config.features, config.inception_path, real, classifier)
+    captions = real.captions(config.reference_samples) if sampler.info.conditioning == "text" else []
     fake, labels = draw(sampler, config, captions)
-    if fake.shape[-2:] != real.shape[-2:]:
-        fake = F.interpolate(fake, size=real.shape[-2:], mode="bilinear", align_corners=False)
-    real_features = features.reference_features(extract, reference, real, config.batch_size)
+    if fake.shape[-1] != real.resolution:
+        fake = F.interpolate(fake, size=(real.resolution, real.resolution), mode="bilinear", align_corners=False)
+    real_features = features.reference_features(extract, real, config.reference_samples, config.batch_size)
     fake_features = torch.cat([extract(chunk) for chunk in features.to_uint8(fake).split(config.batch_size)])
     metrics = distances(fake_features, real_features, kid_subset_size=config.kid_subset_size,
                         kid_subsets=config.kid_subsets, seed=config.seed)
@@ -161,7 +146,7 @@ def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig()) -> E
         for image, label in zip(fake, labels):
             by_class.setdefault(label, []).append(image)
         metrics["class_accuracy"] = features.class_accuracy(classifier, {k: torch.stack(v) for k, v in by_class.items()})
-    result = Evaluation(metrics, extract.name, len(fake), len(real), reference, config.digest(), model_uri)
+    result = Evaluation(metrics, extract.name, len(fake), len(real_features), reference, config.digest(), model_uri)
     if registered is not None:
         record(registered, result)
     return result

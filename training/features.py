@@ -18,18 +18,58 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ldmflow.data import image_shards, shard_stream, storage
+from ldmflow.data import image_shards, shard_stream
+from ldmflow.model import meta
 from ldmflow.state import state_dir
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [−1, 1] → uint8 in [0, 255], rounded as when the images are saved."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A real image dataset to compare with, its manifest read once: ``key`` (the manifest's
+    sha256, 16 hex digits) is its identity for every cache here."""
+
+    url: str
+    manifest: image_shards.ImageManifest
+    key: str
+
+    @classmethod
+    def read(cls, url: str) -> Reference:
+        where, text = image_shards.read_manifest_text(url, "shard")
+        manifest = image_shards.ImageManifest.from_json(text, where=where)
+        return cls(url, manifest, hashlib.sha256(text.encode()).hexdigest()[:16])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.manifest.config["resolution"])
+
+    def stream(self, **kwargs) -> shard_stream.ShardStream:
+        """Its samples in shard order (no shuffling)."""
+        return shard_stream.ShardStream(image_shards.shard_urls(self.url, self.manifest), shuffle_buffer=0, **kwargs)
+
+    def images(self, limit: int) -> torch.Tensor:
+        """Up to ``limit`` images (N, 3, H, W) in [−1, 1], in shard order."""
+        images = [torch.from_numpy(sample.image) for _, sample in zip(range(limit), self.stream())]
+        if not images:
+            raise ValueError(f"{self.url}: no readable images to compare with")
+        return torch.stack(images)
+
+    def captions(self, limit: int) -> list[str]:
+        """Up to ``limit`` captions, in shard order, without decoding the images."""
+        def caption(raw: dict) -> str:
+            return raw.get(image_shards.KEY_CAPTION, b"").decode("utf-8")
+
+        return [text for _, text in zip(range(limit), self.stream(decode=caption))]
 
 
 class DomainClassifier(torch.nn.Module):
@@ -51,20 +91,18 @@ class DomainClassifier(torch.nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(dataset: str, epochs: int = 8, seed: int = 0) -> tuple[DomainClassifier, float]:
-    """Train on every labelled image of ``dataset``; returns the model and its accuracy on a
+def train_classifier(reference: Reference, epochs: int = 8, seed: int = 0) -> tuple[DomainClassifier, float]:
+    """Train on every labelled image of ``reference``; returns the model and its accuracy on a
     held-out tenth (by key) after training on the rest."""
-    manifest = image_shards.read_manifest(dataset)
-    if not manifest.class_names:
-        raise ValueError(f"{dataset}: a domain classifier needs labelled data")
-    urls = image_shards.shard_urls(dataset, manifest)
-    samples = [s for s in shard_stream.ShardStream(urls, shuffle_buffer=0) if s.label >= 0]
+    if not reference.manifest.class_names:
+        raise ValueError(f"{reference.url}: a domain classifier needs labelled data")
+    samples = [s for s in reference.stream() if s.label >= 0]
     held = [shard_stream.is_held_out(s.key, 0.1) for s in samples]
     x = torch.stack([torch.from_numpy(s.image) for s in samples])
     y = torch.tensor([s.label for s in samples])
     train_x, train_y = x[[not h for h in held]], y[[not h for h in held]]
     torch.manual_seed(seed)
-    model = DomainClassifier(len(manifest.class_names))
+    model = DomainClassifier(len(reference.manifest.class_names))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -82,25 +120,20 @@ def train_classifier(dataset: str, epochs: int = 8, seed: int = 0) -> tuple[Doma
     return model, accuracy
 
 
-def manifest_key(dataset: str) -> str:
-    """The identity of an image dataset: its manifest's sha256, 16 hex digits."""
-    return hashlib.sha256(storage.read_text(image_shards.manifest_url(dataset)).encode()).hexdigest()[:16]
-
-
-def classifier_for(dataset: str) -> DomainClassifier:
+def classifier_for(reference: Reference) -> DomainClassifier:
     """The domain classifier of an image dataset, trained once and cached in the state folder
     (keyed by the dataset manifest's hash; weights as safetensors)."""
     from safetensors.torch import load_file, save_file
 
-    folder = state_dir() / "classifiers" / manifest_key(dataset)
-    model = DomainClassifier(len(image_shards.read_manifest(dataset).class_names or ()))
+    folder = state_dir() / "classifiers" / reference.key
+    model = DomainClassifier(len(reference.manifest.class_names or ()))
     if (folder / "classifier.safetensors").exists():
         model.load_state_dict(load_file(folder / "classifier.safetensors"))
         return model.eval()
-    model, accuracy = train_classifier(dataset)
+    model, accuracy = train_classifier(reference)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), folder / "classifier.safetensors")
-    (folder / "classifier.json").write_text(json.dumps({"dataset": dataset, "held_out_accuracy": accuracy}) + "\n")
+    (folder / "classifier.json").write_text(json.dumps({"dataset": reference.url, "held_out_accuracy": accuracy}) + "\n")
     return model
 
 
@@ -133,11 +166,7 @@ class InceptionFeatures(torch.nn.Module):
         return self.module(images, **self.kwargs).flatten(1).float()
 
     def identity(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return f"inception-{digest.hexdigest()[:16]}"
+        return f"inception-{meta.file_sha256(self.path)[:16]}"
 
 
 class DomainFeatures(torch.nn.Module):
@@ -157,7 +186,7 @@ class DomainFeatures(torch.nn.Module):
         return f"domain-{self.dataset_key}"
 
 
-def extractor(features: str, inception_path: str, reference: str, classifier: DomainClassifier | None):
+def extractor(features: str, inception_path: str, reference: Reference, classifier: DomainClassifier | None):
     """The feature extractor an evaluation config asks for (``auto``: Inception when a path is set)."""
     if features == "inception" or (features == "auto" and inception_path):
         if not inception_path or not Path(inception_path).is_file():
@@ -165,21 +194,22 @@ def extractor(features: str, inception_path: str, reference: str, classifier: Do
                              "(weights are never downloaded; set the path, or use features: domain)")
         return InceptionFeatures(inception_path)
     if classifier is None:
-        raise ValueError(f"{reference}: unlabelled data has no domain classifier; set inception_path to a local "
+        raise ValueError(f"{reference.url}: unlabelled data has no domain classifier; set inception_path to a local "
                          "TorchScript Inception file to evaluate it")
-    return DomainFeatures(classifier, manifest_key(reference))
+    return DomainFeatures(classifier, reference.key)
 
 
-def reference_features(extract, dataset: str, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, D) features of a dataset's reference images, computed once per (dataset manifest,
-    extractor, images) and cached in the state folder as safetensors."""
+def reference_features(extract, reference: Reference, limit: int, batch_size: int) -> torch.Tensor:
+    """(N, D) features of the first ``limit`` images of ``reference`` (N ≤ ``limit``): computed
+    once per (dataset manifest, extractor, limit), then read from the state folder
+    (safetensors) without decoding a single image again."""
     from safetensors.torch import load_file, save_file
 
-    images = to_uint8(images)
-    key = hashlib.sha256(f"{manifest_key(dataset)} {extract.identity()} {images.shape[0]}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{reference.key} {extract.identity()} {limit}".encode()).hexdigest()[:16]
     path = state_dir() / "reference-features" / f"{key}.safetensors"
     if path.exists():
         return load_file(path)["features"]
+    images = to_uint8(reference.images(limit))
     features = torch.cat([extract(chunk) for chunk in images.split(batch_size)])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"features": features.contiguous()}, path)

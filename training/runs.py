@@ -18,14 +18,17 @@ from ldmflow.registry import tracking
 
 def start(experiment: str, name: str, config: Any, tags: dict[str, str]) -> str:
     """A new run ``name`` in ``experiment`` with ``config``'s fields as params; returns its id."""
+    from mlflow.entities import Param
+
     client = tracking.client()
     experiment_id = tracking.experiment_id(experiment)
     stale = client.search_runs([experiment_id], f"attributes.run_name = '{name}' and attributes.status = 'RUNNING'")
     for run in stale:
         client.set_terminated(run.info.run_id, status="KILLED")  # its driver died; this run resumes the job
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-    for key, value in flatten(configs.to_dict(config)).items():
-        client.log_param(run_id, key, value)
+    params = [Param(key, str(value)) for key, value in flatten(configs.to_dict(config)).items()]
+    for start in range(0, len(params), 100):  # a request per 100 params (MLflow's batch limit), not per field
+        client.log_batch(run_id, params=params[start : start + 100])
     return run_id
 
 

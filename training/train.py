@@ -157,7 +157,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     if config.conditioning == "class":
         from ldmflow.training import features
 
-        classifier = features.classifier_for(manifest.image_dataset)
+        classifier = features.classifier_for(features.Reference.read(manifest.image_dataset))
         metrics["class_accuracy"] = features.class_accuracy(classifier, images)
     client = tracking.client()
     client.log_artifact(run_id, str(grid_path))
