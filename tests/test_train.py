@@ -118,7 +118,9 @@ def kill_one_worker_after_first_checkpoint(storage_root: Path, done: threading.E
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not done.is_set():
-        if list(storage_root.glob("*/checkpoint_*")):
+        # Ray Train resumes from the checkpoints its controller has recorded (it writes this
+        # snapshot once it has); a kill between a checkpoint's files and that record restarts at 0.
+        if list(storage_root.glob("*/checkpoint_manager_snapshot.json")):
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers:
                 os.kill(workers[-1]["pid"], signal.SIGKILL)
@@ -148,8 +150,10 @@ def test_killed_worker_is_replaced_and_resumes_exactly(latent_set, tmp_path):
     assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
-    replays = len(tracking.client().get_metric_history(recovered.run_id, "loss")) - steps
-    assert replays > 0  # steps after the checkpoint were trained twice: the worker was replaced
+    # The group was restored from a recorded checkpoint (steps past it may or may not have been
+    # logged before the kill, so the count of replayed losses proves nothing either way).
+    resumed = tracking.client().get_metric_history(recovered.run_id, "resumed_from_step")
+    assert resumed and all(0 < m.value < steps and m.value % TINY["checkpoint_every"] == 0 for m in resumed)
     assert (recovered.folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert 0.0 <= recovered.metrics["class_accuracy"] <= 1.0
 
