@@ -59,6 +59,29 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def local_grid(train_outputs: dict[str, Any]) -> str:
+    """The training run's sample grid as a file under the state folder, fetched from MLflow
+    when this machine does not have it (the run was trained elsewhere, or before)."""
+    grid = train_outputs["grid"]
+    if not grid.startswith("runs:/"):  # a record written before 0.2: a path on the machine that trained
+        return grid
+    run_id = train_outputs["run_id"]
+    trained_here = next(state_dir().glob(f"runs/*-{run_id[:8]}/samples.png"), None)
+    if trained_here is not None:
+        return str(trained_here)
+    folder = state_dir() / "runs" / run_id
+    path = folder / "samples.png"
+    if not path.exists():
+        import mlflow.artifacts
+
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=grid, dst_path=str(folder),
+                                                tracking_uri=tracking.tracking_uri())
+        except Exception as exc:  # the summary still stands without the picture
+            return f"{grid} (not fetched: {str(exc).splitlines()[0][:200]})"
+    return str(path)
+
+
 @dataclass
 class PipelineOutcome:
     results: list[StageResult] = field(default_factory=list)
@@ -78,7 +101,7 @@ class PipelineOutcome:
         stages = {r.stage for r in self.results}
         if "train" in stages:
             train = self.outputs("train")
-            lines.append(f"sample grid:       {train['grid']}")
+            lines.append(f"sample grid:       {local_grid(train)}")
             lines.append(f"MLflow run:        {train['run_id']} (experiment {train['experiment']})")
             lines.append(f"registered model:  {train['model_uri']}")
         if "promote" in stages:
@@ -86,7 +109,9 @@ class PipelineOutcome:
             lines.append(f"production:        models:/{promote['name']}/{promote['production']} "
                          f"(models:/{promote['name']}@production)")
             lines.append(f"serve it:          ldmflow serve models:/{promote['name']}@production")
-        lines.append(f"MLflow UI:         mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+        uri = tracking.tracking_uri()
+        lines.append(f"MLflow UI:         {uri}" if uri.startswith(("http://", "https://"))
+                     else f"MLflow UI:         mlflow ui --backend-store-uri {uri}")
         return "\n".join(lines)
 
 
@@ -270,10 +295,11 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
         if "train" in force_set:  # a fresh run, not a resumption of the finished one
             from dataclasses import replace
 
-            fresh = state_dir() / "ray_results" / f"forced-{int(time.time())}"
-            train_config = replace(train_config, checkpoint_storage=str(fresh))
+            checkpoints = train_config.checkpoint_storage or str(state_dir() / "ray_results")
+            train_config = replace(train_config, checkpoint_storage=f"{checkpoints.rstrip('/')}/forced-{int(time.time())}")
         trained = train_flow(latent_out["latents"], train_config, progress)
-        outputs = {"model_uri": trained.model_uri, "run_id": trained.run_id, "grid": str(trained.grid),
+        # The grid by its MLflow artifact URI: a stage record names nothing on this machine.
+        outputs = {"model_uri": trained.model_uri, "run_id": trained.run_id, "grid": f"runs:/{trained.run_id}/samples.png",
                    "experiment": experiment, **trained.metrics}
         _lineage(trained.run_id, {"latents": latent_out["latents"], "latents_manifest_sha256": latent_out["manifest_sha256"],
                                   "autoencoder": autoencoder_uri}, {"model_uri": trained.model_uri})

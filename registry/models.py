@@ -57,9 +57,11 @@ def register_folder(name: str, run_id: str, folder: str | Path, kind: str,
         client.finalize_logged_model(logged.model_id, "FAILED")
         raise
     client.finalize_logged_model(logged.model_id, "READY")
-    # The artifact location itself as the source: the store resolves a models:/ source
-    # through the process-wide tracking URI, which ldmflow never sets.
-    version = client.create_model_version(name, logged.artifact_location, run_id=run_id,
+    # The artifact location itself as the source (the store resolves a models:/ source
+    # through the process-wide tracking URI, which ldmflow never sets), with the model id,
+    # against which a tracking server checks that source: a logged model's files are not
+    # under its run's artifacts.
+    version = client.create_model_version(name, logged.artifact_location, run_id=run_id, model_id=logged.model_id,
                                           tags={**(tags or {}), MODEL_ID_TAG: logged.model_id})
     return RegisteredVersion(name, str(version.version), logged.artifact_location, run_id, logged.model_id)
 

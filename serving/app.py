@@ -51,7 +51,7 @@ def run(model_uri: str, config: ServeConfig = ServeConfig(), *, blocking: bool =
     """Start (or update) the sampler application on the local or ``RAY_ADDRESS`` cluster;
     returns the base URL."""
     cluster.ensure_ray()
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(proxy_location=config.proxy_location, http_options={"host": config.host, "port": config.port})
     serve.run(SamplerServer.options(**deployment_options(config, model_uri)).bind(), name=APP_NAME,
               route_prefix="/", blocking=blocking)
     return f"http://{config.host}:{config.port}"

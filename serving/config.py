@@ -3,7 +3,7 @@ replica resources and autoscaling, batching, and the limits every request is hel
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -17,6 +17,9 @@ class ServeConfig:
 
     host: Annotated[str, Field(description="address to bind")] = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535, description="HTTP port")] = 8000
+    proxy_location: Annotated[Literal["EveryNode", "HeadOnly"], Field(
+        description="HTTP proxies on every node (a cluster) or on the head only (several nodes sharing one "
+                    "machine, and so one port)")] = "EveryNode"
     num_replicas: Annotated[int, Field(ge=1, description="replicas (the minimum when autoscaling)")] = 1
     max_replicas: Annotated[int, Field(ge=0, description="above `num_replicas`: autoscale between the two")] = 0
     target_ongoing_requests: Annotated[float, Field(gt=0, description="autoscaling target per replica")] = 4.0

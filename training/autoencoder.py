@@ -46,6 +46,9 @@ class AutoencoderConfig:
     held_out: Annotated[float, Field(
         ge=0, lt=1, description="fraction of samples kept out of training for evaluation")] = 0.05
     checkpoint_every: Annotated[int, Field(ge=1, description="steps between checkpoints")] = configs.execution(100)
+    checkpoint_storage: Annotated[str, Field(
+        description="folder or s3:// prefix for Ray Train checkpoints (on a multi-node cluster, one every node "
+                    "reaches); empty: the state folder")] = configs.execution("")
     log_every: Annotated[int, Field(ge=1, description="steps between MLflow metric points")] = configs.execution(10)
     max_failures: Annotated[int, Field(
         ge=0, description="worker failures Ray Train recovers from")] = configs.execution(2)
@@ -107,7 +110,8 @@ def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None =
     loop_config = {"config": configs.to_dict(config), "shard_urls": urls, "resolution": resolution,
                    "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
     result = launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
-                        max_failures=config.max_failures, storage_url=storage_path, run_id=run_id)
+                        max_failures=config.max_failures,
+                        storage_url=storage_path or config.checkpoint_storage or None, run_id=run_id)
 
     vae = autoencoders.build(config.preset, resolution)
     with result.checkpoint.as_directory() as folder:

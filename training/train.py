@@ -54,7 +54,8 @@ class DiffusionConfig:
     seed: Annotated[int, Field(description="weights, data order and noise")] = 0
     checkpoint_every: Annotated[int, Field(ge=1, description="steps between checkpoints")] = configs.execution(500)
     checkpoint_storage: Annotated[str, Field(
-        description="folder or s3:// prefix for Ray Train checkpoints; empty: the state folder")] = configs.execution("")
+        description="folder or s3:// prefix for Ray Train checkpoints (on a multi-node cluster, one every node "
+                    "reaches); empty: the state folder")] = configs.execution("")
     log_every: Annotated[int, Field(ge=1, description="steps between MLflow metric points")] = configs.execution(25)
     sample_every: Annotated[int, Field(
         ge=0, description="steps between sample grids; 0: only at the end")] = configs.execution(0)

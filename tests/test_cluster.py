@@ -1,0 +1,234 @@
+"""Cluster mode on one machine: ``infra/local/stack up`` starts a Ray head and two worker
+nodes, moto's S3 server, an MLflow tracking server (artifacts on that S3) and a Prefect
+server with a process worker per work pool, each its own process. On it:
+
+- the shipped ``configs/local-cluster.yaml`` pipeline runs unchanged through the CLI, with
+  shards, latents, stage records and checkpoints on S3, Train workers and precompute actors
+  on both worker nodes, and the model promoted on the tracking server, its files on S3;
+- with the driver's folder deleted, ``ldmflow serve models:/NAME@production`` from another
+  folder deploys two replicas on the two worker nodes and answers HTTP;
+- the pipeline runs as a Prefect deployment, picked up by the stack's worker;
+- ``stack down`` leaves none of the stack's processes (also when a test above failed).
+
+One stack for the module; the driver processes are CLI subprocesses with the variables
+``stack up`` printed, as a user's shell would have them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK = ROOT / "infra" / "local" / "stack"
+CONFIG = ROOT / "configs" / "local-cluster.yaml"
+CLI = [sys.executable, "-m", "ldmflow.flows.cli"]
+MODEL = "local-digits"
+
+pytestmark = pytest.mark.cluster
+
+
+@dataclass
+class LocalStack:
+    home: Path
+    env: dict[str, str]
+    groups: set[int] = field(default_factory=set)  # the process groups `up` started
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(STACK), *args, "--home", str(self.home)], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def stack_pids(self) -> list[int]:
+        """Every process still in a process group the stack started."""
+        groups = {int(p.read_text().split()[0]) for p in (self.home / "pids").glob("*.pid")} | self.groups
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) in groups and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def stack():
+    # Ray's unix sockets live under the stack's folder: keep its path short.
+    home = Path(tempfile.mkdtemp(prefix="lst-", dir="/tmp"))
+    s3, mlflow, prefect, ray, client, dashboard = _free_ports(6)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
+    base_env["LDMFLOW_PYTHON"] = sys.executable
+    local = LocalStack(home, base_env)
+    up = local.run("up", "--s3-port", str(s3), "--mlflow-port", str(mlflow), "--prefect-port", str(prefect),
+                   "--ray-port", str(ray), "--ray-client-port", str(client), "--dashboard-port", str(dashboard))
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr[-4000:]
+        exports = dict(line[len("export "):].split("=", 1) for line in up.stdout.splitlines() if line.startswith("export "))
+        assert set(exports) >= {"AWS_ENDPOINT_URL", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"}
+        local.env = {**base_env, **exports}
+        local.groups = {int(p.read_text().split()[0]) for p in (home / "pids").glob("*.pid")}
+        again = local.run("up")  # idempotent: nothing new is started
+        assert again.returncode == 0 and {int(p.read_text().split()[0]) for p in (home / "pids").glob("*.pid")} \
+            == local.groups, again.stderr[-2000:]
+        yield local
+    finally:
+        local.run("down", timeout=180)
+        leftover = local.stack_pids() if local.groups else []
+        for pid in leftover:  # never leave a process behind, even when the check below fails
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(home, ignore_errors=True)
+        assert not leftover, f"stack down left processes {leftover}"
+
+
+def _ray_probe(env: dict[str, str], class_name: str) -> dict:
+    """The head's node id and the node of every actor of ``class_name`` (alive or dead)."""
+    code = f"""
+import json, ray
+from ray.util.state import list_actors
+ray.init(logging_level="ERROR", log_to_driver=False)
+head = [n["NodeID"] for n in ray.nodes() if n["Alive"] and not n["Resources"].get("CPU")]
+actors = list_actors(filters=[("class_name", "=", {class_name!r})], limit=1000, raise_on_missing_output=False)
+print(json.dumps({{"head": head, "nodes": [a.node_id for a in actors]}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _s3_keys(env: dict[str, str], bucket: str, prefix: str = "") -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env.get("AWS_DEFAULT_REGION"))
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    return keys
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(stack, tmp_path_factory):
+    """The shipped cluster config's pipeline, run once from a driver folder of its own."""
+    driver = tmp_path_factory.mktemp("driver")
+    env = {**stack.env, "LDMFLOW_HOME": str(driver / "state")}
+    result = subprocess.run([*CLI, "pipeline", "--config", str(CONFIG), "--no-progress"], env=env, cwd=driver,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return driver, result
+
+
+def test_the_shipped_config_runs_unchanged_on_the_cluster(stack, pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    driver, result = pipeline_run
+    assert f"models:/{MODEL}@production" in result.stdout, result.stdout[-3000:]
+
+    # Every output on S3: shards, latents, stage records, checkpoints.
+    data = _s3_keys(stack.env, "ldmflow-data")
+    for prefix in ("datasets/local-digits/images-", "datasets/local-digits/latents-", "datasets/local-digits/_stages/",
+                   "checkpoints/"):
+        assert any(key.startswith(prefix) for key in data), prefix
+    # Nothing a later run reads names the driver's folder.
+    for key in (k for k in data if k.startswith("datasets/local-digits/_stages/")):
+        assert str(driver) not in _read(stack.env, "ldmflow-data", key), key
+
+    # The model at production on the tracking server, its files in the artifact bucket.
+    client = MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version_by_alias(MODEL, "production")
+    assert version.source.startswith("mlflow-artifacts:/")
+    artifacts = _s3_keys(stack.env, "ldmflow-mlflow", "artifacts/")
+    assert any(key.endswith("unet/diffusion_pytorch_model.safetensors") for key in artifacts)
+    assert not any(str(driver) in value for value in version.tags.values())
+
+    # Work spread over the worker nodes, none on the head (it has no CPUs).
+    for class_name in ("RayTrainWorker", "LatentEncoder"):
+        placed = _ray_probe(stack.env, class_name)
+        assert len(set(placed["nodes"])) == 2 and not set(placed["nodes"]) & set(placed["head"]), (class_name, placed)
+
+
+def _read(env: dict[str, str], bucket: str, key: str) -> str:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env.get("AWS_DEFAULT_REGION"))
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, pipeline_run, tmp_path):
+    from PIL import Image
+
+    driver, _ = pipeline_run
+    shutil.rmtree(driver)  # the strict way: nothing may be read from where the run started
+    port = _free_ports(1)[0]
+    env = {**stack.env, "LDMFLOW_HOME": str(tmp_path / "state")}
+    server = subprocess.Popen([*CLI, "serve", f"models:/{MODEL}@production", "--config", str(CONFIG), "--port",
+                               str(port)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    output = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and server.poll() is None:
+            line = server.stdout.readline()
+            output.append(line)
+            if line.startswith("serve:"):
+                break
+        assert server.poll() is None and output[-1].startswith("serve:"), "".join(output)[-4000:]
+        body = json.dumps({"n": 2, "steps": 4, "seed": 1, "label": 3}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/generate", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        images = [Image.open(io.BytesIO(base64.b64decode(item))) for item in answer["images"]]
+        assert len(images) == 2 and images[0].size[0] > 0
+        placed = _ray_probe(stack.env, "ServeReplica:ldmflow:SamplerServer")
+        assert len(set(placed["nodes"])) == 2, placed  # one replica on each worker node
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_the_pipeline_runs_as_a_deployment_on_the_stack_worker(stack, pipeline_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("local-cluster").experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    env = {**stack.env, "LDMFLOW_HOME": str(tmp_path / "state")}
+    deploy = subprocess.run([*CLI, "deploy"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert deploy.returncode == 0, deploy.stderr[-3000:]
+    # The data stages of the run above: the stack's CPU-pool worker runs them against the
+    # cluster's S3, MLflow and Ray, and finds every one already done.
+    params = json.dumps({"config": str(CONFIG), "stages": ["shard", "autoencoder", "precompute"]})
+    run = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", "pipeline/nightly-data",
+                          "--params", params, "--watch", "--watch-timeout", "300"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=360)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Completed" in run.stdout, run.stdout[-3000:]
+    # Skipped by their records on the stack's S3: no stage ran again, no MLflow run was added.
+    assert len(client.search_runs([experiment])) == runs_before
