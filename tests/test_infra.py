@@ -5,7 +5,8 @@ No Docker, no Kubernetes, no network: the files are parsed and cross-checked.
 - KubeRay manifests are validated by a small explicit validator written from the v1 CRD
   types and the operator's validation rules (tests/infra_checks.py); the Serve config
   inside the RayService is validated by Ray Serve's own schema and against its source.
-- The compose stack: service references, healthchecks, ports, variables, credentials.
+- The compose stack: against the Compose Specification's JSON schema (as check-jsonschema
+  ships it), then service references, healthchecks, ports, variables, credentials.
 - The Dockerfile: what it installs and copies agrees with pyproject.toml.
 """
 
@@ -324,6 +325,30 @@ def test_compose_publishes_ports_on_localhost_only():
 
 
 # ---- compose ----------------------------------------------------------------------------
+
+
+def compose_spec_validator():
+    """The Compose Specification's JSON schema, as the check-jsonschema package ships it
+    (its vendored copy, versioned with that package: see its builtin_schemas/vendor)."""
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads((files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def test_compose_file_follows_the_compose_specification():
+    validator = compose_spec_validator()
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose())]
+    assert not errors, errors
+    # The schema bites: a misspelt service key and a healthcheck of the wrong type are refused.
+    broken = compose()
+    name = next(iter(broken["services"]))
+    broken["services"][name]["imagee"] = "x"
+    broken["services"][name]["healthcheck"] = "curl"
+    assert len(list(validator.iter_errors(broken))) >= 2
 
 
 def test_compose_dependencies_exist_and_wait_for_health():
