@@ -119,6 +119,18 @@ class Stack:
                 alive[path.stem] = pid
         return alive
 
+    def orphaned(self) -> dict[str, int]:
+        """Recorded process groups whose leader is gone but some member is not (a Ray node whose
+        raylet died leaves its agents): Linux gives no new process a live group's id, so the
+        group is still the one `up` started."""
+        running = self.running()
+        groups = {}
+        for path in sorted(self.pids.glob("*.pid")) if self.pids.exists() else []:
+            pid = int(path.read_text().split()[0])
+            if path.stem not in running and _group_alive(pid):
+                groups[path.stem] = pid
+        return groups
+
     def start(self, name: str, command: list[str], env: dict[str, str]) -> int:
         self.pids.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -196,7 +208,7 @@ class Stack:
         for name, command in commands.items():
             if name.startswith("prefect-worker-") and name not in running:
                 self.start(name, command, env)
-        _wait(lambda: _alive_nodes(env) >= 1, timeout, "ray-head", self.logs / "ray-head.log")
+        _wait(lambda: _alive_nodes(env), timeout, "ray-head", self.logs / "ray-head.log")
         # Worker nodes join one at a time: on a loaded machine a node joining a GCS that is
         # still busy with another can time out, and is then started again.
         for name, command in commands.items():
@@ -209,13 +221,13 @@ class Stack:
         """Start a Ray worker node and wait until the cluster counts it, retrying a start that died."""
         for attempt in range(1, attempts + 1):
             before = _alive_nodes(env)
-            while before < 1:  # the head's GCS did not answer the probe: ask again
+            while not before:  # the head's GCS did not answer the probe: ask again
                 time.sleep(1)
                 before = _alive_nodes(env)
             pid = self.start(name, command, env)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and _group_alive(pid):
-                if _alive_nodes(env) > before:
+                if (_alive_nodes(env) or before) - before:  # a node id that was not there before
                     return
                 time.sleep(1)
             self.stop(name, pid, grace=5)
@@ -230,7 +242,7 @@ class Stack:
         return name
 
     def down(self) -> list[str]:
-        running = self.running()
+        running = {**self.orphaned(), **self.running()}
         # Workers first, then what they talk to; Ray nodes before the head.
         rank = {"prefect-worker": 0, "ray-worker": 1, "ray-extra": 1, "ray-head": 2, "mlflow": 3, "prefect": 4, "s3": 5}
         level = {name: next((v for k, v in rank.items() if name.startswith(k)), 9) for name in running}
@@ -281,11 +293,17 @@ def _create_buckets(env: dict[str, str], buckets: list[str]) -> None:
             client.create_bucket(Bucket=bucket)
 
 
-def _alive_nodes(env: dict[str, str]) -> int:
-    """Alive Ray nodes, asked of the GCS by a short-lived client (it needs the auth token)."""
-    probe = "import ray; ray.init(logging_level='ERROR', log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
-    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
-    return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 and result.stdout.strip() else -1
+def _alive_nodes(env: dict[str, str]) -> set[str] | None:
+    """The ids of the alive Ray nodes, asked of the GCS by a short-lived client (it needs the
+    auth token); None when the GCS does not answer."""
+    probe = ("import json, ray; ray.init(logging_level='ERROR', log_to_driver=False); "
+             "print('ALIVE=' + json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
+    try:
+        result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    answers = [line for line in result.stdout.splitlines() if line.startswith("ALIVE=")]  # Ray prints too
+    return set(json.loads(answers[-1][len("ALIVE="):])) if result.returncode == 0 and answers else None
 
 
 def _port_of(name: str, layout: Layout) -> int | None:
