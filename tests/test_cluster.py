@@ -5,6 +5,10 @@ server with a process worker per work pool, each its own process. On it:
 - the shipped ``configs/local-cluster.yaml`` pipeline runs unchanged through the CLI, with
   shards, latents, stage records and checkpoints on S3, Train workers and precompute actors
   on both worker nodes, and the model promoted on the tracking server, its files on S3;
+- node loss, by SIGKILL of a node's raylet: during diffusion training (the run resumes from
+  its recorded checkpoint on a replacement node and registers once), during serving (at
+  most the requests in flight fail; Serve heals by itself) and during precompute (the
+  manifest equals the unbroken run's);
 - with the driver's folder deleted, ``ldmflow serve models:/NAME@production`` from another
   folder deploys two replicas on the two worker nodes and answers HTTP;
 - the pipeline runs as a Prefect deployment, picked up by the stack's worker;
@@ -381,3 +385,59 @@ def test_the_pipeline_runs_as_a_deployment_on_the_stack_worker(stack, pipeline_r
     assert "Completed" in run.stdout, run.stdout[-3000:]
     # Skipped by their records on the stack's S3: no stage ran again, no MLflow run was added.
     assert len(client.search_runs([experiment])) == runs_before
+
+
+def _encoder_at_work() -> int | None:
+    """A precompute actor process encoding a shard (Ray titles it by class and method)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::LatentEncoder.__call__"):
+                return int(cmdline.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_precompute_survives_the_loss_of_a_worker_node(stack, pipeline_run, tmp_path):
+    """The pipeline's latents are the unbroken run. The same precompute again, to another
+    prefix: the raylet of a node whose actor is encoding a shard is SIGKILLed and a
+    replacement node added; the lost shard is encoded again by a new actor, each shard is
+    written under its one name, and the manifest equals the unbroken run's."""
+    keys = _s3_keys(stack.env, "ldmflow-data", "datasets/local-digits/")
+    unbroken = next(k for k in keys if k.startswith("datasets/local-digits/latents-") and k.endswith("/manifest.json"))
+    expected = json.loads(_read(stack.env, "ldmflow-data", unbroken))
+    added = stack.run("add-node")  # earlier tests left one worker node; the precompute runs two actors
+    assert added.returncode == 0, added.stderr[-3000:]
+
+    dest = "s3://ldmflow-data/node-loss/latents"
+    command = [*CLI, "precompute", expected["image_dataset"], dest, "--autoencoder", expected["autoencoder"]["uri"],
+               "--config", str(CONFIG), "--no-progress"]
+    env = {**stack.env, "LDMFLOW_HOME": str(tmp_path / "state")}
+    with open(tmp_path / "precompute.log", "w") as out:
+        process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and process.poll() is None and (encoder := _encoder_at_work()) is None:
+                time.sleep(0.02)
+            assert process.poll() is None, (tmp_path / "precompute.log").read_text()[-4000:]
+            raylet = int(Path(f"/proc/{encoder}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+            os.kill(raylet, signal.SIGKILL)
+            replacement = stack.run("add-node")
+            assert replacement.returncode == 0, replacement.stderr[-3000:]
+            process.wait(timeout=max(deadline - time.monotonic(), 1))
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    output = (tmp_path / "precompute.log").read_text()
+    assert process.returncode == 0, output[-4000:]
+
+    got = json.loads(_read(stack.env, "ldmflow-data", "node-loss/latents/manifest.json"))
+    assert got == expected and not got["failed_shards"]
+    # One latent shard and one part record per image shard, and nothing else (no second copy,
+    # no half-written object).
+    written = [k[len("node-loss/latents/"):] for k in _s3_keys(stack.env, "ldmflow-data", "node-loss/latents/")]
+    shards = sorted(k for k in written if k.endswith(".tar"))
+    parts = [k for k in written if k.startswith("_parts/") and k.endswith(".json")]
+    assert shards == sorted(s["url"] for s in expected["shards"])
+    assert len(parts) == len(shards) and len(written) == 2 * len(shards) + 1, written
