@@ -286,6 +286,59 @@ def _read(env: dict[str, str], bucket: str, key: str) -> str:
     return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
 
+def _encoder_at_work() -> int | None:
+    """A precompute actor process encoding a shard (Ray titles it by class and method)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::LatentEncoder.__call__"):
+                return int(cmdline.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_precompute_survives_the_loss_of_a_worker_node(stack, pipeline_run, tmp_path):
+    """The pipeline's latents are the unbroken run. The same precompute again, to another
+    prefix: the raylet of a node whose actor is encoding a shard is SIGKILLed and a
+    replacement node added; the lost shard is encoded again by a new actor, each shard is
+    written under its one name, and the manifest equals the unbroken run's."""
+    keys = _s3_keys(stack.env, "ldmflow-data", "datasets/local-digits/")
+    unbroken = next(k for k in keys if k.startswith("datasets/local-digits/latents-") and k.endswith("/manifest.json"))
+    expected = json.loads(_read(stack.env, "ldmflow-data", unbroken))
+    dest = "s3://ldmflow-data/node-loss/latents"
+    command = [*CLI, "precompute", expected["image_dataset"], dest, "--autoencoder", expected["autoencoder"]["uri"],
+               "--config", str(CONFIG), "--no-progress"]
+    env = {**stack.env, "LDMFLOW_HOME": str(tmp_path / "state")}
+    with open(tmp_path / "precompute.log", "w") as out:
+        process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and process.poll() is None and (encoder := _encoder_at_work()) is None:
+                time.sleep(0.02)
+            assert process.poll() is None, (tmp_path / "precompute.log").read_text()[-4000:]
+            raylet = int(Path(f"/proc/{encoder}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+            os.kill(raylet, signal.SIGKILL)
+            replacement = stack.run("add-node")
+            assert replacement.returncode == 0, replacement.stderr[-3000:]
+            process.wait(timeout=max(deadline - time.monotonic(), 1))
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    output = (tmp_path / "precompute.log").read_text()
+    assert process.returncode == 0, output[-4000:]
+
+    got = json.loads(_read(stack.env, "ldmflow-data", "node-loss/latents/manifest.json"))
+    assert got == expected and not got["failed_shards"]
+    # One latent shard and one part record per image shard, and nothing else (no second copy,
+    # no half-written object).
+    written = [k[len("node-loss/latents/"):] for k in _s3_keys(stack.env, "ldmflow-data", "node-loss/latents/")]
+    shards = sorted(k for k in written if k.endswith(".tar"))
+    parts = [k for k in written if k.startswith("_parts/") and k.endswith(".json")]
+    assert shards == sorted(s["url"] for s in expected["shards"])
+    assert len(parts) == len(shards) and len(written) == 2 * len(shards) + 1, written
+
+
 def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, pipeline_run, tmp_path):
     from PIL import Image
 
@@ -335,7 +388,9 @@ def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, pipeli
         for thread in clients:
             thread.start()
         try:
-            time.sleep(3)
+            under_way = time.monotonic() + 120
+            while sum(ok for _, _, ok in outcomes) < 2 and time.monotonic() < under_way:  # both clients going
+                time.sleep(0.1)
             killed_at, lost_node = time.time(), placed["nodes"][0]
             os.kill(_raylet_with_socket(placed["sockets"][lost_node]), signal.SIGKILL)
             deadline = time.monotonic() + 180
@@ -345,7 +400,9 @@ def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, pipeli
                 if len(replicas) == 2 and lost_node not in replicas and _healthy(port):
                     break
             healed_after = time.time() - killed_at
-            time.sleep(3)  # requests after the recovery
+            served = len(outcomes)
+            while len(outcomes) < served + 4 and time.time() < killed_at + 240:  # requests after the recovery
+                time.sleep(0.1)
         finally:
             stop.set()
             for thread in clients:
@@ -385,59 +442,3 @@ def test_the_pipeline_runs_as_a_deployment_on_the_stack_worker(stack, pipeline_r
     assert "Completed" in run.stdout, run.stdout[-3000:]
     # Skipped by their records on the stack's S3: no stage ran again, no MLflow run was added.
     assert len(client.search_runs([experiment])) == runs_before
-
-
-def _encoder_at_work() -> int | None:
-    """A precompute actor process encoding a shard (Ray titles it by class and method)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes().startswith(b"ray::LatentEncoder.__call__"):
-                return int(cmdline.parent.name)
-        except OSError:
-            continue
-    return None
-
-
-def test_precompute_survives_the_loss_of_a_worker_node(stack, pipeline_run, tmp_path):
-    """The pipeline's latents are the unbroken run. The same precompute again, to another
-    prefix: the raylet of a node whose actor is encoding a shard is SIGKILLed and a
-    replacement node added; the lost shard is encoded again by a new actor, each shard is
-    written under its one name, and the manifest equals the unbroken run's."""
-    keys = _s3_keys(stack.env, "ldmflow-data", "datasets/local-digits/")
-    unbroken = next(k for k in keys if k.startswith("datasets/local-digits/latents-") and k.endswith("/manifest.json"))
-    expected = json.loads(_read(stack.env, "ldmflow-data", unbroken))
-    added = stack.run("add-node")  # earlier tests left one worker node; the precompute runs two actors
-    assert added.returncode == 0, added.stderr[-3000:]
-
-    dest = "s3://ldmflow-data/node-loss/latents"
-    command = [*CLI, "precompute", expected["image_dataset"], dest, "--autoencoder", expected["autoencoder"]["uri"],
-               "--config", str(CONFIG), "--no-progress"]
-    env = {**stack.env, "LDMFLOW_HOME": str(tmp_path / "state")}
-    with open(tmp_path / "precompute.log", "w") as out:
-        process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and process.poll() is None and (encoder := _encoder_at_work()) is None:
-                time.sleep(0.02)
-            assert process.poll() is None, (tmp_path / "precompute.log").read_text()[-4000:]
-            raylet = int(Path(f"/proc/{encoder}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
-            os.kill(raylet, signal.SIGKILL)
-            replacement = stack.run("add-node")
-            assert replacement.returncode == 0, replacement.stderr[-3000:]
-            process.wait(timeout=max(deadline - time.monotonic(), 1))
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-    output = (tmp_path / "precompute.log").read_text()
-    assert process.returncode == 0, output[-4000:]
-
-    got = json.loads(_read(stack.env, "ldmflow-data", "node-loss/latents/manifest.json"))
-    assert got == expected and not got["failed_shards"]
-    # One latent shard and one part record per image shard, and nothing else (no second copy,
-    # no half-written object).
-    written = [k[len("node-loss/latents/"):] for k in _s3_keys(stack.env, "ldmflow-data", "node-loss/latents/")]
-    shards = sorted(k for k in written if k.endswith(".tar"))
-    parts = [k for k in written if k.startswith("_parts/") and k.endswith(".json")]
-    assert shards == sorted(s["url"] for s in expected["shards"])
-    assert len(parts) == len(shards) and len(written) == 2 * len(shards) + 1, written

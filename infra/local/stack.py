@@ -201,7 +201,7 @@ class Stack:
             if name not in running:
                 _require_free(name, _port_of(name, layout))
                 self.start(name, commands[name], env)
-        _wait(lambda: _s3_ready(env, layout), timeout, "s3", self.logs / "s3.log")
+        _wait(lambda: _s3_ready(layout), timeout, "s3", self.logs / "s3.log")
         _create_buckets(env, [MLFLOW_BUCKET, *layout.buckets])
         _wait(lambda: _http_ok(f"http://{HOST}:{layout.ports.prefect}/api/health"), timeout, "prefect",
               self.logs / "prefect.log")
@@ -277,7 +277,7 @@ def _http_ok(url: str) -> bool:
         return response.status == 200
 
 
-def _s3_ready(env: dict[str, str], layout: Layout) -> bool:
+def _s3_ready(layout: Layout) -> bool:
     with socket.create_connection((HOST, layout.ports.s3), timeout=1):
         return True
 
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no stack running under {stack.home}")
             return 3
         ports = recorded.ports
-        answers = {"s3": lambda: _s3_ready({}, recorded), "mlflow": lambda: _http_ok(f"http://{HOST}:{ports.mlflow}/health"),
+        answers = {"s3": lambda: _s3_ready(recorded), "mlflow": lambda: _http_ok(f"http://{HOST}:{ports.mlflow}/health"),
                    "prefect": lambda: _http_ok(f"http://{HOST}:{ports.prefect}/api/health")}
         for name in sorted(set(stack.commands(recorded)) | set(running)):
             state = f"running (pid {running[name]})" if name in running else "stopped"
