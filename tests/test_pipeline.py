@@ -115,3 +115,25 @@ def test_pipeline_on_s3_resumes_training_after_a_kill_then_skips_every_stage(buc
     lines = stage_lines(fourth.stdout)
     assert all("skipped" in lines[s] for s in ("shard", "autoencoder", "precompute", "train")), fourth.stdout
     assert all("ran in" in lines[s] for s in ("evaluate", "promote")), fourth.stdout
+
+
+def test_the_summary_fetches_a_grid_trained_on_another_machine(tmp_path, monkeypatch):
+    """A train stage record names its grid by MLflow artifact URI; a machine that did not
+    train it (a fresh state folder) gets the picture from the tracking store."""
+    from PIL import Image
+
+    from ldmflow.flows.pipeline import local_grid
+    from ldmflow.registry import tracking
+
+    client = tracking.client()
+    run_id = client.create_run(tracking.experiment_id("grid-elsewhere")).info.run_id
+    picture = tmp_path / "trainer" / "samples.png"
+    picture.parent.mkdir()
+    Image.new("RGB", (24, 16), (200, 10, 10)).save(picture)
+    client.log_artifact(run_id, str(picture))
+
+    # Another machine: the same tracking store, a state folder with nothing of the trainer's.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri())
+    monkeypatch.setenv("LDMFLOW_HOME", str(tmp_path / "elsewhere"))
+    path = local_grid({"grid": f"runs:/{run_id}/samples.png", "run_id": run_id})
+    assert path.startswith(str(tmp_path / "elsewhere")) and Image.open(path).size == (24, 16)
