@@ -25,6 +25,7 @@ system has since given to another program is left alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -148,10 +149,8 @@ class Stack:
         left = dict(processes)
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             for pid in left.values():
-                try:
+                with contextlib.suppress(ProcessLookupError):  # gone already
                     os.killpg(pid, sig)
-                except ProcessLookupError:
-                    pass
             deadline = time.monotonic() + wait
             while left and time.monotonic() < deadline:
                 left = {name: pid for name, pid in left.items() if _group_alive(pid)}
@@ -262,11 +261,9 @@ class Stack:
 def _wait(ready, timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(Exception):  # an exception means: not answering yet
             if ready():
                 return
-        except Exception:  # not answering yet
-            pass
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
     raise SystemExit(f"stack: {what} did not answer within {timeout:.0f}s; the end of {log}:\n{tail}")
