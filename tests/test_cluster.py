@@ -145,12 +145,16 @@ def _raylet_with_socket(socket_name: str) -> int:
     raise AssertionError(f"no raylet with socket {socket_name}")
 
 
-def _s3_keys(env: dict[str, str], bucket: str, prefix: str = "") -> list[str]:
+def _s3(env: dict[str, str]):
+    """A boto3 client of the stack's S3 server."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env.get("AWS_DEFAULT_REGION"))
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env.get("AWS_DEFAULT_REGION"))
+
+
+def _s3_keys(env: dict[str, str], bucket: str, prefix: str = "") -> list[str]:
     keys = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    for page in _s3(env).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys += [item["Key"] for item in page.get("Contents", [])]
     return keys
 
@@ -280,10 +284,7 @@ def _healthy(port: int) -> bool:
 
 
 def _read(env: dict[str, str], bucket: str, key: str) -> str:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env.get("AWS_DEFAULT_REGION"))
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    return _s3(env).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
 
 def _encoder_at_work() -> int | None:
