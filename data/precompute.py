@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -78,10 +77,7 @@ class LatentEncoder:
         self.torch = torch
         torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.folder = Path(tempfile.mkdtemp(prefix="ldmflow-encoder-"))
-        for name, data in files.items():
-            (self.folder / name).write_bytes(data)
-        self.vae, self.info = autoencoders.load(self.folder, self.device)
+        self.vae, self.info = autoencoders.load_files(files, self.device)
         self.batch_size = batch_size
         self.moments = moments
 

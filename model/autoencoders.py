@@ -12,6 +12,7 @@ identity for lineage checks) and the training config and lineage.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,12 @@ def load(folder: str | Path, device: str = "cpu", verify: bool = True):
             raise AutoencoderError(f"{folder}: weights sha256 {actual[:12]}… does not match ldmflow.json")
     vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
     return vae.to(device).eval(), info
+
+
+def load_files(files: dict[str, bytes], device: str = "cpu"):
+    """``load`` of an autoencoder folder passed as its files (name -> bytes), as Ray ships it
+    to actors and workers; the weights are copied into memory, so the scratch folder goes."""
+    with tempfile.TemporaryDirectory(prefix="ldmflow-vae-") as folder:
+        for name, data in files.items():
+            (Path(folder) / name).write_bytes(data)
+        return load(folder, device)

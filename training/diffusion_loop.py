@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,10 +234,7 @@ class GridTracker(runs.RankZeroTracker):
         if self.vae is None:
             import ray
 
-            folder = Path(tempfile.mkdtemp(prefix="ldmflow-vae-"))
-            for name, data in ray.get(self.loop_config["autoencoder_files"]).items():
-                (folder / name).write_bytes(data)
-            self.vae, _ = autoencoders.load(folder)
+            self.vae, _ = autoencoders.load_files(ray.get(self.loop_config["autoencoder_files"]))
         device = next(ema.parameters()).device
         info = model_info(config, self.loop_config["latent_shape"], self.loop_config["class_names"], scale_factor,
                           self.vae, autoencoder={}, lineage={})
