@@ -22,7 +22,8 @@ def test_deploy_then_a_worker_runs_a_deployment(subprocess_env, tmp_path):
     result = subprocess.run([sys.executable, "-m", "ldmflow.flows.cli", "deploy"], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "pipeline/nightly-data" in result.stdout and "pipeline/promote-after-training" in result.stdout
+    for name in ("nightly-data", "weekly-training", "promote-after-training", "on-demand"):
+        assert f"pipeline/{name}" in result.stdout, result.stdout
 
     with get_client(sync_client=True) as client:
         weekly = client.read_deployment_by_name("pipeline/weekly-training")
@@ -54,7 +55,8 @@ def test_deploy_then_a_worker_runs_a_deployment(subprocess_env, tmp_path):
 
     promote = _wait_for_runs_of("pipeline/promote-after-training", timeout=60)
     assert promote, "the completed weekly-training run did not trigger promote-after-training"
-    assert promote[0].parameters["stages"] == ["evaluate", "promote"]
+    # Its stages are the deployment's; its config is the training run's, not the default.
+    assert promote[0].parameters == {"config": str(config), "stages": ["evaluate", "promote"]}
 
 
 def _wait_for_runs_of(deployment: str, timeout: float) -> list:
