@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
+import os
 import re
 import shlex
 import tomllib
@@ -255,6 +257,54 @@ def validate_ray_resource(doc: dict) -> list[str]:
             problems.append("spec.rayClusterConfig is required")
     where = {"RayCluster": "spec", "RayJob": "spec.rayClusterSpec", "RayService": "spec.rayClusterConfig"}[kind]
     return problems + validate_cluster_spec(cluster_spec(doc), where)
+
+
+# KubeRay's published CRDs (ray-operator/config/crd/bases/ray.io_*.yaml of the release), kept
+# beside the checkout in shared/ or named by LDMFLOW_KUBERAY_CRDS.
+KUBERAY_VERSION = "v1.7.0"
+
+
+def kuberay_crd_folder() -> Path:
+    return Path(os.environ.get("LDMFLOW_KUBERAY_CRDS") or ROOT.parent / "shared" / "kuberay" / KUBERAY_VERSION)
+
+
+@functools.cache
+def crd_schema(kind: str, folder: Path) -> dict:
+    """The v1 ``openAPIV3Schema`` of KubeRay's CRD for ``kind`` as a JSON schema that applies
+    the API server's strict field validation (``kubectl apply --validate=strict``): a field
+    the schema does not name is refused unless the schema preserves unknown fields."""
+    crd = yaml.safe_load((folder / f"ray.io_{kind.lower()}s.yaml").read_text())
+    assert crd["spec"]["names"]["kind"] == kind, crd["spec"]["names"]
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def _strict(node: dict) -> dict:
+    node = dict(node)
+    if node.get("x-kubernetes-int-or-string") and "anyOf" not in node:
+        node.pop("type", None)
+        node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in node:
+        node["properties"] = {name: _strict(sub) for name, sub in node["properties"].items()}
+        if not node.get("x-kubernetes-preserve-unknown-fields"):
+            node.setdefault("additionalProperties", False)
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(node.get(key), dict):
+            node[key] = _strict(node[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in node:
+            node[key] = [_strict(sub) for sub in node[key]]
+    return node
+
+
+def crd_problems(doc: dict, folder: Path) -> list[str]:
+    """Where ``doc`` breaks its kind's published CRD schema, one line each."""
+    import jsonschema
+
+    schema = crd_schema(doc["kind"], folder)
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{'.'.join(str(p) for p in error.absolute_path) or '(root)'}: {error.message}"
+            for error in validator.iter_errors(doc)]
 
 
 def env_sources(container: dict) -> dict[str, dict]:

@@ -2,9 +2,12 @@
 
 No Docker, no Kubernetes, no network: the files are parsed and cross-checked.
 
-- KubeRay manifests are validated by a small explicit validator written from the v1 CRD
-  types and the operator's validation rules (tests/infra_checks.py); the Serve config
-  inside the RayService is validated by Ray Serve's own schema and against its source.
+- KubeRay manifests are validated against KubeRay's published v1 CRD schemas (the release's
+  ray.io_*.yaml, kept in shared/kuberay/VERSION beside the checkout or named by
+  LDMFLOW_KUBERAY_CRDS; skipped where neither is there), strictly as the API server with
+  --validate=strict, and by a small explicit validator of the operator's own rules that no
+  schema states (tests/infra_checks.py); the Serve config inside the RayService is
+  validated by Ray Serve's own schema and against its source.
 - The compose stack: against the Compose Specification's JSON schema (as check-jsonschema
   ships it), then service references, healthchecks, ports, variables, credentials.
 - The Dockerfile: what it installs and copies agrees with pyproject.toml.
@@ -35,6 +38,7 @@ from tests.infra_checks import (
     compose,
     compose_variables,
     configmaps,
+    crd_problems,
     containers,
     copies,
     dockerfile,
@@ -47,6 +51,7 @@ from tests.infra_checks import (
     groups,
     is_gpu_group,
     is_reference,
+    kuberay_crd_folder,
     literal_secrets,
     load_docs,
     manifest,
@@ -90,6 +95,38 @@ def test_every_infra_yaml_parses(path):
 def test_kuberay_manifest_satisfies_the_v1_crd(name, doc):
     problems = validate_ray_resource(doc)
     assert not problems, f"{name}:\n  " + "\n  ".join(problems)
+
+
+@pytest.fixture(scope="module")
+def crds():
+    folder = kuberay_crd_folder()
+    if not folder.is_dir():
+        pytest.skip(f"KubeRay's published CRDs are not at {folder} (ray.io_rayclusters.yaml, ray.io_rayjobs.yaml, "
+                    "ray.io_rayservices.yaml of the release; or set LDMFLOW_KUBERAY_CRDS)")
+    return folder
+
+
+@pytest.mark.parametrize("name, doc", ray_manifests(), ids=[name for name, _ in ray_manifests()])
+def test_kuberay_manifest_satisfies_the_published_crd_schema(name, doc, crds):
+    problems = crd_problems(doc, crds)
+    assert not problems, f"{name}:\n  " + "\n  ".join(problems)
+
+
+def test_the_published_crd_schema_bites(crds):
+    """Strict, as the API server with --validate=strict: a misspelt field, a wrong type and a
+    missing required field are each refused."""
+    import copy
+
+    good = manifest("RayCluster")
+    cases = {
+        "misspelt field": lambda s: s["workerGroupSpecs"][0].update(minReplica=1),
+        "wrong type": lambda s: s["workerGroupSpecs"][0].update(maxReplicas="four"),
+        "no group name": lambda s: s["workerGroupSpecs"][0].pop("groupName"),
+    }
+    for case, edit in cases.items():
+        doc = copy.deepcopy(good)
+        edit(doc["spec"])
+        assert crd_problems(doc, crds), f"the CRD schema accepts a RayCluster with {case}"
 
 
 def test_there_is_one_of_each_kuberay_kind():
