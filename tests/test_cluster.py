@@ -2,16 +2,17 @@
 nodes, moto's S3 server, an MLflow tracking server (artifacts on that S3) and a Prefect
 server with a process worker per work pool, each its own process. On it:
 
-- the shipped ``configs/local-cluster.yaml`` pipeline runs unchanged through the CLI, with
-  shards, latents, stage records and checkpoints on S3, Train workers and precompute actors
-  on both worker nodes, and the model promoted on the tracking server, its files on S3;
+- the shipped ``configs/local-cluster.yaml`` pipeline runs unchanged as the ``on-demand``
+  Prefect deployment, picked up by the stack's worker, with shards, latents, stage records
+  and checkpoints on S3, Train workers and precompute actors on both worker nodes, and the
+  model promoted on the tracking server, its files on S3;
+- ``ldmflow pipeline`` with the same config from a driver shell finds all of it done;
 - node loss, by SIGKILL of a node's raylet: during diffusion training (the run resumes from
   its recorded checkpoint on a replacement node and registers once), during serving (at
   most the requests in flight fail; Serve heals by itself) and during precompute (the
   manifest equals the unbroken run's);
 - with the driver's folder deleted, ``ldmflow serve models:/NAME@production`` from another
   folder deploys two replicas on the two worker nodes and answers HTTP;
-- the pipeline runs as a Prefect deployment, picked up by the stack's worker;
 - ``stack down`` leaves none of the stack's processes (also when a test above failed).
 
 One stack for the module; the driver processes are CLI subprocesses with the variables
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STACK = ROOT / "infra" / "local" / "stack"
 CONFIG = ROOT / "configs" / "local-cluster.yaml"
 CLI = [sys.executable, "-m", "ldmflow.flows.cli"]
+PREFECT = str(Path(sys.executable).parent / "prefect")
 MODEL = "local-digits"
 REPLICA = "ServeReplica:ldmflow:SamplerServer"
 
@@ -188,49 +190,70 @@ def _diffusion_checkpoint_recorded(env: dict[str, str]) -> bool:
 
 @pytest.fixture(scope="module")
 def pipeline_run(stack, tmp_path_factory):
-    """The shipped cluster config's pipeline, run once from a driver folder of its own; once
-    diffusion training has recorded a checkpoint, a worker node's raylet is SIGKILLed and a
-    replacement node is started, as an autoscaler or KubeRay would."""
-    driver = tmp_path_factory.mktemp("driver")
-    env = {**stack.env, "LDMFLOW_HOME": str(driver / "state")}
-    log = driver / "pipeline.log"
-    with open(log, "w") as out:
-        pipeline = subprocess.Popen([*CLI, "pipeline", "--config", str(CONFIG), "--no-progress"], env=env, cwd=driver,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    """The shipped cluster config's whole pipeline as the `on-demand` deployment of
+    prefect.yaml: `ldmflow deploy`, then a run of it that the stack's GPU-pool worker picks
+    up and runs from its own folder. Once diffusion training has recorded a checkpoint, a
+    worker node's raylet is SIGKILLed and a replacement node is started, as an autoscaler or
+    KubeRay would."""
+    caller = tmp_path_factory.mktemp("caller")
+    env = {**stack.env, "LDMFLOW_HOME": str(caller / "state")}
+    deploy = subprocess.run([*CLI, "deploy", "--name", "on-demand"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=180)
+    assert deploy.returncode == 0, deploy.stderr[-3000:]
+    worker_log = stack.home / "logs" / "prefect-worker-ldmflow-gpu.log"
+    params = json.dumps({"config": str(CONFIG)})
+    with open(caller / "run.log", "w") as out:
+        run = subprocess.Popen([PREFECT, "deployment", "run", "pipeline/on-demand", "--params", params, "--watch",
+                                "--watch-timeout", "600"], env=env, cwd=caller, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
         try:
             deadline = time.monotonic() + 600
-            while time.monotonic() < deadline and pipeline.poll() is None and not _diffusion_checkpoint_recorded(env):
+            while time.monotonic() < deadline and run.poll() is None and not _diffusion_checkpoint_recorded(env):
                 time.sleep(0.5)
-            assert pipeline.poll() is None, log.read_text()[-4000:]
+            assert run.poll() is None, (caller / "run.log").read_text()[-2000:] + worker_log.read_text()[-4000:]
             raylet = _raylet_of(stack, "ray-worker-2")
             os.kill(raylet, signal.SIGKILL)
             loss = NodeLoss(time.time(), raylet, "")
             added = stack.run("add-node")
             assert added.returncode == 0, added.stderr[-3000:]
             loss.replacement = added.stdout.strip()
-            pipeline.wait(timeout=max(deadline - time.monotonic(), 1))
+            run.wait(timeout=max(deadline - time.monotonic(), 1))
         finally:
-            if pipeline.poll() is None:
-                os.killpg(pipeline.pid, signal.SIGKILL)
-    output = log.read_text()
-    assert pipeline.returncode == 0, output[-6000:]
-    return driver, output, loss
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+    # The worker streams the flow run's output into its log.
+    assert run.returncode == 0, (caller / "run.log").read_text()[-2000:] + worker_log.read_text()[-6000:]
+    return loss
 
 
-def test_the_shipped_config_runs_unchanged_on_the_cluster(stack, pipeline_run):
+@pytest.fixture(scope="module")
+def driver_run(stack, pipeline_run, tmp_path_factory):
+    """The same config through the CLI from a user's shell with the stack's variables, in a
+    driver folder of its own: every stage finds its record on the cluster's S3."""
     from mlflow.tracking import MlflowClient
 
-    driver, output, _ = pipeline_run
-    assert f"models:/{MODEL}@production" in output, output[-3000:]
+    client = MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("local-cluster").experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    driver = tmp_path_factory.mktemp("driver")
+    env = {**stack.env, "LDMFLOW_HOME": str(driver / "state")}
+    result = subprocess.run([*CLI, "pipeline", "--config", str(CONFIG), "--no-progress"], env=env, cwd=driver,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return driver, result.stdout + result.stderr, len(client.search_runs([experiment])) - runs_before
+
+
+def test_the_shipped_config_runs_unchanged_as_a_deployment_on_the_cluster(stack, pipeline_run):
+    from mlflow.tracking import MlflowClient
 
     # Every output on S3: shards, latents, stage records, checkpoints.
     data = _s3_keys(stack.env, "ldmflow-data")
     for prefix in ("datasets/local-digits/images-", "datasets/local-digits/latents-", "datasets/local-digits/_stages/",
                    "checkpoints/"):
         assert any(key.startswith(prefix) for key in data), prefix
-    # Nothing a later run reads names the driver's folder.
+    # Nothing a later run reads names the local folders of the machine the flow ran on.
     for key in (k for k in data if k.startswith("datasets/local-digits/_stages/")):
-        assert str(driver) not in _read(stack.env, "ldmflow-data", key), key
+        assert str(stack.home) not in _read(stack.env, "ldmflow-data", key), key
 
     # The model at production on the tracking server, its files in the artifact bucket.
     client = MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"])
@@ -238,12 +261,21 @@ def test_the_shipped_config_runs_unchanged_on_the_cluster(stack, pipeline_run):
     assert version.source.startswith("mlflow-artifacts:/")
     artifacts = _s3_keys(stack.env, "ldmflow-mlflow", "artifacts/")
     assert any(key.endswith("unet/diffusion_pytorch_model.safetensors") for key in artifacts)
-    assert not any(str(driver) in value for value in version.tags.values())
+    assert not any(str(stack.home) in value for value in version.tags.values())
 
     # Work spread over the worker nodes, none on the head (it has no CPUs).
     for class_name in ("RayTrainWorker", "LatentEncoder"):
         placed = _ray_probe(stack.env, class_name)
         assert len(set(placed["nodes"])) >= 2 and not set(placed["nodes"]) & set(placed["head"]), (class_name, placed)
+
+
+def test_the_cli_on_a_driver_shell_finds_the_deployments_work(stack, pipeline_run, driver_run):
+    """`ldmflow pipeline` with the stack's variables is the same pipeline: it reads the
+    deployment run's records from S3 and the tracking server, runs nothing again, and ends
+    at the production model."""
+    _, output, new_runs = driver_run
+    assert f"models:/{MODEL}@production" in output, output[-3000:]
+    assert new_runs == 0, output[-3000:]  # no stage ran again
 
 
 def test_training_survives_the_loss_of_a_worker_node(stack, pipeline_run):
@@ -254,7 +286,7 @@ def test_training_survives_the_loss_of_a_worker_node(stack, pipeline_run):
 
     import yaml
 
-    _, _, loss = pipeline_run
+    loss = pipeline_run
     steps = yaml.safe_load(CONFIG.read_text())["train"]["steps"]
     client = MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("local-cluster").experiment_id],
@@ -340,11 +372,12 @@ def test_precompute_survives_the_loss_of_a_worker_node(stack, pipeline_run, tmp_
     assert len(parts) == len(shards) and len(written) == 2 * len(shards) + 1, written
 
 
-def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, pipeline_run, tmp_path):
+def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, driver_run, tmp_path):
     from PIL import Image
 
-    driver, _, _ = pipeline_run
-    shutil.rmtree(driver)  # the strict way: nothing may be read from where the run started
+    # The strict way: nothing may be read from where the runs started, the deployment's or the CLI's.
+    shutil.rmtree(stack.home / "state", ignore_errors=True)
+    shutil.rmtree(driver_run[0])
     port = _free_ports(1)[0]
     env = {**stack.env, "LDMFLOW_HOME": str(tmp_path / "state")}
     server = subprocess.Popen([*CLI, "serve", f"models:/{MODEL}@production", "--config", str(CONFIG), "--port",
@@ -422,24 +455,3 @@ def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, pipeli
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
-
-
-def test_the_pipeline_runs_as_a_deployment_on_the_stack_worker(stack, pipeline_run, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("local-cluster").experiment_id
-    runs_before = len(client.search_runs([experiment]))
-    env = {**stack.env, "LDMFLOW_HOME": str(tmp_path / "state")}
-    deploy = subprocess.run([*CLI, "deploy"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert deploy.returncode == 0, deploy.stderr[-3000:]
-    # The data stages of the run above: the stack's CPU-pool worker runs them against the
-    # cluster's S3, MLflow and Ray, and finds every one already done.
-    params = json.dumps({"config": str(CONFIG), "stages": ["shard", "autoencoder", "precompute"]})
-    run = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", "pipeline/nightly-data",
-                          "--params", params, "--watch", "--watch-timeout", "300"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=360)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Completed" in run.stdout, run.stdout[-3000:]
-    # Skipped by their records on the stack's S3: no stage ran again, no MLflow run was added.
-    assert len(client.search_runs([experiment])) == runs_before

@@ -15,11 +15,12 @@ The services, each bound to 127.0.0.1 and mapped to its production counterpart:
     ray-head        `ray start --head`, no CPUs of its own: tasks go to the workers      (KubeRay head)
     ray-worker-K    `ray start --address`, each with its own CPUs                        (KubeRay worker group)
 
-Everything (pid files, logs, the SQLite databases, Ray's session folder, stack.json with the
-ports) lives under one folder, `--home` (default `.ldmflow/stack` in the checkout). Each
-process is started in its own session; `down` signals each recorded process group, SIGTERM
-then SIGKILL, and only when the recorded pid still has the start time it had: a pid the
-system has since given to another program is left alone.
+Everything (pid files, logs, the SQLite databases, Ray's session folder, the local state of
+the flow runs the Prefect workers start, stack.json with the ports) lives under one folder,
+`--home` (default `.ldmflow/stack` in the checkout). Each process is started in its own
+session; `down` signals each recorded process group, SIGTERM then SIGKILL, and only when the
+recorded pid still has the start time it had: a pid the system has since given to another
+program is left alone.
 """
 
 from __future__ import annotations
@@ -104,7 +105,10 @@ class Stack:
     def service_env(self, layout: Layout) -> dict[str, str]:
         """The environment every service and node starts with, as a cluster's pods would have."""
         env = {**os.environ, **self.exports(layout)}
-        env.update(PREFECT_HOME=str(self.home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # Each service's local disk is the stack's: a flow run the Prefect worker starts keeps
+        # its local state under state/, not in the project folder it runs from.
+        env.update(LDMFLOW_HOME=str(self.home / "state"), PREFECT_HOME=str(self.home / "prefect"),
+                   PREFECT_SERVER_ANALYTICS_ENABLED="false",
                    PREFECT_WORKER_QUERY_SECONDS="5", MLFLOW_S3_ENDPOINT_URL=env["AWS_ENDPOINT_URL"],
                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
         return env
