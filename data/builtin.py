@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ldmflow.errors import LdmflowError
+
 PREFIX = "builtin:"
 
 
-class SourceError(ValueError):
+class SourceError(LdmflowError, ValueError):
     """A source that cannot be listed at all (missing folder, unknown name or scheme)."""
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from ldmflow import console
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start (once) a local Ray instance.
@@ -16,12 +18,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # Quiet (the command line without -v): workers' output stays in Ray's log folder.
+    shown = dict(log_to_driver=not console.quiet(), logging_level="ERROR" if console.quiet() else "WARNING")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **shown)
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    ray.init(num_cpus=cpus, configure_logging=True, **shown)
 
 
 def use_gpu(requested: str) -> bool:

@@ -31,6 +31,7 @@ import numpy as np
 
 from ldmflow.data import storage
 from ldmflow.data.images import decode_rgb
+from ldmflow.errors import LdmflowError
 
 FORMAT_NAME = "ldmflow.image-shards"
 FORMAT_VERSION = 1
@@ -136,7 +137,7 @@ def read_jsonl(url: str) -> list[dict[str, Any]]:
 # The manifest
 
 
-class ManifestError(ValueError):
+class ManifestError(LdmflowError, ValueError):
     """A manifest that is missing, unreadable, or of another format."""
 
 

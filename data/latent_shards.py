@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ldmflow.data import image_shards
+from ldmflow.errors import LdmflowError
 
 FORMAT_NAME = "ldmflow.latent-shards"
 FORMAT_VERSION = 1
@@ -31,7 +32,7 @@ KEY_MEAN = "mean.npy"
 KEY_LOGVAR = "logvar.npy"
 
 
-class LineageError(ValueError):
+class LineageError(LdmflowError, ValueError):
     """Latents paired with an autoencoder other than the one that made them."""
 
 

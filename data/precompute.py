@@ -171,6 +171,11 @@ def precompute(
     if info.weights_sha256 != ref.weights_sha256:
         raise latent_shards.LineageError(f"{autoencoder_dir} does not hold the autoencoder {ref.uri} names")
     resolution = int(image_manifest.config["resolution"])
+    if resolution != info.resolution:
+        raise latent_shards.LineageError(
+            f"{image_dataset}: its images are {resolution} px, and the autoencoder {ref.uri} was trained at "
+            f"{info.resolution} px: shard at {info.resolution} px (shard.resolution) or train an autoencoder on "
+            f"these shards")
     storage.remove_stale_temporaries(dest)
 
     tasks = [

@@ -295,7 +295,8 @@ def _parse_metadata(f: _File, content: bytes) -> dict[str, tuple[str | None, str
 
 
 def _number_labels(items: Sequence[tuple[RawItem, str | int | None]]) -> tuple[list[RawItem], tuple[str, ...] | None]:
-    """Integer labels as they are; names (class folders, string labels) as sorted indices."""
+    """Integer labels as they are, named by their numbers ("0" … the largest: a `.cls` sidecar
+    of the WebDataset convention); names (class folders, string labels) as sorted indices."""
 
     def as_int(value: str | int) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -306,7 +307,9 @@ def _number_labels(items: Sequence[tuple[RawItem, str | int | None]]) -> tuple[l
 
     labels = [label for _, label in items if label is not None]
     if all(as_int(label) is not None for label in labels):
-        return [replace(item, label=as_int(label) if label is not None else None) for item, label in items], None
+        numbers = [as_int(label) for label in labels]
+        names = tuple(str(i) for i in range(max(numbers) + 1)) if numbers and min(numbers) >= 0 else None
+        return [replace(item, label=as_int(label) if label is not None else None) for item, label in items], names
     names = tuple(sorted({str(label) for label in labels}))
     index = {name: i for i, name in enumerate(names)}
     return [replace(item, label=index[str(label)] if label is not None else None) for item, label in items], names

@@ -28,12 +28,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, BinaryIO
 
+from ldmflow.errors import LdmflowError
+
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 S3_MAX_ATTEMPTS = 8
 _TMP_MARKER = ".tmp-"
 
 
-class StorageError(RuntimeError):
+class StorageError(LdmflowError, RuntimeError):
     """A storage operation failed after retries (or could not be retried)."""
 
 

@@ -7,12 +7,14 @@ after the state folder is configured, so ``--help`` is quick.
 
 from __future__ import annotations
 
+import sys
+import traceback
 from typing import Annotated, Optional
 
 import typer
 
 from ldmflow.flows import cli_data, cli_models, runtime
-from ldmflow.flows.cli_options import ConfigOption, fail
+from ldmflow.flows.cli_options import ConfigOption, expected_cause, fail
 
 app = typer.Typer(
     name="ldmflow",
@@ -29,7 +31,8 @@ def main(
         Optional[str],
         typer.Option(help="Local state folder for the embedded services (default: $LDMFLOW_HOME or .ldmflow)."),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's flow and task logs.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show Prefect's and MLflow's own logs, and the traceback of a failure.")] = False,
 ) -> None:
     runtime.configure(state_dir, verbose)
 
@@ -134,6 +137,37 @@ for name, command in [
     app.command(name)(command)
 
 
+def main() -> None:
+    """The ``ldmflow`` console script: the app, with every failure a user can act on printed
+    as one line, ``error: …``, and a non-zero exit: a usage error (2) names its flag or
+    config field; a failure of the input or the setting (1) is said once, wherever it was
+    raised, with its traceback only under ``-v``. Anything else is a bug and keeps its
+    traceback."""
+    click = sys.modules[typer.BadParameter.__module__]  # the click Typer runs on (its own copy, lately)
+
+    try:
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
+        typer.echo(f"error: {exc.format_message()}{where}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        cause = expected_cause(exc)
+        if cause is None:
+            raise
+        if runtime.verbose():
+            traceback.print_exception(exc)
+        typer.echo(f"error: {cause}", err=True)
+        raise SystemExit(cause.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()
 

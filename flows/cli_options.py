@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ldmflow.errors import LdmflowError
+
 ConfigOption = Annotated[
     Optional[str], typer.Option("--config", "-c", help="YAML config file; the stage reads its own section (e.g. shard:).")
 ]
@@ -22,14 +24,47 @@ class ImageFormat(str, Enum):
 
 
 def load_config(cls, path: str | None, section: str, overrides: dict):
-    """``section`` of the config file at ``path`` with flag ``overrides``; a bad file or value
-    is a usage error naming the field."""
+    """``section`` of the config file at ``path`` with flag ``overrides``; a bad file is a
+    usage error of ``--config``, a bad flag value one of that flag, each naming the field."""
     from ldmflow import configs
 
     try:
-        return configs.load(cls, path, section=section, overrides=overrides)
+        configs.load(cls, path, section=section)  # the file alone
     except configs.ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
+    try:
+        return configs.load(cls, path, section=section, overrides=overrides)
+    except configs.ConfigError as exc:
+        failure = exc
+    given = {name: value for name, value in overrides.items() if value is not None}
+    for name, value in given.items():  # the flag whose value is refused on its own
+        try:
+            configs.load(cls, None, overrides={name: value})
+        except configs.ConfigError as exc:
+            raise typer.BadParameter(str(exc), param_hint=f"--{name.replace('_', '-')}") from exc
+    flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+    raise typer.BadParameter(str(failure), param_hint=f"--config with {flags}") from failure
+
+
+def expected_cause(exc: BaseException) -> LdmflowError | None:
+    """The failure a user can act on behind ``exc``, or None for a bug. Looks through what
+    wraps it on the way to the driver: a Ray task's error (``cause``), Ray Train's worker
+    and controller failures, and chained exceptions; the outermost one found wins (it says
+    the most: "no manifest" rather than the missing file under it)."""
+    seen: set[int] = set()
+    queue: list[BaseException | None] = [exc]
+    while queue:
+        error = queue.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        wrapped = [getattr(error, "cause", None), getattr(error, "_base_exc", None),
+                   getattr(error, "controller_failure", None), *(getattr(error, "worker_failures", None) or {}).values()]
+        wrapped = [w for w in wrapped if isinstance(w, BaseException)]
+        if isinstance(error, LdmflowError) and not wrapped:  # Ray's copy of an error is also of its class
+            return error
+        queue += [*wrapped, error.__cause__, error.__context__]
+    return None
 
 
 def fail(exc: Exception, code: int = 1) -> typer.Exit:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import yaml
 
+from ldmflow.errors import LdmflowError
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-class DeployError(RuntimeError):
+class DeployError(LdmflowError, RuntimeError):
     """A deployments file that cannot be read, or a server that refuses a deployment."""
 
 
@@ -31,8 +33,27 @@ def ensure_work_pool(name: str, pool_type: str = "process") -> None:
             client.create_work_pool(WorkPoolCreate(name=name, type=pool_type))
 
 
+def check_server() -> str:
+    """The Prefect server deployments go to (PREFECT_API_URL, or the profile's), refusing
+    none or one that does not answer: without a server, Prefect would register them in a
+    throwaway local database that no worker ever reads."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise DeployError("no Prefect server: start one (`prefect server start`, or `infra/local/stack up`) and "
+                          "set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api")
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise DeployError(f"the Prefect server at {url} does not answer ({failure}): is it running?")
+    return url
+
+
 def deploy(file: str = "prefect.yaml", names: list[str] | None = None) -> list[str]:
-    """Register every deployment of ``file`` (or those in ``names``); returns one line each."""
+    """Register every deployment of ``file`` (or those in ``names``) with the Prefect server;
+    returns one line each."""
     from prefect import Flow
     from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron
@@ -47,6 +68,7 @@ def deploy(file: str = "prefect.yaml", names: list[str] | None = None) -> list[s
     missing = sorted(set(names or ()) - {d.get("name") for d in deployments})
     if missing or not wanted:
         raise DeployError(f"{file}: no deployment named {', '.join(missing) or 'anything'}")
+    check_server()
     lines = []
     for entry in wanted:
         pool = entry["work_pool"]["name"]

@@ -29,12 +29,13 @@ from prefect import flow, get_run_logger
 
 from ldmflow import configs
 from ldmflow.data import image_shards, storage
+from ldmflow.errors import LdmflowError
 from ldmflow.flows.settings import STAGES, Spec, load_spec
 from ldmflow.registry import models, tracking
 from ldmflow.state import state_dir
 
 
-class StageNotRun(RuntimeError):
+class StageNotRun(LdmflowError, RuntimeError):
     """A stage left out of this run whose output a later stage needs, and that has no record."""
 
 

@@ -11,16 +11,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ldmflow import state
+from ldmflow import console, state
 
 
 def configure(explicit_state_dir: str | None = None, verbose: bool = False) -> Path:
-    """Point Prefect at the state folder (unless the environment already says otherwise)."""
+    """Point Prefect at the state folder (unless the environment already says otherwise),
+    and keep the libraries' own log lines out of the terminal unless ``verbose``: a failure
+    is reported once, by the command (Prefect would log it again, with its traceback, as
+    the task's and the flow's)."""
+    console.set_quiet(not verbose)
     folder = state.state_dir(explicit_state_dir)
     folder.mkdir(parents=True, exist_ok=True)
     os.environ[state.ENV] = str(folder)
     os.environ.setdefault("PREFECT_HOME", str(folder / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    if verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    else:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "CRITICAL"
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return folder
+
+
+def verbose() -> bool:
+    """Whether the command line was given ``-v``."""
+    return not console.quiet()

@@ -8,6 +8,7 @@ error in a chunk fails the run, since per-input problems are already rejects.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from ldmflow.data import image_shards, sharding, storage
 from ldmflow.data.sharding import ShardConfig
 from ldmflow.data.sources import check_source
+from ldmflow.errors import LdmflowError
 
 
 def retry_on_storage_error(task, task_run, state) -> bool:
@@ -84,7 +86,22 @@ def shard_flow(source: str, dest: str, config: ShardConfig = ShardConfig(), prog
     skipped = sum(part.skipped for part in parts)
     outcome = ShardOutcome(manifest, dest, len(parts) - skipped, skipped, time.perf_counter() - started)
     get_run_logger().info(outcome.summary())
+    if manifest.num_samples == 0:
+        raise NothingUsable(manifest, dest)
     return outcome
+
+
+class NothingUsable(LdmflowError):
+    """A source none of whose inputs could be used: its report is written, the dataset refused."""
+
+    def __init__(self, manifest: image_shards.ImageManifest, dest: str) -> None:
+        rejects = storage.join(dest, image_shards.REJECTS)
+        reasons = Counter(r["reason"].split(":")[0] for r in image_shards.read_jsonl(rejects)) if manifest.num_rejected else {}
+        counts = [f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda item: -item[1])]
+        if manifest.num_duplicates:
+            counts.append(f"{manifest.num_duplicates} duplicates")
+        super().__init__(f"{dest}: no usable image among {manifest.num_inputs} inputs ({', '.join(counts) or 'none'}); "
+                         f"each reject and its reason is in {rejects}")
 
 
 def run(source: str, dest: str, config: ShardConfig, progress: bool = True) -> ShardOutcome:

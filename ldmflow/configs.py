@@ -31,12 +31,17 @@ import pydantic
 import pydantic.dataclasses
 import yaml
 
+from ldmflow.errors import UsageError
+
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file or override that does not fit its dataclass."""
 
+
+# The sections of a config file, one per stage config and `pipeline:`, in pipeline order.
+SECTIONS = ("shard", "autoencoder", "precompute", "train", "evaluate", "promote", "serve", "pipeline")
 
 EXECUTION = "ldmflow.execution"  # dataclass field metadata: the field is not part of the identity
 
@@ -127,6 +132,11 @@ def load(cls: type[C], path: str | None = None, section: str | None = None, over
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: expected a mapping at the top level")
+        if section is not None and (section in loaded or _looks_sectioned(loaded, cls)):
+            unknown = sorted(set(loaded) - set(SECTIONS))
+            if unknown:
+                raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}: the sections are "
+                                  f"{', '.join(SECTIONS)}")
         if section is not None and section in loaded:
             prefix = f"{section}."
             loaded = loaded[section]

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ldmflow.errors import LdmflowError
 from ldmflow.model import meta
 
 KIND = "ldmflow.autoencoder"
@@ -49,7 +50,7 @@ def build(preset: str, resolution: int):
     )
 
 
-class AutoencoderError(ValueError):
+class AutoencoderError(LdmflowError, ValueError):
     """A folder that is not a complete ldmflow autoencoder."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ldmflow.errors import LdmflowError
 from ldmflow.model import autoencoders, meta
 
 KIND = "ldmflow.diffusion"
@@ -32,7 +33,7 @@ MLFLOW_DATA = "ldm"  # the model folder's name inside an MLflow model's data/
 TEXT_ENCODER = "all-MiniLM-L6-v2"
 
 
-class ModelError(ValueError):
+class ModelError(LdmflowError, ValueError):
     """A folder that is not a complete ldmflow diffusion model."""
 
 

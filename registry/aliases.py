@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 
+from ldmflow.errors import LdmflowError
 from ldmflow.registry import tracking
 
 PRODUCTION = "production"
@@ -20,7 +21,7 @@ PREVIOUS = "previous"
 HISTORY_TAG = "ldmflow.production_history"
 
 
-class RegistryError(LookupError):
+class RegistryError(LdmflowError, LookupError):
     """A registered model or alias that is not there, or a history with nothing to go back to."""
 
 
@@ -34,7 +35,14 @@ def version_of(name: str, alias: str) -> str | None:
 
 def history(name: str) -> list[str]:
     """Versions that held ``production``, oldest first, the current one last."""
-    tags = tracking.client().get_registered_model(name).tags
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = tracking.client().get_registered_model(name).tags
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise RegistryError(f"{name}: no registered model of that name at {tracking.shown_uri()}") from None
     return json.loads(tags.get(HISTORY_TAG, "[]"))
 
 

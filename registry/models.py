@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldmflow.errors import LdmflowError
 from ldmflow.model import model_format
 from ldmflow.registry import tracking
 
@@ -66,7 +67,7 @@ def register_folder(name: str, run_id: str, folder: str | Path, kind: str,
     return RegisteredVersion(name, str(version.version), logged.artifact_location, run_id, logged.model_id)
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(LdmflowError, LookupError):
     """A model URI that names nothing (no such model, version, alias, run or folder)."""
 
 
@@ -115,7 +116,7 @@ def resolve_version(uri: str) -> RegisteredVersion:
     except ModelNotFound:
         raise
     except Exception as exc:
-        raise ModelNotFound(f"{uri}: not in the model registry at {tracking.tracking_uri()}") from exc
+        raise ModelNotFound(f"{uri}: not in the model registry at {tracking.shown_uri()}") from exc
     return RegisteredVersion(version.name, str(version.version), version.source, version.run_id,
                              version.tags.get(MODEL_ID_TAG))
 

@@ -25,6 +25,16 @@ def tracking_uri() -> str:
     return f"sqlite:///{state / 'mlflow.db'}"
 
 
+def shown_uri() -> str:
+    """The tracking URI as messages may show it: a user and password in it are masked."""
+    uri = tracking_uri()
+    scheme, sep, rest = uri.partition("://")
+    host, slash, path = rest.partition("/")
+    if sep and "@" in host:
+        return f"{scheme}://***@{host.rsplit('@', 1)[1]}{slash}{path}"
+    return uri
+
+
 def client():
     from mlflow.tracking import MlflowClient
 

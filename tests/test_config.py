@@ -50,6 +50,20 @@ def test_bad_configs_name_the_field(tmp_path, text, message):
         configs.load(ShardConfig, str(path), section="shard")
 
 
+def test_a_misspelt_section_is_an_error_not_defaults(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("shrad:\n  resolution: 64\ntrain:\n  steps: 3\n")
+    for cls, section in ((ShardConfig, "shard"), (DiffusionConfig, "train")):
+        with pytest.raises(configs.ConfigError, match="unknown section.s. shrad: the sections are shard, "):
+            configs.load(cls, str(path), section=section)
+
+
+def test_the_sections_are_the_stages_and_pipeline():
+    from ldmflow.flows.settings import stage_sections
+
+    assert configs.SECTIONS == (*stage_sections(), "pipeline")
+
+
 def test_nested_errors_carry_the_whole_path(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  noise:\n    schedule: quadratic\n    beta_end: -1\n  cond_dropout: 1.0\n")

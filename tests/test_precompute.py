@@ -60,6 +60,16 @@ def test_latents_equal_inline_encoding(ray_local, digits16, tiny_autoencoder, tm
     assert (rerun.written, rerun.skipped) == (0, 8)
 
 
+def test_shards_of_another_resolution_than_the_autoencoders_are_refused(digits16, tmp_path):
+    vae = autoencoders.build("tiny", 8)
+    folder = tmp_path / "autoencoder-8px"
+    info = autoencoders.save(vae, folder, scale_factor=0.5, resolution=8, config={}, lineage={})
+    ref = latent_shards.AutoencoderRef(uri=str(folder), weights_sha256=info.weights_sha256, scale_factor=0.5)
+    with pytest.raises(latent_shards.LineageError, match="images are 16 px, and the autoencoder .* trained at 8 px"):
+        precompute(digits16, str(tmp_path / "lat"), folder, ref, PrecomputeConfig(actors=1), progress=False)
+    assert not (tmp_path / "lat").exists()  # refused before anything was written
+
+
 def test_corrupt_input_shard_is_retried_then_reported(ray_local, digits16, tiny_autoencoder, tmp_path):
     import shutil
 

@@ -197,6 +197,7 @@ def test_tar_source_with_webdataset_members(tmp_path):
     samples = read_all(str(tmp_path / "out"))
     assert {s.caption for s in samples.values()} == {f"caption {i}" for i in range(5)}
     assert samples["raw.tar/sample3.jpg"].label == 1
+    assert manifest.class_names == ("0", "1")  # integer `.cls` labels are classes named by their numbers
 
     # A truncated tar: the members before the damage are used, the tar itself is a reject.
     data = tar_path.read_bytes()

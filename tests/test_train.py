@@ -31,11 +31,33 @@ def save_tiny_autoencoder(folder: Path, seed: int) -> latent_shards.AutoencoderR
 
 
 @pytest.fixture(scope="module")
-def latent_set(ray_local, digits16, tmp_path_factory):
+def digits_folder(digits16, tmp_path_factory) -> str:
+    """The 16-px digits as a user's folder in the WebDataset convention, sharded like any
+    folder: NAME.png with its integer label in NAME.cls and its caption in NAME.txt."""
+    import tarfile
+
+    from ldmflow.data.sharding import ShardConfig
+    from ldmflow.flows import shard as shard_flow
+
+    raw = tmp_path_factory.mktemp("digits-folder")
+    for url in image_shards.shard_urls(digits16):
+        with tarfile.open(url) as tar:
+            for member in tar.getmembers():
+                if member.name.rsplit(".", 1)[1] in ("png", "cls", "txt"):
+                    (raw / member.name).write_bytes(tar.extractfile(member).read())
+    dest = str(tmp_path_factory.mktemp("digits-folder-shards"))
+    manifest = shard_flow.run(str(raw), dest, ShardConfig(resolution=16, shard_size=50), progress=False).manifest
+    assert manifest.class_names == tuple("0123456789")  # named by their numbers
+    return dest
+
+
+@pytest.fixture(scope="module")
+def latent_set(ray_local, digits_folder, tmp_path_factory):
+    """Latents of the digits folder: the class-conditioned trainings below train on `.cls` labels."""
     root = tmp_path_factory.mktemp("latent-set")
     ref = save_tiny_autoencoder(root / "autoencoder", seed=0)
     dest = str(root / "latents")
-    precompute(digits16, dest, root / "autoencoder", ref, PrecomputeConfig(actors=2), progress=False)
+    precompute(digits_folder, dest, root / "autoencoder", ref, PrecomputeConfig(actors=2), progress=False)
     return dest, root
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ldmflow.data import latent_shards, shard_stream
+from ldmflow.errors import LdmflowError
 from ldmflow.model import schedules, unets
 from ldmflow.training import checkpoints, diffusion, loop, runs
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from ldmflow.training.train import DiffusionConfig
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(LdmflowError, RuntimeError):
     """Too many consecutive non-finite losses: the run goes back to its last checkpoint."""
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmflow.data import image_shards, shard_stream
+from ldmflow.errors import InputError
 from ldmflow.model import meta
 from ldmflow.state import state_dir
 
@@ -95,7 +96,7 @@ def train_classifier(reference: Reference, epochs: int = 8, seed: int = 0) -> tu
     """Train on every labelled image of ``reference``; returns the model and its accuracy on a
     held-out tenth (by key) after training on the rest."""
     if not reference.manifest.class_names:
-        raise ValueError(f"{reference.url}: a domain classifier needs labelled data")
+        raise InputError(f"{reference.url}: a domain classifier needs labelled data")
     samples = [s for s in reference.stream() if s.label >= 0]
     held = [shard_stream.is_held_out(s.key, 0.1) for s in samples]
     x = torch.stack([torch.from_numpy(s.image) for s in samples])

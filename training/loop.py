@@ -16,11 +16,12 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from ldmflow import configs
+from ldmflow.errors import LdmflowError
 
 C = TypeVar("C")
 
 
-class EmptyEpoch(RuntimeError):
+class EmptyEpoch(LdmflowError, RuntimeError):
     """An epoch that yielded no batch: the run would otherwise spin for ever."""
 
 

@@ -74,7 +74,7 @@ def promote(name: str, config: PromotionConfig = PromotionConfig(),
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except Exception as exc:
-        raise RegistryError(f"{name}: not in the model registry at {tracking.tracking_uri()}") from exc
+        raise RegistryError(f"{name}: not in the model registry at {tracking.shown_uri()}") from exc
     if not versions:
         raise RegistryError(f"{name}: no registered versions")
     candidate = str(version) if version else str(max(int(v.version) for v in versions))

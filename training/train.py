@@ -14,6 +14,7 @@ from pydantic import Field
 
 from ldmflow import configs
 from ldmflow.data import image_shards, latent_shards, shard_stream, storage
+from ldmflow.errors import InputError
 from ldmflow.model import autoencoders, grids, model_format, schedules, unets
 from ldmflow.model.sampler import Sampler
 from ldmflow.registry import models, tracking
@@ -112,7 +113,8 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     manifest_sha = hashlib.sha256(manifest_text.encode()).hexdigest()
     vae, vae_info, vae_folder = resolve_autoencoder(manifest, config.autoencoder)
     if config.conditioning == "class" and not manifest.class_names:
-        raise ValueError(f"{latents_url}: class conditioning needs labelled data (the manifest has no class names)")
+        raise InputError(f"{latents_url}: class conditioning needs labelled data (the manifest has no class names); "
+                         "train with conditioning: none, or shard images with labels")
     name = configs.run_name("diffusion", config, latents=manifest_sha)
     run_id = runs.start(config.experiment, name, config, tags={
         "ldmflow.stage": "diffusion", "ldmflow.latents": latents_url, "ldmflow.latent_manifest_sha256": manifest_sha,
