@@ -154,7 +154,9 @@ def serve_model(
 
     POST /v1/generate, /v1/edit, /v1/inpaint; GET /v1/model, /healthz; the OpenAPI document
     at /openapi.json. With models:/NAME@ALIAS the server follows the alias: a promotion is
-    picked up without downtime.
+    picked up without downtime. API keys come from LDMFLOW_API_KEYS or serve.api_keys_file;
+    with them every route but /healthz needs `Authorization: Bearer KEY`. Without keys the
+    server binds only a loopback address unless serve.allow_unauthenticated is true.
     """
     from ldmflow.model.model_format import ModelError
     from ldmflow.registry.models import ModelNotFound
@@ -165,6 +167,7 @@ def serve_model(
     stage_config = load_config(ServeConfig, config, "serve",
                                 dict(host=host, port=port, num_replicas=num_replicas, max_replicas=max_replicas,
                                      num_gpus=num_gpus))
+    app.api_key_digests(stage_config, stage_config.host)  # before anything starts
     try:
         load_model(model_uri)  # fail here, with one line, rather than in a replica
         url = app.run(model_uri, stage_config)

@@ -34,6 +34,13 @@ class ServeConfig:
     max_image_pixels: Annotated[int, Field(
         ge=1, description="largest upload in pixels (decompression bombs)")] = 4_194_304
     follow_seconds: Annotated[float, Field(ge=0, description="how often an alias is checked; 0: never")] = 10.0
+    api_keys_file: Annotated[str, Field(
+        description="a file of API keys, one a line (keys never go in a config file; `LDMFLOW_API_KEYS` "
+                    "adds more); with keys, every route but /healthz needs `Authorization: Bearer KEY`")] = ""
+    allow_unauthenticated: Annotated[bool, Field(
+        description="serve without API keys on an address other than loopback (something in front "
+                    "checks who calls)")] = False
+    access_log: Annotated[bool, Field(description="log a line per request (Ray Serve's access log)")] = False
 
     def __post_init__(self) -> None:
         if self.max_ongoing_requests < self.max_batch_size:

@@ -29,18 +29,38 @@ from ldmflow.model.sampler import batches
 from ldmflow.serving.codec import png_base64
 from ldmflow.serving.config import ServeConfig
 from ldmflow.serving.follower import AliasFollower, Loaded, ModelSlot, load_model
+from ldmflow.serving import auth
 from ldmflow.serving.schemas import (
     EditRequest,
+    ErrorBody,
     GenerateRequest,
     ImagesResponse,
     InpaintRequest,
     ModelRef,
     RequestError,
-    jsonable,
 )
 
+KEY_DIGESTS = "api_key_sha256"  # the user_config entry with the API keys' digests
+
 api = FastAPI(title="ldmflow sampler", version="1",
-              description="Generate, edit and inpaint images with a registered ldmflow latent diffusion model.")
+              description="Generate, edit and inpaint images with a registered ldmflow latent diffusion model. "
+                          "With API keys configured, every route but /healthz needs `Authorization: Bearer KEY`.")
+api.state.key_digests = ()
+
+# The error body of every refused request, as the OpenAPI document describes it.
+REFUSALS = {status: {"model": ErrorBody, "description": meaning} for status, meaning in (
+    (401, "no valid API key"), (409, "the model changed under the request"), (413, "an upload too large"),
+    (422, "a field that cannot be used"))}
+
+
+@api.middleware("http")
+async def _authorize(request: Request, call_next):
+    key_digests = request.app.state.key_digests
+    if key_digests and request.url.path not in auth.OPEN_PATHS and not auth.allowed(
+            request.headers.get("authorization"), key_digests):
+        return JSONResponse({"error": "authorization: a valid `Authorization: Bearer KEY` header is needed",
+                             "field": "authorization"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
 
 
 @api.exception_handler(RequestError)
@@ -50,15 +70,18 @@ async def _refused(_: Request, exc: RequestError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = []
+    """Each problem by its field, never the request's content (it may be megabytes of base64)."""
+    problems, fields = [], []
     for error in exc.errors():
         if error.get("type") == "json_invalid":
             position = error.get("loc", ("body", "?"))[-1]
             problems.append(f"body: not valid JSON (at character {position})")
+            fields.append("body")
             continue
         where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
         problems.append(f"{where}: {error.get('msg')}")
-    return JSONResponse({"error": "; ".join(problems), "detail": jsonable(exc.errors())}, status_code=422)
+        fields.append(where)
+    return JSONResponse({"error": "; ".join(problems), "field": fields[0] if fields else "body"}, status_code=422)
 
 
 @serve.deployment(name="SamplerServer")
@@ -80,6 +103,7 @@ class SamplerServer:
         the old one is let go."""
         fields = dict(user_config)
         uri = fields.pop("model_uri")
+        api.state.key_digests = tuple(fields.pop(KEY_DIGESTS, ()))
         self.config = configs.from_dict(ServeConfig, fields)
         self._sample.set_max_batch_size(self.config.max_batch_size)
         self._sample.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -145,6 +169,10 @@ class SamplerServer:
 
         Decoding a large upload takes a while: callers run it in a thread, off the event
         loop that the replica's other requests share."""
+        if data.startswith("data:"):  # a data URL: data:image/png;base64,....
+            header, _, data = data.partition(",")
+            if not header.endswith(";base64"):
+                raise RequestError(field, "a data: URL must be base64 (data:image/png;base64,…)")
         if len(data) > self.config.max_image_bytes * 4 // 3 + 4:
             raise RequestError(field, f"larger than {self.config.max_image_bytes} bytes", 413)
         try:
@@ -163,12 +191,12 @@ class SamplerServer:
 
     # -- routes -----------------------------------------------------------------------
 
-    @api.post("/v1/generate", response_model=ImagesResponse)
+    @api.post("/v1/generate", response_model=ImagesResponse, responses=REFUSALS)
     async def generate(self, body: GenerateRequest) -> ImagesResponse:
         """Draw ``n`` images for a label, a prompt, or unconditionally."""
         return await self._respond(self._job(body))
 
-    @api.post("/v1/edit", response_model=ImagesResponse)
+    @api.post("/v1/edit", response_model=ImagesResponse, responses=REFUSALS)
     async def edit(self, body: EditRequest) -> ImagesResponse:
         """SDEdit: noise the image's latent to ``strength``, then denoise with the new condition."""
         image, _ = await asyncio.to_thread(self._upload, "image", body.image)
@@ -176,7 +204,7 @@ class SamplerServer:
         fields = body.model_dump(exclude={"image", "strength"})
         return await self._respond(self._job(GenerateRequest(**fields), image=tensor, strength=body.strength))
 
-    @api.post("/v1/inpaint", response_model=ImagesResponse)
+    @api.post("/v1/inpaint", response_model=ImagesResponse, responses=REFUSALS)
     async def inpaint(self, body: InpaintRequest) -> ImagesResponse:
         """Keep the image where the mask is black; generate where it is white."""
         image, size = await asyncio.to_thread(self._upload, "image", body.image)
@@ -189,7 +217,7 @@ class SamplerServer:
                         mask=images.mask_input(mask, side))
         return await self._respond(job)
 
-    @api.get("/v1/model")
+    @api.get("/v1/model", responses={401: REFUSALS[401]})
     async def model_info(self) -> dict:
         """Which model this replica serves: name, version, alias, lineage, conditioning, limits."""
         model = self.model

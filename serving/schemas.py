@@ -21,13 +21,13 @@ class GenerateRequest(BaseModel):
 
 
 class EditRequest(GenerateRequest):
-    image: str = Field(description="Base64 PNG or JPEG to edit.")
+    image: str = Field(description="Base64 PNG or JPEG to edit, or a data: URL of one.")
     strength: float = Field(0.6, ge=0, le=1, description="Share of the schedule re-run: 0 returns the input.")
 
 
 class InpaintRequest(GenerateRequest):
-    image: str = Field(description="Base64 PNG or JPEG.")
-    mask: str = Field(description="Base64 image of the same size: white where new content goes.")
+    image: str = Field(description="Base64 PNG or JPEG, or a data: URL of one.")
+    mask: str = Field(description="Base64 image (or data: URL) of the same size: white where new content goes.")
 
 
 class ModelRef(BaseModel):
@@ -57,12 +57,8 @@ class RequestError(Exception):
         return cls(field, message.strip(), status)
 
 
-def jsonable(errors: list[dict]) -> list[dict]:
-    """Pydantic's error records as JSON: tuples as lists, anything else odd as text."""
+class ErrorBody(BaseModel):
+    """What a refused request gets back."""
 
-    def plain(value):
-        if isinstance(value, tuple):
-            return list(value)
-        return value if isinstance(value, (str, int, float, list, type(None))) else str(value)
-
-    return [{k: plain(v) for k, v in error.items() if k != "ctx"} for error in errors]
+    error: str = Field(description="FIELD: what is wrong with it (several joined by '; ')")
+    field: str = Field(description="the field to blame (the first, if several): a body field, `body` or `authorization`")

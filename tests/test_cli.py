@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from ldmflow.data import image_shards
 
 CLI = [sys.executable, "-m", "ldmflow.flows.cli"]
+ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["shard", "train-autoencoder", "precompute", "train", "inspect", "evaluate", "promote", "rollback", "export",
                "sample", "serve", "pipeline", "deploy"]
 
@@ -50,6 +52,42 @@ def test_errors_are_one_clear_line(subprocess_env, tmp_path):
     assert result.returncode == 2 and "shard_sise" in result.stderr
     result = run(["inspect", "nowhere"], subprocess_env, tmp_path)
     assert result.returncode == 2 and "no manifest" in result.stderr
+
+
+def test_every_expected_failure_is_one_line(subprocess_env, tmp_path):
+    """A user's first wrong turns: each answers in one `error:` line that says what is wrong,
+    with a non-zero exit and no traceback, wherever it was raised (here: inside Prefect
+    tasks and flows, the registry, the deployment client)."""
+    unusable = tmp_path / "unusable"
+    unusable.mkdir()
+    (unusable / "a.png").write_bytes(b"not an image")
+    (unusable / "b.jpg").write_bytes(b"")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("shrad:\n  resolution: 16\n")
+    no_server = {k: v for k, v in subprocess_env.items() if k != "PREFECT_API_URL"}
+    no_server["PREFECT_HOME"] = str(tmp_path / "prefect")  # no profile naming a server either
+    cases = [
+        (["train", "nowhere"], subprocess_env, 1, "nowhere/manifest.json: no manifest"),
+        (["evaluate", "models:/nope/3"], subprocess_env, 1, "models:/nope/3: not in the model registry"),
+        (["rollback", "nope"], subprocess_env, 1, "nope: no registered model of that name"),
+        (["shard", "builtin:digits", "out", "--config", "missing.yaml"], subprocess_env, 2, "missing.yaml: cannot read it"),
+        (["shard", "builtin:digits", "out", "--resolution", "0"], subprocess_env, 2,
+         "Invalid value for --resolution: resolution: Input should be greater than or equal to 1"),
+        (["shard", "builtin:digits", "out", "--config", str(typo)], subprocess_env, 2, "unknown section(s) shrad"),
+        (["shard", "unusable", "out", "--no-progress"], subprocess_env, 1,
+         "no usable image among 2 inputs (1 not an image, 1 empty file)"),
+        (["deploy", "--file", str(ROOT / "prefect.yaml")], no_server, 1, "no Prefect server"),
+        (["serve", "models:/anything@production", "--host", "0.0.0.0"], subprocess_env, 2,
+         "serve.host 0.0.0.0 without API keys"),
+    ]
+    for args, env, code, message in cases:
+        result = run(args, env, tmp_path)
+        assert result.returncode == code, (args, result.stderr[-3000:])
+        assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: "), \
+            (args, result.stderr[-3000:])
+        assert message in result.stderr, (args, result.stderr)
+    # The report of the unusable folder is written all the same.
+    assert len(image_shards.read_jsonl(str(tmp_path / "out" / image_shards.REJECTS))) == 2
 
 
 def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):

@@ -311,8 +311,18 @@ def test_ray_containers_get_endpoints_from_the_configmap_and_credentials_from_th
                     assert ref["key"] in maps.get(ref["name"], {}), f"{name}/{group_name}: {var} reads missing {ref}"
                 if "secretKeyRef" in source:
                     ref = source["secretKeyRef"]
-                    assert ref["name"] == "ldmflow-s3" and ref["key"] in documented, (
+                    assert ref["name"] in {"ldmflow-s3", "ldmflow-api"} and ref["key"] in documented, (
                         f"{name}/{group_name}: {var} reads {ref}")
+
+
+def test_rayservice_serves_with_api_keys_from_a_secret():
+    """build_app refuses to serve without keys (the Service exposes it); the RayService's pods
+    read them from Secret ldmflow-api, whose creation configmap.yaml shows."""
+    for group_name, group in groups(cluster_spec(manifest("RayService"))):
+        ref = env_sources(containers(group)[0])["LDMFLOW_API_KEYS"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "ldmflow-api", "key": "LDMFLOW_API_KEYS"}, (group_name, ref)
+    assert "create secret generic ldmflow-api" in (KUBERAY / "configmap.yaml").read_text()
+    assert "allow_unauthenticated" not in serve_config()["applications"][0]["args"]
 
 
 # ---- credentials and exposure -------------------------------------------------------

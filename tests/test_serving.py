@@ -21,6 +21,7 @@ from ldmflow.serving import app
 from tests import helpers
 
 NAME = "serve-test"
+KEY = "test-key-0123456789abcdefghijklmnop"  # the server below is configured with it
 
 
 def free_port() -> int:
@@ -30,24 +31,29 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(digits_model):
+def server(digits_model, tmp_path_factory):
     from ray import serve
 
     run = tracking.client().create_run(tracking.experiment_id("test-serving")).info.run_id
     version = models.register(digits_model.folder, NAME, run).version
     tracking.client().set_registered_model_alias(NAME, "production", version)
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(f"# the test client's key\n{KEY}\n")
     config = app.ServeConfig(port=free_port(), num_cpus=0.5, follow_seconds=0.5, max_batch_size=8,
                              batch_wait_timeout_s=0.05, max_steps=50, max_images=8, max_image_bytes=50_000,
-                             max_image_pixels=1_000_000)
+                             max_image_pixels=1_000_000, api_keys_file=str(keys))
     url = app.run(f"models:/{NAME}@production", config)
     yield url
     serve.shutdown()
 
 
-def call(url: str, path: str, body=None, raw: bytes | None = None, method: str | None = None, timeout: float = 60):
+def call(url: str, path: str, body=None, raw: bytes | None = None, method: str | None = None, timeout: float = 60,
+         authorization: str | None = f"Bearer {KEY}"):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url + path, data=data, method=method,
-                                     headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    if authorization is not None:
+        headers["authorization"] = authorization
+    request = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -142,6 +148,38 @@ def test_malformed_requests_get_4xx_naming_the_field(server):
     assert status == 200 and health["status"] == "ok"  # the replica is still there
 
 
+def test_every_route_but_healthz_needs_a_key(server):
+    for authorization in (None, "Bearer not-the-key-0123456789", f"Basic {KEY}", KEY):
+        for path, body in (("/v1/generate", {"label": 1, "steps": 2}), ("/v1/model", None), ("/openapi.json", None)):
+            status, answer = call(server, path, body, authorization=authorization)
+            assert status == 401 and answer == {
+                "error": "authorization: a valid `Authorization: Bearer KEY` header is needed",
+                "field": "authorization"}, (path, authorization, status, answer)
+    assert call(server, "/healthz", authorization=None)[0] == 200  # a load balancer's check carries no key
+    assert call(server, "/v1/generate", {"label": 1, "steps": 2})[0] == 200
+
+
+def test_refusals_name_the_field_and_never_echo_the_request(server):
+    png16 = b64(helpers.png(16, 16))
+    for body in ({"image": png16, "strength": "high"}, {"image": png16, "mask": png16 + "!", "label": 3},
+                 {"image": png16, "lable": 3}):
+        path = "/v1/inpaint" if "mask" in body else "/v1/edit"
+        status, answer = call(server, path, body)
+        assert status == 422 and set(answer) == {"error", "field"}, answer
+        assert png16[:40] not in json.dumps(answer)
+    status, answer = call(server, "/v1/edit", {"image": png16, "strength": "high"})
+    assert answer["field"] == "strength"
+
+
+def test_images_may_come_as_data_urls(server):
+    png16 = b64(helpers.png(16, 16))
+    status, answer = call(server, "/v1/edit", {"image": f"data:image/png;base64,{png16}", "strength": 0.5,
+                                               "label": 2, "steps": 4})
+    assert status == 200, answer
+    status, answer = call(server, "/v1/edit", {"image": f"data:image/png,{png16}", "label": 2})
+    assert status == 422 and answer["field"] == "image" and "base64" in answer["error"]
+
+
 def test_model_description_and_openapi(server):
     status, model = call(server, "/v1/model")
     assert status == 200
@@ -152,6 +190,12 @@ def test_model_description_and_openapi(server):
     _, openapi = call(server, "/openapi.json")
     assert {"/v1/generate", "/v1/edit", "/v1/inpaint", "/v1/model", "/healthz"} <= set(openapi["paths"])
     assert "EditRequest" in openapi["components"]["schemas"]
+    # The error body it documents is the one sent, for every refusal.
+    responses = openapi["paths"]["/v1/generate"]["post"]["responses"]
+    for status in ("401", "409", "413", "422"):
+        assert responses[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert set(openapi["components"]["schemas"]["ErrorBody"]["properties"]) == {"error", "field"}
+    assert "HTTPValidationError" not in openapi["components"]["schemas"]
 
 
 def test_promotion_reaches_the_server_without_a_failed_request(server, digits_model):
@@ -186,3 +230,37 @@ def test_promotion_reaches_the_server_without_a_failed_request(server, digits_mo
     versions = [body["model"]["version"] for _, body in outcomes]
     assert versions[0] == "1" and versions[-1] == new_version
     assert call(server, "/v1/model")[1]["version"] == new_version
+
+
+def test_keys_come_from_the_environment_or_a_file_and_are_compared_by_digest(tmp_path):
+    from ldmflow.serving import auth
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# ops\nfile-key-0123456789abcdef\n\n")
+    keys = auth.load_keys({auth.ENV: "env-key-0123456789abcdef, other-key-0123456789abcd"}, str(keys_file))
+    assert keys == ["env-key-0123456789abcdef", "other-key-0123456789abcd", "file-key-0123456789abcdef"]
+    digests = auth.digests(keys)
+    assert not any(key in " ".join(digests) for key in keys)  # only digests reach the replicas
+    assert auth.allowed("Bearer file-key-0123456789abcdef", digests)
+    assert auth.allowed("bearer env-key-0123456789abcdef", digests)
+    assert not auth.allowed("Bearer file-key-0123456789abcdeX", digests)
+    assert not auth.allowed(None, digests) and not auth.allowed("", digests)
+    with pytest.raises(auth.AuthError, match="shorter than 16"):
+        auth.load_keys({auth.ENV: "short"})
+    with pytest.raises(auth.AuthError, match="cannot read it"):
+        auth.load_keys({}, str(tmp_path / "missing"))
+
+
+def test_no_keys_means_loopback_only_unless_allowed(monkeypatch):
+    from ldmflow.serving import auth
+
+    monkeypatch.delenv(auth.ENV, raising=False)
+    for host in ("0.0.0.0", "10.1.2.3", "::"):
+        with pytest.raises(auth.AuthError, match=f"serve.host {host} without API keys"):
+            app.run("models:/anything@production", app.ServeConfig(host=host))  # refused before Ray or the model
+    for host in ("127.0.0.1", "::1", "localhost"):
+        auth.check_exposure(host, [], allow_unauthenticated=False)
+    auth.check_exposure("0.0.0.0", [], allow_unauthenticated=True)
+    auth.check_exposure("0.0.0.0", auth.digests(["k" * 20]), allow_unauthenticated=False)
+    with pytest.raises(auth.AuthError, match="a served application without API keys"):
+        app.build_app({"model_uri": "models:/anything@production"})
