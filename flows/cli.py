@@ -42,7 +42,7 @@ def run_pipeline(
     force: Annotated[Optional[list[str]], typer.Option("--force", help="Rerun this stage even if it is done (repeatable).")] = None,
     stage: Annotated[Optional[list[str]], typer.Option("--stage", help="Run only these stages (repeatable); the others must be done.")] = None,
     serve: Annotated[bool, typer.Option("--serve", help="Then serve the production model until interrupted.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress: each stage as it starts, training lines, bars.")] = True,
 ) -> None:
     """Run everything: shard → autoencoder → precompute → train → evaluate → promote (→ serve).
 

@@ -63,6 +63,7 @@ def train_autoencoder(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per worker per step.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP ranks).")] = None,
     model_name: Annotated[Optional[str], typer.Option(help="Registered model name in MLflow.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress line (step, loss, steps/s, ETA).")] = True,
 ) -> None:
     """Train the KL autoencoder on image shards with Ray Train, then register it in MLflow.
 
@@ -75,7 +76,7 @@ def train_autoencoder(
 
     stage_config = load_config(AutoencoderConfig, config, "autoencoder",
                                 dict(preset=preset, steps=steps, batch_size=batch_size, workers=workers, model_name=model_name))
-    trained = train_autoencoder_flow(shards_url, stage_config)
+    trained = train_autoencoder_flow(shards_url, stage_config, progress)
     typer.echo(trained.summary())
 
 
@@ -114,6 +115,7 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="Latents per worker per micro-batch.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP ranks).")] = None,
     autoencoder: Annotated[Optional[str], typer.Option(help="Autoencoder URI (default: the one named by the latents).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress line (step, loss, steps/s, ETA).")] = True,
 ) -> None:
     """Train the denoising UNet on precomputed latents with Ray Train (DDP), EMA and checkpoints.
 
@@ -130,7 +132,7 @@ def train(
     stage_config = load_config(DiffusionConfig, config, "train",
                                 dict(steps=steps, batch_size=batch_size, workers=workers, autoencoder=autoencoder))
     try:
-        trained = train_flow(latents_url, stage_config)
+        trained = train_flow(latents_url, stage_config, progress)
     except (LineageError, ModelNotFound, AutoencoderError) as exc:
         raise fail(exc) from exc
     typer.echo(trained.summary())

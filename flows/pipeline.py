@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,11 +139,21 @@ def manifest_sha(dataset: str) -> str:
 class Stages:
     """Runs or skips each stage by its record; keeps the results in order."""
 
-    def __init__(self, base: str, spec: Spec, force: set[str]) -> None:
+    def __init__(self, base: str, spec: Spec, force: set[str], progress: bool = False) -> None:
         self.base, self.spec, self.force = base, spec, force
         self.selected = set(spec.pipeline.stages) | force
+        self.order = STAGES[: max(STAGES.index(stage) for stage in self.selected) + 1]
         self.outcome = PipelineOutcome()
         self.log = get_run_logger()
+        self.progress = progress
+
+    def say(self, stage: str, what: str) -> None:
+        """With progress on: which stage, what happens to it, which stages are left."""
+        if self.progress:
+            index = self.order.index(stage)
+            left = self.order[index + 1 :]
+            then = f" (then {', '.join(left)})" if left else ""
+            print(f"pipeline: {index + 1}/{len(self.order)} {stage}: {what}{then}", file=sys.stderr, flush=True)
 
     def record_url(self, stage: str, key: str) -> str:
         return storage.join(self.base, "_stages", f"{stage}-{key}.json")
@@ -152,10 +163,12 @@ class Stages:
         record = json.loads(storage.read_text(record_url)) if storage.exists(record_url) else None
         if record is not None and stage not in self.force and still_there(record["outputs"]):
             result = StageResult(stage, key, True, record["outputs"])
+            self.say(stage, "done before for these inputs, skipped")
         elif stage not in self.selected:
             raise StageNotRun(f"stage {stage} is not selected and has not run for these inputs (key {key}); "
                               f"add it to pipeline.stages")
         else:
+            self.say(stage, "running")
             started = time.perf_counter()
             outputs = body()
             result = StageResult(stage, key, False, outputs, time.perf_counter() - started)
@@ -221,7 +234,7 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     get_run_logger().info("endpoints: %s", {k: v or "(embedded)" for k, v in endpoints.items()})
     root = storage.absolute(p.storage) if p.storage else str(state_dir() / "datasets")
     base = storage.join(root, p.name)
-    runner = Stages(base, spec, force_set)
+    runner = Stages(base, spec, force_set, progress)
     experiment = spec.train.experiment
     last = max(STAGES.index(stage) for stage in runner.selected)
 

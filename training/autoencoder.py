@@ -111,7 +111,8 @@ def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None =
                    "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
     result = launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
                         max_failures=config.max_failures,
-                        storage_url=storage_path or config.checkpoint_storage or None, run_id=run_id)
+                        storage_url=storage_path or config.checkpoint_storage or None, run_id=run_id,
+                        label="autoencoder", progress=progress)
 
     vae = autoencoders.build(config.preset, resolution)
     with result.checkpoint.as_directory() as folder:

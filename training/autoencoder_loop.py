@@ -153,6 +153,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_done, "config": loop_config["config"]}
             loop.report(metrics, rank, lambda folder: checkpoints.save(folder, modules=modules, optimizers=optimizers,
                                                                        state=state))
+            tracker.log(step, checkpoint=step)
 
 
 class _EncodeDecode(torch.nn.Module):

@@ -192,6 +192,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if step % config.checkpoint_every == 0 or step == config.steps:
             _report_checkpoint(step, epoch, batches_done, skipped, loss.item(), rank, world, model, ema, optimizer,
                                lr_schedule, generator, loop_config["config"])
+            tracker.log(step, checkpoint=step)
 
 
 def _report_checkpoint(step, epoch, batches_done, skipped, loss, rank, world, model, ema, optimizer, lr_schedule,

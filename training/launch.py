@@ -8,15 +8,17 @@ from typing import Any
 from ldmflow.data import cluster
 from ldmflow.registry import tracking
 from ldmflow.state import state_dir
+from ldmflow.training.progress import TrainingProgress
 
 
 def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, workers: int, use_gpu: str,
-        max_failures: int, storage_url: str | None, run_id: str):
+        max_failures: int, storage_url: str | None, run_id: str, label: str, progress: bool = True):
     """Run ``worker`` on ``workers`` Ray Train workers (DDP) and return Ray Train's result.
 
     The run is named ``name`` under ``storage_url`` (default: the state folder), so the same
     job run again resumes from its last checkpoint; ``max_failures`` worker failures are
     recovered from that checkpoint. A failure marks the MLflow run FAILED and propagates.
+    With ``progress``, a line ``LABEL: step …`` follows the run (:mod:`.progress`).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -37,7 +39,8 @@ def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: st
         ),
     )
     try:
-        return trainer.fit()
+        with TrainingProgress(run_id, loop_config["config"]["steps"], label, enabled=progress):
+            return trainer.fit()
     except Exception:
         tracking.client().set_terminated(run_id, status="FAILED")
         raise

@@ -138,7 +138,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     }
     result = launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
                         max_failures=config.max_failures, storage_url=storage_path or config.checkpoint_storage or None,
-                        run_id=run_id)
+                        run_id=run_id, label="train", progress=progress)
 
     num_classes = len(manifest.class_names or ())
     ema = unets.build(config.preset, config.conditioning, tuple(manifest.latent_shape), num_classes)
