@@ -49,8 +49,9 @@ def load_config(cls, path: str | None, section: str, overrides: dict):
 def expected_cause(exc: BaseException) -> LdmflowError | None:
     """The failure a user can act on behind ``exc``, or None for a bug. Looks through what
     wraps it on the way to the driver: a Ray task's error (``cause``), Ray Train's worker
-    and controller failures, and chained exceptions; the outermost one found wins (it says
-    the most: "no manifest" rather than the missing file under it)."""
+    and controller failures, and ``raise … from`` chains; the outermost one found wins (it
+    says the most: "no manifest" rather than the missing file under it). An exception
+    raised while another was handled is not looked through: it is the failure."""
     seen: set[int] = set()
     queue: list[BaseException | None] = [exc]
     while queue:
@@ -63,7 +64,7 @@ def expected_cause(exc: BaseException) -> LdmflowError | None:
         wrapped = [w for w in wrapped if isinstance(w, BaseException)]
         if isinstance(error, LdmflowError) and not wrapped:  # Ray's copy of an error is also of its class
             return error
-        queue += [*wrapped, error.__cause__, error.__context__]
+        queue += [*wrapped, error.__cause__]
     return None
 
 

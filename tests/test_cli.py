@@ -143,3 +143,31 @@ def test_evaluate_promote_and_rollback_commands(digits_model, subprocess_env, tm
     assert result.returncode == 0 and "already holds it" in result.stdout
     result = run(["promote", "no-such-model"], subprocess_env, tmp_path)
     assert result.returncode == 1 and "no-such-model" in result.stderr
+
+
+def test_the_failure_behind_rays_and_prefects_wrappers_is_found():
+    """What a Ray Train worker raised reaches the driver wrapped twice; a bug raised while an
+    expected failure was being handled stays a bug."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from ldmflow.data import storage
+    from ldmflow.flows.cli_options import expected_cause
+
+    missing = image_shards.ManifestError("shards/manifest.json: no manifest")
+    wrapped = WorkerGroupError("rank 0 failed", {0: UserExceptionWithTraceback(missing, "Traceback …")})
+    assert expected_cause(wrapped) is missing
+    try:
+        try:
+            raise storage.NotFound("a/b: no such file")
+        except storage.NotFound as exc:
+            raise image_shards.ManifestError("a: no manifest") from exc
+    except image_shards.ManifestError as exc:
+        assert str(expected_cause(exc)) == "a: no manifest"  # the outermost says the most
+    try:
+        try:
+            raise storage.NotFound("a/b: no such file")
+        except storage.NotFound:
+            {}["oops"]
+    except KeyError as exc:
+        assert expected_cause(exc) is None
