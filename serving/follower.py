@@ -44,16 +44,19 @@ def load_model(uri: str) -> Loaded:
 
 
 class ModelSlot:
-    """The current :class:`Loaded` model and the URI it was asked for, swapped whole."""
+    """The current :class:`Loaded` model and the URI it was asked for, swapped whole;
+    ``on_change`` hears of every model put in."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[Loaded], None] = lambda loaded: None) -> None:
         self.loaded: Loaded | None = None
         self.uri = ""
+        self.on_change = on_change
         self._lock = threading.Lock()
 
     def put(self, uri: str, loaded: Loaded) -> None:
         with self._lock:
             self.loaded, self.uri = loaded, uri
+        self.on_change(loaded)
 
     def replace(self, uri: str, loaded: Loaded) -> bool:
         """Swap in ``loaded`` if the slot still serves ``uri`` (a reconfigure may have moved it)."""
@@ -61,7 +64,8 @@ class ModelSlot:
             if uri != self.uri:
                 return False
             self.loaded = loaded
-            return True
+        self.on_change(loaded)
+        return True
 
 
 class AliasFollower(threading.Thread):

@@ -10,6 +10,8 @@ fields, out-of-range values, configured limits (steps, images, upload size and p
 base64, undecodable images, masks of the wrong size, labels the model does not have. Each
 gets a 4xx whose ``error`` names the field; nothing a client sends can take a replica down.
 The model itself sits in a :class:`~ldmflow.serving.follower.ModelSlot`, kept on its alias.
+Requests, latency, batch sizes, images and the model version are Prometheus metrics
+(:mod:`ldmflow.serving.metrics`).
 """
 
 import asyncio
@@ -30,6 +32,7 @@ from ldmflow.serving.codec import png_base64
 from ldmflow.serving.config import ServeConfig
 from ldmflow.serving.follower import AliasFollower, Loaded, ModelSlot, load_model
 from ldmflow.serving import auth
+from ldmflow.serving.metrics import ServingMetrics
 from ldmflow.serving.schemas import (
     EditRequest,
     ErrorBody,
@@ -46,6 +49,7 @@ api = FastAPI(title="ldmflow sampler", version="1",
               description="Generate, edit and inpaint images with a registered ldmflow latent diffusion model. "
                           "With API keys configured, every route but /healthz needs `Authorization: Bearer KEY`.")
 api.state.key_digests = ()
+api.state.metrics = None  # a replica's ServingMetrics
 
 # The error body of every refused request, as the OpenAPI document describes it.
 REFUSALS = {status: {"model": ErrorBody, "description": meaning} for status, meaning in (
@@ -61,6 +65,14 @@ async def _authorize(request: Request, call_next):
         return JSONResponse({"error": "authorization: a valid `Authorization: Bearer KEY` header is needed",
                              "field": "authorization"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
     return await call_next(request)
+
+
+@api.middleware("http")  # added last, so outermost: refusals of every kind are counted too
+async def _measure(request: Request, call_next):
+    metrics: ServingMetrics | None = request.app.state.metrics
+    if metrics is None:
+        return await call_next(request)
+    return await metrics.measure(request.url.path, lambda: call_next(request))
 
 
 @api.exception_handler(RequestError)
@@ -90,7 +102,9 @@ class SamplerServer:
     """One replica: the current model, a batcher, and a thread that follows the alias."""
 
     def __init__(self) -> None:
-        self.slot = ModelSlot()
+        self.metrics = api.state.metrics = ServingMetrics(
+            lambda: {*api.openapi()["paths"], api.openapi_url, api.docs_url})
+        self.slot = ModelSlot(on_change=lambda loaded: self.metrics.serving(loaded.name, loaded.version))
         self.config = ServeConfig()
         self._follower: AliasFollower | None = None
 
@@ -133,6 +147,7 @@ class SamplerServer:
                     results[i] = RequestError.of(exc, 409)
             if runnable:
                 images = await asyncio.to_thread(model.sampler.run, [jobs[i] for i in runnable])
+                self.metrics.sampled(jobs[runnable[0]].mode, len(runnable), sum(jobs[i].n for i in runnable))
                 for i, image in zip(runnable, images):
                     results[i] = (image, model, len(runnable))
         return results

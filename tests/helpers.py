@@ -1,8 +1,10 @@
-"""Small real images of every awkward kind, made on the fly (nothing is downloaded)."""
+"""Small real images of every awkward kind, made on the fly (nothing is downloaded), and a
+Prometheus scrape of ldmflow's metrics."""
 
 from __future__ import annotations
 
 import io
+import urllib.request
 
 import numpy as np
 from PIL import Image
@@ -102,3 +104,22 @@ def tiny_diffusion_model(folder, conditioning: str = "class", seed: int = 0, res
     network, _, vae_folder, info = tiny_diffusion_parts(folder.parent, conditioning, seed, resolution)
     model_format.save(folder, network, vae_folder, info)
     return folder
+
+
+def scrape(targets: list[str], prefix: str = "ray_ldmflow_") -> dict[tuple, float]:
+    """The samples named ``prefix…`` on Prometheus endpoints ``host:port``, as a scrape would
+    see them: (name, sorted ldmflow labels) → value, summed over Ray's own labels (replica,
+    worker, node)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    kept = ("route", "status", "mode", "model", "le")
+    samples: dict[tuple, float] = {}
+    for target in targets:
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as response:
+            for family in text_string_to_metric_families(response.read().decode()):
+                if not family.name.startswith(prefix):
+                    continue
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k in kept)))
+                    samples[key] = samples.get(key, 0.0) + sample.value
+    return samples

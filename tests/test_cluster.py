@@ -39,6 +39,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 STACK = ROOT / "infra" / "local" / "stack"
 CONFIG = ROOT / "configs" / "local-cluster.yaml"
@@ -372,6 +374,22 @@ def test_precompute_survives_the_loss_of_a_worker_node(stack, pipeline_run, tmp_
     assert len(parts) == len(shards) and len(written) == 2 * len(shards) + 1, written
 
 
+def _assert_scraped_through_rays_discovery_file(ray_temp: Path) -> None:
+    """What infra/prometheus/prometheus.yml's ``ray`` job does: read the targets Ray lists in
+    its temp folder and scrape them; the request just served and the version are there."""
+    discovery, deadline, samples = ray_temp / "prom_metrics_service_discovery.json", time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        if discovery.exists():
+            targets = [t for group in json.loads(discovery.read_text()) for t in group["targets"]]
+            samples = helpers.scrape(targets)
+            if samples.get(("ray_ldmflow_requests_total", (("route", "/v1/generate"), ("status", "200")))):
+                break
+        time.sleep(2)
+    assert samples.get(("ray_ldmflow_requests_total", (("route", "/v1/generate"), ("status", "200")))) == 1, samples
+    assert samples.get(("ray_ldmflow_images_total", (("mode", "generate"),))) == 2, samples
+    assert samples.get(("ray_ldmflow_model_version", (("model", MODEL),)), 0) >= 1, samples
+
+
 def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, driver_run, tmp_path):
     from PIL import Image
 
@@ -401,6 +419,7 @@ def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, driver
         assert len(images) == 2 and images[0].size[0] > 0
         placed = _ray_probe(stack.env, REPLICA, "ALIVE")
         assert len(set(placed["nodes"])) == 2, placed  # one replica on each worker node
+        _assert_scraped_through_rays_discovery_file(stack.home / "ray")
 
         # Node loss: the raylet of one replica's node is SIGKILLed while two clients keep
         # asking. At most the requests in flight on it fail; Serve replaces the replica on

@@ -76,7 +76,7 @@ from tests.infra_checks import (
 def test_infra_has_the_expected_files():
     expected = {"Dockerfile", "Dockerfile.dockerignore", "compose.yaml", "env.example", "README.md",
                 "mlflow.Dockerfile", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml",
-                "kuberay/configmap.yaml"}
+                "kuberay/configmap.yaml", "prometheus/podmonitor.yaml", "prometheus/prometheus.yml"}
     missing = {name for name in expected if not (INFRA / name).is_file()}
     assert not missing, f"infra/ lacks {sorted(missing)}"
 
@@ -323,6 +323,47 @@ def test_rayservice_serves_with_api_keys_from_a_secret():
         assert ref == {"name": "ldmflow-api", "key": "LDMFLOW_API_KEYS"}, (group_name, ref)
     assert "create secret generic ldmflow-api" in (KUBERAY / "configmap.yaml").read_text()
     assert "allow_unauthenticated" not in serve_config()["applications"][0]["args"]
+
+
+# ---- metrics -----------------------------------------------------------------------------
+
+
+def sampler_pods() -> list[tuple[str, dict]]:
+    """(group name, pod template) of every group of the RayService's cluster."""
+    return [(name, group["template"]) for name, group in groups(cluster_spec(manifest("RayService")))]
+
+
+def test_the_podmonitor_scrapes_every_sampler_pod_on_its_metrics_port():
+    monitor = load_docs(INFRA / "prometheus" / "podmonitor.yaml")[0]
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    for name, template in sampler_pods():
+        labels = (template.get("metadata") or {}).get("labels") or {}
+        assert selector.items() <= labels.items(), (name, labels)
+        ports = {port["name"]: port["containerPort"] for port in template["spec"]["containers"][0]["ports"]}
+        assert ports.get(endpoint["port"]) == 8080, (name, ports)  # KubeRay's --metrics-export-port
+    assert not (selector.keys() & {"ray.io/cluster", "ray.io/node-type", "ray.io/group"})  # KubeRay's own
+
+
+def test_prometheus_config_finds_ray_nodes_and_the_sampler_pods():
+    config = load_docs(INFRA / "prometheus" / "prometheus.yml")[0]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    # Ray writes this file into its temp folder (the default one here), listing every node.
+    from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
+
+    assert jobs["ray"]["file_sd_configs"][0]["files"] == [f"/tmp/ray/{PROMETHEUS_SERVICE_DISCOVERY_FILE}"]
+    keep = {rule["source_labels"][0]: rule["regex"] for rule in jobs["ldmflow-sampler"]["relabel_configs"]
+            if rule.get("action") == "keep"}
+    assert keep.pop("__meta_kubernetes_pod_container_port_name") == "metrics"
+    assert keep and all(source.startswith("__meta_kubernetes_pod_label_") for source in keep)
+    for name, template in sampler_pods():
+        # Prometheus's names for pod labels: every character but [a-zA-Z0-9_] becomes "_".
+        labels = {re.sub(r"\W", "_", key): value for key, value in template["metadata"]["labels"].items()}
+        for source, regex in keep.items():
+            assert labels.get(source.removeprefix("__meta_kubernetes_pod_label_")) == regex, (name, source)
+    for rule in (r for job in jobs.values() for r in job.get("relabel_configs", [])):
+        assert set(rule) <= {"source_labels", "regex", "action", "target_label", "replacement", "separator"}, rule
 
 
 # ---- credentials and exposure -------------------------------------------------------

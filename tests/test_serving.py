@@ -232,6 +232,64 @@ def test_promotion_reaches_the_server_without_a_failed_request(server, digits_mo
     assert call(server, "/v1/model")[1]["version"] == new_version
 
 
+def scrape() -> dict[tuple, float]:
+    """ldmflow's samples on the metrics ports of the session's Ray nodes."""
+    import ray
+
+    return helpers.scrape([f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"
+                           for node in ray.nodes() if node["Alive"]])
+
+
+def counts(samples: dict[tuple, float]) -> dict[tuple, float]:
+    return {key: value for key, value in samples.items() if key[0] != "ray_ldmflow_model_version"}
+
+
+def settled_scrape(quiet_for: float = 12.0, limit: float = 60.0) -> dict[tuple, float]:
+    """A scrape once earlier requests have all been exported: their counts unchanged for
+    longer than Ray's report interval (10 s)."""
+    deadline, last, since = time.monotonic() + limit, scrape(), time.monotonic()
+    while time.monotonic() - since < quiet_for and time.monotonic() < deadline:
+        time.sleep(2.0)
+        now = scrape()
+        if counts(now) != counts(last):
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_requests_batches_images_and_the_model_version_are_prometheus_metrics(server):
+    def requests(samples, route, status):
+        return samples.get(("ray_ldmflow_requests_total", (("route", route), ("status", status))), 0.0)
+
+    before = settled_scrape()
+    with ThreadPoolExecutor(4) as pool:  # a batch of 4 requests of 2 images each
+        answers = list(pool.map(lambda seed: call(server, "/v1/generate", {"label": 1, "n": 2, "seed": seed,
+                                                                           "steps": 3}), range(4)))
+    assert [status for status, _ in answers] == [200] * 4
+    assert call(server, "/v1/generate", {"label": 1}, authorization=None)[0] == 401
+    assert call(server, "/v1/generate", {"label": "one"})[0] == 422
+    assert call(server, "/wp-login.php", method="GET")[0] == 404
+    version = call(server, "/v1/model")[1]["version"]
+
+    expected = {("/v1/generate", "200"): 4, ("/v1/generate", "401"): 1, ("/v1/generate", "422"): 1,
+                ("other", "404"): 1, ("/v1/model", "200"): 1}
+    deadline = time.monotonic() + 60  # Ray exports every few seconds
+    while True:
+        after = scrape()
+        counted = {key: requests(after, *key) - requests(before, *key) for key in expected}
+        images = (after.get(("ray_ldmflow_images_total", (("mode", "generate"),)), 0.0)
+                  - before.get(("ray_ldmflow_images_total", (("mode", "generate"),)), 0.0))
+        if counted == expected and images >= 8 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert counted == expected
+    assert images == 8
+    assert after[("ray_ldmflow_model_version", (("model", NAME),))] == float(version)
+    batches = after[("ray_ldmflow_batch_size_count", ())] - before.get(("ray_ldmflow_batch_size_count", ()), 0.0)
+    assert 1 <= batches <= 4  # the 4 concurrent requests, in as few batches as arrived together
+    latency = after[("ray_ldmflow_request_seconds_count", (("route", "/v1/generate"),))]
+    assert latency >= 6 and after[("ray_ldmflow_request_seconds_sum", (("route", "/v1/generate"),))] > 0
+
+
 def test_keys_come_from_the_environment_or_a_file_and_are_compared_by_digest(tmp_path):
     from ldmflow.serving import auth
 
