@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import Field
 
 from ldmflow import configs
+from ldmflow.console import Progress
 from ldmflow.data import cluster, image_shards, latent_shards, shard_stream, storage
 from ldmflow.model import autoencoders
 
@@ -161,7 +162,6 @@ def precompute(
 ) -> PrecomputeOutcome:
     """Encode every shard of ``image_dataset`` into latent shards at ``dest``."""
     import ray
-    from tqdm import tqdm
 
     started = time.perf_counter()
     image_dataset, dest = storage.absolute(image_dataset), storage.absolute(dest)
@@ -214,7 +214,7 @@ def precompute(
         errors: dict[int, str] = {}
         pending: dict[Any, tuple[Any, EncodeTask]] = {}
         idle = [new_actor() for _ in range(count)]
-        with tqdm(total=len(todo), desc="latent shards", unit="shard", disable=not progress) as bar:
+        with Progress("precompute", len(todo), "shard", enabled=progress) as bar:
             while todo or pending:
                 while todo and idle:
                     actor, task = idle.pop(), todo.popleft()
@@ -237,13 +237,13 @@ def precompute(
                     results[task.index] = shard_info
                     part = {"digest": task.digest, "shard": asdict(shard_info)}
                     storage.write_text(part_url(dest, task.shard), json.dumps(part, sort_keys=True) + "\n")
-                    bar.update(1)
+                    bar.advance()
                     continue
                 if attempts[task.index] < config.max_attempts:
                     todo.append(task)
                 else:
                     failures[task.index] = errors[task.index]
-                    bar.update(1)
+                    bar.advance()
         for actor in idle:
             ray.kill(actor)
 

@@ -26,7 +26,7 @@ app = typer.Typer(
 
 
 @app.callback()
-def main(
+def global_options(
     state_dir: Annotated[
         Optional[str],
         typer.Option(help="Local state folder for the embedded services (default: $LDMFLOW_HOME or .ldmflow)."),
@@ -74,7 +74,7 @@ def run_pipeline(
         outcome = pipeline.run(config, force=list(force or []), stages=stages or None, progress=progress)
     except configs.ConfigError as exc:
         raise fail(exc, 2) from exc
-    except (pipeline.StageNotRun, ValueError) as exc:
+    except pipeline.StageNotRun as exc:
         raise fail(exc) from exc
     typer.echo(outcome.summary())
     if serve:

@@ -101,7 +101,7 @@ def precompute(
     stage_config = load_config(PrecomputeConfig, config, "precompute", dict(actors=actors, batch_size=batch_size))
     try:
         outcome = precompute_flow(shards_url, dest, autoencoder, stage_config, progress)
-    except (ModelNotFound, ValueError) as exc:
+    except ModelNotFound as exc:
         raise fail(exc) from exc
     typer.echo(outcome.summary())
     if outcome.manifest.failed_shards:

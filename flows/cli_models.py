@@ -16,6 +16,7 @@ def evaluate(
     num_samples: Annotated[Optional[int], typer.Option(help="Generated images (spread over the classes).")] = None,
     features: Annotated[Optional[str], typer.Option(help="auto, inception or domain.")] = None,
     inception_path: Annotated[Optional[str], typer.Option(help="Local TorchScript Inception file (never downloaded).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress line (images drawn, images/s, ETA).")] = True,
 ) -> None:
     """Score a model's samples on fixed seeds: Fréchet distance, KID and class accuracy.
 
@@ -30,8 +31,8 @@ def evaluate(
     stage_config = load_config(EvaluationConfig, config, "evaluate",
                                 dict(num_samples=num_samples, features=features, inception_path=inception_path))
     try:
-        result = evaluate_flow(model_uri, stage_config)
-    except (ModelNotFound, ValueError) as exc:
+        result = evaluate_flow(model_uri, stage_config, progress)
+    except ModelNotFound as exc:
         raise fail(exc) from exc
     typer.echo(result.summary())
 
@@ -42,6 +43,7 @@ def promote(
     metric: Annotated[Optional[str], typer.Option(help="fd, kid or class_accuracy.")] = None,
     margin: Annotated[Optional[float], typer.Option(help="How much better the candidate must be.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Promote even if the candidate is not better.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress line (images drawn, images/s, ETA).")] = True,
 ) -> None:
     """Move the production alias to the newest version if it beats the current one.
 
@@ -57,8 +59,8 @@ def promote(
     promotion = load_config(PromotionConfig, config, "promote", dict(metric=metric, margin=margin))
     evaluation = load_config(EvaluationConfig, config, "evaluate", {})
     try:
-        decision = promote_flow(name, promotion, evaluation, force)
-    except (RegistryError, ModelNotFound, ValueError) as exc:
+        decision = promote_flow(name, promotion, evaluation, force, progress=progress)
+    except (RegistryError, ModelNotFound) as exc:
         raise fail(exc) from exc
     typer.echo(decision.summary())
 
@@ -106,17 +108,21 @@ def sample(
     init_image: Annotated[Optional[str], typer.Option(help="Edit this image (SDEdit) or, with --mask, inpaint it.")] = None,
     strength: Annotated[float, typer.Option(help="Edit strength: 0 returns the image, 1 ignores it.")] = 0.6,
     mask: Annotated[Optional[str], typer.Option(help="Inpainting mask image: white where new content goes.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress line (denoising step, steps/s, ETA).")] = True,
 ) -> None:
     """Draw images from a model and write them as PNGs plus a grid."""
     from pathlib import Path
 
     from PIL import Image, UnidentifiedImageError
 
+    from ldmflow.console import Progress
     from ldmflow.data import images
     from ldmflow.model.grids import grid, to_pil
     from ldmflow.model.model_format import ModelError
     from ldmflow.registry.models import ModelNotFound, load_sampler
 
+    if mask and not init_image:
+        raise typer.BadParameter("needs --init-image (the image to inpaint)", param_hint="--mask")
     try:
         model, _ = load_sampler(model_uri)
         side = model.info.resolution
@@ -125,14 +131,13 @@ def sample(
             fields["image"] = images.model_input(Image.open(init_image), side)
             fields["strength"] = 1.0 if mask else strength
         if mask:
-            if not init_image:
-                raise ValueError("--mask needs --init-image")
             fields["mask"] = images.mask_input(Image.open(mask), side)
         job = model.job(**fields)
         model.check(job)
-        drawn = model.run([job])[0]
-    except (ModelNotFound, ModelError, ValueError, OSError, UnidentifiedImageError) as exc:
+    except (ModelNotFound, ModelError, ValueError, OSError, UnidentifiedImageError) as exc:  # ValueError: a field
         raise fail(exc) from exc
+    with Progress("sample", job.denoising_steps, "step", enabled=progress) as bar:
+        drawn = model.run([job], on_step=bar.advance)[0]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(to_pil(drawn)):

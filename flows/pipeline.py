@@ -228,7 +228,8 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     force_set = set(force or ())
     unknown = force_set - set(STAGES)
     if unknown:
-        raise ValueError(f"force: unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGES)}")
+        raise configs.ConfigError(f"force: unknown stage(s) {', '.join(sorted(unknown))}: choose from "
+                                  f"{', '.join(STAGES)}")
     p = spec.pipeline
     endpoints = p.endpoints.apply()
     get_run_logger().info("endpoints: %s", {k: v or "(embedded)" for k, v in endpoints.items()})
@@ -329,7 +330,7 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     key = configs.key(spec.evaluate, model=model_uri)
 
     def evaluate() -> dict:
-        result = evaluate_flow(model_uri, spec.evaluate)
+        result = evaluate_flow(model_uri, spec.evaluate, progress)
         return {"model_uri": model_uri, "features": result.features, **result.metrics}
 
     runner.run("evaluate", key, evaluate, lambda out: True)
@@ -340,7 +341,7 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     key = configs.key(spec.promote, model=model_uri, evaluation=configs.key(spec.evaluate))
 
     def promote() -> dict:
-        decision = promote_flow(name, spec.promote, spec.evaluate, False, version)
+        decision = promote_flow(name, spec.promote, spec.evaluate, False, version, progress)
         production = str(models.resolve_version(f"models:/{name}@production").version)
         return {"name": name, "candidate": version, "production": production,
                 "decision": "promoted" if decision.promoted else "refused", "reason": decision.reason}

@@ -11,20 +11,20 @@ from ldmflow.training.promotion import Decision, PromotionConfig, promote
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(model_uri: str, config: EvaluationConfig) -> Evaluation:
-    return evaluate(model_uri, config)
+def evaluate_task(model_uri: str, config: EvaluationConfig, progress: bool) -> Evaluation:
+    return evaluate(model_uri, config, progress=progress)
 
 
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_task(name: str, config: PromotionConfig, eval_config: EvaluationConfig, force: bool,
-                 version: str | None) -> Decision:
-    return promote(name, config, eval_config, force=force, version=version)
+                 version: str | None, progress: bool) -> Decision:
+    return promote(name, config, eval_config, force=force, version=version, progress=progress)
 
 
 @flow(name="evaluate")
-def evaluate_flow(model_uri: str, config: EvaluationConfig = EvaluationConfig()) -> Evaluation:
+def evaluate_flow(model_uri: str, config: EvaluationConfig = EvaluationConfig(), progress: bool = True) -> Evaluation:
     """Sample ``model_uri`` on fixed seeds and score it against its real images."""
-    result = evaluate_task(model_uri, config)
+    result = evaluate_task(model_uri, config, progress)
     get_run_logger().info(result.summary())
     return result
 
@@ -32,9 +32,9 @@ def evaluate_flow(model_uri: str, config: EvaluationConfig = EvaluationConfig())
 @flow(name="promote")
 def promote_flow(name: str, config: PromotionConfig = PromotionConfig(),
                  eval_config: EvaluationConfig = EvaluationConfig(), force: bool = False,
-                 version: str | None = None) -> Decision:
+                 version: str | None = None, progress: bool = True) -> Decision:
     """Evaluate the newest version of ``name`` (or ``version``) against ``production``; move
     the alias if it is better."""
-    decision = promote_task(name, config, eval_config, force, version)
+    decision = promote_task(name, config, eval_config, force, version, progress)
     get_run_logger().info(decision.summary())
     return decision

@@ -15,8 +15,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
-from tqdm import tqdm
 
+from ldmflow.console import Progress
 from ldmflow.data import image_shards, sharding, storage
 from ldmflow.data.sharding import ShardConfig
 from ldmflow.data.sources import check_source
@@ -78,10 +78,10 @@ def shard_flow(source: str, dest: str, config: ShardConfig = ShardConfig(), prog
     plan = plan_task(source, config)
     futures = [write_chunk_task.submit(chunk, dest, config, plan.class_names) for chunk in plan.chunks]
     parts = []
-    with tqdm(total=len(futures), desc="shards", unit="shard", disable=not progress) as bar:
+    with Progress("shard", len(futures), "shard", enabled=progress) as bar:
         for future in as_completed(futures):
             parts.append(future.result())
-            bar.update(1)
+            bar.advance()
     manifest = finalize_task(plan, parts, dest, config)
     skipped = sum(part.skipped for part in parts)
     outcome = ShardOutcome(manifest, dest, len(parts) - skipped, skipped, time.perf_counter() - started)

@@ -10,6 +10,7 @@ whether it is sampled alone or batched with other requests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -47,6 +48,13 @@ class Job:
         if self.mask is not None:
             return "inpaint"
         return "edit" if self.image is not None else "generate"
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps the reverse process runs: ``steps``, or its ``strength`` share for an edit."""
+        if self.mode == "edit":
+            return min(int(round(self.steps * self.strength)), self.steps)
+        return self.steps
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys share a timestep schedule and run as one batch."""
@@ -86,6 +94,7 @@ def reverse_process(
     start_step: int = 0,
     known: tuple[torch.Tensor, torch.Tensor] | None = None,
     known_noise=None,
+    on_step: Callable[[], None] = lambda: None,
 ) -> torch.Tensor:
     """The reverse process with classifier-free guidance (Ho & Salimans 2022).
 
@@ -94,7 +103,8 @@ def reverse_process(
     batch of 2B; ``guidance`` is a scalar or a (B, 1, 1, 1) tensor. ``known = (latent, mask)``
     with mask 1 where the latent is kept re-imposes the known region, noised to each step's
     level by ``known_noise(shape)``, after every step (inpainting by latent blending, as in
-    RePaint without resampling). ``scheduler`` must be fresh for this call.
+    RePaint without resampling). ``scheduler`` must be fresh for this call; ``on_step`` is
+    called after each step.
     """
     scheduler.set_timesteps(steps, device=latents.device)
     timesteps = scheduler.timesteps[start_step:]
@@ -118,6 +128,7 @@ def reverse_process(
                 noise = known_noise(known_latent.shape[1:]).to(latents.device)
                 known_latent = scheduler.add_noise(known_latent, noise, timesteps[i + 1 : i + 2])
             latents = mask * known_latent + (1 - mask) * latents
+        on_step()
     return latents
 
 
@@ -182,10 +193,11 @@ class Sampler:
     # -- sampling -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, jobs: list[Job]) -> list[torch.Tensor]:
+    def run(self, jobs: list[Job], on_step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
         """Sample every job in one batch; returns, per job, images (n, 3, H, W) in [−1, 1].
 
         All jobs must share :meth:`Job.batch_key` (sampler, steps, mode, edit strength).
+        ``on_step`` is called after each denoising step (:attr:`Job.denoising_steps` of them).
         """
         if not jobs:
             return []
@@ -208,9 +220,8 @@ class Sampler:
             init = self._repeat([job.image for job in jobs], jobs)  # (B, 3, H, W)
             init_latent = self.encode(init)
         if first.mode == "edit":
-            run_steps = min(int(round(first.steps * first.strength)), first.steps)
-            start_step = first.steps - run_steps
-            if run_steps == 0:
+            start_step = first.steps - first.denoising_steps
+            if first.denoising_steps == 0:
                 return self._split(self.decode(init_latent), jobs)
             t_start = scheduler.timesteps[start_step : start_step + 1]
             latents = scheduler.add_noise(init_latent, noise, t_start.repeat(noise.shape[0]))
@@ -228,7 +239,8 @@ class Sampler:
 
         latents = reverse_process(
             self.unet, scheduler, latents, steps=first.steps, conditioning=cond, null_conditioning=null,
-            guidance=guidance, generator=gens, start_step=start_step, known=known, known_noise=known_noise)
+            guidance=guidance, generator=gens, start_step=start_step, known=known, known_noise=known_noise,
+            on_step=on_step)
         images = self.decode(latents)
         if pixel_mask is not None:  # the kept region is the input's own pixels, exactly
             images = pixel_mask * images + (1 - pixel_mask) * init

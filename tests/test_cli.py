@@ -102,6 +102,8 @@ def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["000000.png", "000001.png", "000002.png",
                                                                       "000003.png", "grid.png"]
     assert Image.open(tmp_path / "drawn" / "grid.png").size == (64, 16)
+    progress = result.stderr.splitlines()  # not a terminal: a first and a last plain line
+    assert progress[0] == "sample: 0/3 steps" and progress[-1].startswith("sample: 3/3 steps  "), result.stderr
 
     mask = Image.new("L", (16, 16), 0)
     mask.paste(255, (8, 0, 16, 16))
@@ -114,6 +116,10 @@ def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):
 
     result = run(["sample", str(model), "--label", "12", "--out", "x"], subprocess_env, tmp_path)
     assert result.returncode == 1 and "label: 12 is not a class" in result.stderr and "Traceback" not in result.stderr
+
+    result = run(["sample", str(model), "--label", "3", "--steps", "3", "--out", "quiet", "--no-progress"],
+                 subprocess_env, tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
 
     result = run(["export", str(model), "exported"], subprocess_env, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -134,6 +140,7 @@ def test_evaluate_promote_and_rollback_commands(digits_model, subprocess_env, tm
     result = run(["evaluate", f"models:/{name}/1", "--config", str(config)], subprocess_env, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fd " in result.stdout and "domain-classifier features" in result.stdout
+    assert f"evaluate models:/{name}/1: 20/20 images  " in result.stderr, result.stderr[-2000:]
 
     result = run(["promote", name, "--config", str(config)], subprocess_env, tmp_path)  # v2, the first to production
     assert result.returncode == 0 and "promoted version 2" in result.stdout, result.stdout + result.stderr[-2000:]

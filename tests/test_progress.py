@@ -1,9 +1,11 @@
-"""The training progress line: read from the run's MLflow metrics while the workers log them."""
+"""Progress lines: a count with its rate and ETA (sampling, evaluation, precompute, shards),
+and the training line read from the run's MLflow metrics while the workers log them."""
 
 import io
 import threading
 import time
 
+from ldmflow.console import Progress
 from ldmflow.registry import tracking
 from ldmflow.training.progress import TrainingProgress
 
@@ -44,3 +46,48 @@ def test_progress_is_off_when_asked():
     with TrainingProgress("no-such-run", 10, "train", enabled=False, poll_seconds=0.01, stream=out):
         time.sleep(0.1)
     assert out.getvalue() == ""
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_gets_a_first_and_a_last_plain_line_and_one_per_period_between(monkeypatch):
+    monkeypatch.setenv("LDMFLOW_PROGRESS_SECONDS", "3600")
+    out = io.StringIO()
+    with Progress("sample", 50, "step", stream=out) as bar:
+        for _ in range(50):
+            bar.advance()
+    first, last = out.getvalue().splitlines()
+    assert first == "sample: 0/50 steps"
+    assert last.startswith("sample: 50/50 steps  ") and " steps/s  in 0m0" in last, last
+    assert "\r" not in out.getvalue()
+
+    monkeypatch.setenv("LDMFLOW_PROGRESS_SECONDS", "0.05")
+    out = io.StringIO()
+    with Progress("evaluate", 4, "image", stream=out) as bar:
+        for _ in range(4):
+            time.sleep(0.06)
+            bar.advance()
+    lines = out.getvalue().splitlines()
+    assert [line.split("  ")[0] for line in lines] == [f"evaluate: {i}/4 images" for i in range(5)], lines
+    assert "ETA" in lines[2] and "in 0m00s" in lines[-1]
+
+
+def test_a_terminal_gets_one_line_redrawn_in_place():
+    out = Terminal()
+    with Progress("latent shards", 3, "shard", stream=out) as bar:
+        for _ in range(3):
+            time.sleep(0.25)  # longer than the redraw interval: every step is drawn
+            bar.advance()
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert text.count("\r") == 4 and "\rlatent shards: 3/3 shards" in text
+
+
+def test_progress_that_is_off_writes_nothing():
+    out = io.StringIO()
+    with Progress("sample", 5, "step", enabled=False, stream=out) as bar:
+        bar.advance(5)
+    assert out.getvalue() == "" and bar.done == 5

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ldmflow import configs
+from ldmflow.errors import InputError
+from ldmflow.console import Progress
 from ldmflow.registry import models, tracking
 from ldmflow.training import features
 
@@ -87,7 +89,8 @@ def distances(fake: torch.Tensor, real: torch.Tensor, *, kid_subset_size: int = 
     given = _Given(real.shape[1])
     size = min(kid_subset_size, len(fake), len(real))
     if size < 2:
-        raise ValueError("KID needs at least two samples in each set")
+        raise InputError("evaluate: KID needs at least two samples in each set (num_samples, reference_samples, "
+                         "kid_subset_size)")
     fid = FrechetInceptionDistance(feature=given)
     kid = KernelInceptionDistance(feature=given, subsets=kid_subsets, subset_size=size)
     for metric in (fid, kid):
@@ -103,7 +106,8 @@ def distances(fake: torch.Tensor, real: torch.Tensor, *, kid_subset_size: int = 
 # Evaluating a model
 
 
-def draw(sampler, config: EvaluationConfig, captions: list[str]) -> tuple[torch.Tensor, list[int | None]]:
+def draw(sampler, config: EvaluationConfig, captions: list[str],
+         progress: Progress | None = None) -> tuple[torch.Tensor, list[int | None]]:
     """``num_samples`` images on fixed seeds: evenly over the classes of a class model, on the
     reference captions (cycled) for a text model, unconditional otherwise."""
     info = sampler.info
@@ -120,21 +124,25 @@ def draw(sampler, config: EvaluationConfig, captions: list[str]) -> tuple[torch.
         jobs = [sampler.job(n=1, seed=config.seed + i, label=labels[i], prompt=prompts[i], **settings)
                 for i in range(start, min(n, start + config.batch_size))]
         images.extend(sampler.run(jobs))
+        if progress is not None:
+            progress.advance(len(jobs))
     return torch.cat(images), labels
 
 
-def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig()) -> Evaluation:
+def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig(), *, progress: bool = False) -> Evaluation:
     """Sample the model on fixed seeds and score the samples against real images; the result
-    is also recorded on the model version (tags) and its training run (metrics)."""
+    is also recorded on the model version (tags) and its training run (metrics). ``progress``
+    shows the images drawn so far."""
     sampler, registered = models.load_sampler(model_uri)
     reference = config.reference or sampler.info.lineage.get("image_dataset", "")
     if not reference:
-        raise ValueError(f"{model_uri}: the model names no image dataset; set evaluate.reference")
+        raise InputError(f"{model_uri}: the model names no image dataset; set evaluate.reference")
     real = features.Reference.read(reference)
     classifier = features.classifier_for(real) if real.manifest.class_names else None
     extract = features.extractor(config.features, config.inception_path, real, classifier)
     captions = real.captions(config.reference_samples) if sampler.info.conditioning == "text" else []
-    fake, labels = draw(sampler, config, captions)
+    with Progress(f"evaluate {model_uri}", config.num_samples, "image", enabled=progress) as bar:
+        fake, labels = draw(sampler, config, captions, bar)
     if fake.shape[-1] != real.resolution:
         fake = F.interpolate(fake, size=(real.resolution, real.resolution), mode="bilinear", align_corners=False)
     real_features = features.reference_features(extract, real, config.reference_samples, config.batch_size)

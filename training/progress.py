@@ -9,20 +9,12 @@ time left and the last checkpoint. On a terminal that is one line redrawn in pla
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from typing import TextIO
 
+from ldmflow.console import StatusLine, duration
 from ldmflow.registry import tracking
-
-ENV_PLAIN_SECONDS = "LDMFLOW_PROGRESS_SECONDS"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class TrainingProgress:
@@ -33,12 +25,9 @@ class TrainingProgress:
         self.run_id, self.steps, self.label = run_id, steps, label
         self.enabled = enabled
         self.poll_seconds = poll_seconds
-        self.stream = stream or sys.stderr
-        self.interactive = self.stream.isatty()
-        self.plain_seconds = float(os.environ.get(ENV_PLAIN_SECONDS, "30"))
+        self.status = StatusLine(stream)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._shown = ""
 
     def __enter__(self) -> TrainingProgress:
         if self.enabled:
@@ -52,19 +41,17 @@ class TrainingProgress:
             return
         self._stop.set()
         self._thread.join(timeout=10)
-        if self.interactive and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.status.close()
 
     def line(self, state: dict) -> str:
         """``LABEL step S/N  loss L  R steps/s  ETA T  checkpoint C`` from the run's metrics."""
         if "step" not in state:
-            return f"{self.label}: starting the workers ({_duration(time.monotonic() - self._started)})"
+            return f"{self.label}: starting the workers ({duration(time.monotonic() - self._started)})"
         parts = [f"{self.label}: step {state['step']}/{self.steps}", f"loss {state['loss']:.4g}"]
         rate = state.get("rate")
         if rate:
             parts.append(f"{rate:.2f} steps/s")
-            parts.append(f"ETA {_duration(max(self.steps - state['step'], 0) / rate)}")
+            parts.append(f"ETA {duration(max(self.steps - state['step'], 0) / rate)}")
         if "checkpoint" in state:
             parts.append(f"checkpoint at step {state['checkpoint']}")
         if "resumed" in state:
@@ -90,18 +77,9 @@ class TrainingProgress:
         return state
 
     def _run(self) -> None:
-        last_plain = 0.0
         while not self._stop.wait(self.poll_seconds):
             try:
                 text = self.line(self.read())
             except Exception:  # the tracking store hiccuped: the next poll tries again
                 continue
-            now = time.monotonic()
-            if self.interactive:
-                self.stream.write("\r" + text.ljust(len(self._shown)))
-                self.stream.flush()
-                self._shown = text
-            elif now - last_plain >= self.plain_seconds and text != self._shown:
-                self.stream.write(text + "\n")
-                self.stream.flush()
-                self._shown, last_plain = text, now
+            self.status.show(text)

@@ -54,9 +54,10 @@ class Decision:
         return f"promote: {self.name}: {verb} {subject} at {PRODUCTION}: {self.reason}"
 
 
-def score(name: str, version: str, config: evaluation.EvaluationConfig) -> evaluation.Evaluation:
+def score(name: str, version: str, config: evaluation.EvaluationConfig, progress: bool = False) -> evaluation.Evaluation:
     """The version's evaluation with ``config``: the recorded one, or a fresh one."""
-    return evaluation.recorded(name, version, config) or evaluation.evaluate(f"models:/{name}/{version}", config)
+    return evaluation.recorded(name, version, config) or evaluation.evaluate(f"models:/{name}/{version}", config,
+                                                                             progress=progress)
 
 
 def is_better(candidate: float, production: float, metric: str, margin: float) -> bool:
@@ -67,9 +68,9 @@ def is_better(candidate: float, production: float, metric: str, margin: float) -
 
 def promote(name: str, config: PromotionConfig = PromotionConfig(),
             eval_config: evaluation.EvaluationConfig = evaluation.EvaluationConfig(), *, force: bool = False,
-            version: str | None = None) -> Decision:
+            version: str | None = None, progress: bool = False) -> Decision:
     """Evaluate the newest version of ``name`` (or ``version``) and move ``production`` to it
-    if it is better."""
+    if it is better (``progress``: show each evaluation's images drawn)."""
     client = tracking.client()
     try:
         versions = client.search_model_versions(f"name='{name}'")
@@ -85,15 +86,16 @@ def promote(name: str, config: PromotionConfig = PromotionConfig(),
     if production == candidate:
         return Decision(name, candidate, production, False, "the newest version already holds it", config.metric)
 
-    cand_eval = score(name, candidate, eval_config)
+    cand_eval = score(name, candidate, eval_config, progress)
     if config.metric not in cand_eval.metrics:
-        raise ValueError(f"metric: {config.metric} is not measured for this model ({', '.join(cand_eval.metrics)})")
+        raise configs.ConfigError(f"promote.metric: {config.metric} is not measured for this model "
+                                  f"({', '.join(cand_eval.metrics)})")
     cand_score = cand_eval.metrics[config.metric]
     prod_score = None
     if production is None:
         promoted, reason = True, f"no version held {PRODUCTION} ({config.metric} {cand_score:.4g})"
     else:
-        prod_score = score(name, production, eval_config).metrics[config.metric]
+        prod_score = score(name, production, eval_config, progress).metrics[config.metric]
         better = is_better(cand_score, prod_score, config.metric, config.margin)
         comparison = (f"{config.metric} {cand_score:.4g} (version {candidate}) vs {prod_score:.4g} "
                       f"(version {production}), margin {config.margin:g}")
