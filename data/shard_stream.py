@@ -9,6 +9,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -158,12 +159,22 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         worker, num_workers = _torch_worker()
+        for _, sample in self.read(worker, num_workers):
+            yield sample
+
+    def read(self, reader: int, readers: int, skip: int = 0) -> Iterator[tuple[int, Any]]:
+        """``(position, decoded sample)`` for reader ``reader`` of this rank's ``readers`` this epoch.
+
+        ``position`` counts the samples out of the shuffle buffer so far, corrupt ones
+        included; the first ``skip`` are passed over without being decoded, which is how a
+        resumed run gets back to where it was without the cost of what it had trained on.
+        """
         indices, sample_split = assign_shards(
             len(self.urls),
             rank=self.rank,
             world_size=self.world_size,
-            worker=worker,
-            num_workers=num_workers,
+            worker=reader,
+            num_workers=readers,
             epoch=self.epoch,
             seed=self.seed,
             shuffle=self.shuffle_buffer > 1,
@@ -172,14 +183,71 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.keep is not None:
             raw = (sample for sample in raw if self.keep(sample["__key__"]))
         if sample_split is not None:
-            reader, readers = sample_split
-            raw = (sample for i, sample in enumerate(raw) if i % readers == reader)
-        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
-        for sample in shuffled(raw, self.shuffle_buffer, rng):
+            split, splits = sample_split
+            raw = (sample for i, sample in enumerate(raw) if i % splits == split)
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{reader}")
+        for position, sample in enumerate(shuffled(raw, self.shuffle_buffer, rng), start=1):
+            if position <= skip:
+                continue
             try:
-                yield self.decode(sample)
+                yield position, self.decode(sample)
             except ValueError as exc:
                 self.skips(exc)
+
+
+@dataclass
+class Batch:
+    """A batch as one reader made it: ``data`` (None for the reader's last word, which
+    carries its ``skipped`` count and first ``errors``), and the reader's ``position`` after it."""
+
+    reader: int
+    position: int
+    data: Any = None
+    skipped: int = 0
+    errors: tuple[str, ...] = ()
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """Batches of a :class:`ShardStream`, collated in the DataLoader worker that reads them
+    (``DataLoader(batch_stream, batch_size=None, num_workers=readers, persistent_workers=True)``).
+
+    Each loader worker is one reader of the rank's shards. Where each reader starts comes
+    from :meth:`set_epoch`, through shared memory (persistent workers keep their own copy
+    of the dataset): the epoch, every reader's position, and which reader goes first, so
+    that the DataLoader's round-robin over its workers continues the order an interrupted
+    run had. Each reader ends with a :class:`Batch` whose ``data`` is None.
+    """
+
+    def __init__(self, stream: ShardStream, batch_size: int, collate: Callable[[list[Any]], Any], *,
+                 readers: int = 1, drop_last: bool = True) -> None:
+        self.stream, self.batch_size, self.collate, self.drop_last = stream, batch_size, collate, drop_last
+        self.readers = readers
+        self._where = torch.zeros(2 + readers, dtype=torch.long).share_memory_()  # epoch, first, positions…
+
+    def set_epoch(self, epoch: int, positions: Sequence[int] = (), first: int = 0) -> None:
+        """Read ``epoch`` from ``positions`` (one per reader; none: the start), ``first`` first."""
+        self._where[0], self._where[1] = epoch, first
+        self._where[2:] = torch.tensor(list(positions) or [0] * self.readers, dtype=torch.long)
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, workers = _torch_worker()
+        if workers != self.readers:
+            raise ValueError(f"a BatchStream of {self.readers} readers is read by {workers} loader workers")
+        where = self._where.tolist()
+        reader = (worker + where[1]) % workers
+        self.stream.set_epoch(where[0])
+        skips_before = self.stream.skips.skipped
+        samples: list[Any] = []
+        position = where[2 + reader]
+        for position, sample in self.stream.read(reader, workers, where[2 + reader]):
+            samples.append(sample)
+            if len(samples) == self.batch_size:
+                yield Batch(reader, position, self.collate(samples))
+                samples = []
+        if samples and not self.drop_last:
+            yield Batch(reader, position, self.collate(samples))
+        yield Batch(reader, position, skipped=self.stream.skips.skipped - skips_before,
+                    errors=tuple(self.stream.skips.errors[:3]))
 
 
 def collate(samples: Sequence[DecodedSample]) -> dict[str, Any]:

@@ -111,3 +111,66 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "something-else"}')
     with pytest.raises(image_shards.ManifestError, match="format is 'something-else'"):
         image_shards.read_manifest(str(tmp_path))
+
+
+# ---- the training loop's batches: loader workers, exact resumption, data wait ----------
+
+
+def keys_of(batch) -> list[str]:
+    return list(batch["key"])
+
+
+def read_batches(urls, workers: int, start=None, count=None, decode=image_shards.decode_sample):
+    """(position, keys) of the batches the training loop would get, ``count`` of them."""
+    from ldmflow.training import loop
+
+    stream = shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5, decode=decode)
+    batched, loader = loop.loader(stream, 4, shard_stream.collate, workers=workers, prefetch=2)
+    got, wait = [], loop.DataWait()
+    for position, batch in loop.batches(batched, loader, 0, start, wait):
+        got.append((position, keys_of(batch)))
+        if len(got) == count:
+            break
+    assert 0 <= wait.fraction() <= 1
+    return got
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_loader_continues_exactly_where_it_stopped(tmp_path, workers):
+    urls = make_shards(str(tmp_path), 6, 10)
+    with open(urls[2], "r+b") as shard:  # a corrupt member: skipped, and still counted in the position
+        data = bytearray(shard.read())
+        data[data.index(b"\x89PNG") + 40] ^= 0xFF
+        shard.seek(0)
+        shard.write(bytes(data))
+    unbroken = read_batches(urls, workers, count=40)  # two and a half epochs (14 batches each)
+    for stop in (3, 13, 16):
+        position = unbroken[stop - 1][0]
+        resumed = read_batches(urls, workers, start=position, count=40 - stop)
+        assert [keys for _, keys in resumed] == [keys for _, keys in unbroken[stop:]], stop
+
+
+def test_passed_over_samples_are_not_decoded(tmp_path):
+    urls = make_shards(str(tmp_path), 2, 10)
+    decoded = []
+
+    def counting(sample):
+        decoded.append(sample["__key__"])
+        return image_shards.decode_sample(sample)
+
+    stream = shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5, decode=counting)
+    everything = [sample.key for _, sample in stream.read(0, 1)]
+    decoded.clear()
+    rest = [sample.key for _, sample in stream.read(0, 1, skip=15)]
+    assert rest == everything[15:] and decoded == everything[15:]
+
+
+def test_empty_epoch_names_what_the_readers_skipped(tmp_path):
+    from ldmflow.training import loop
+
+    urls = make_shards(str(tmp_path), 2, 3)
+    for url in urls:
+        with open(url, "r+b") as shard:
+            shard.truncate(100)
+    with pytest.raises(loop.EmptyEpoch, match=r"read no batch in epoch 0: [1-9]\d* samples or shards skipped \(\w+"):
+        read_batches(urls, workers=2, count=1)

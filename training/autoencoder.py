@@ -54,6 +54,11 @@ class AutoencoderConfig:
         ge=0, description="worker failures Ray Train recovers from")] = configs.execution(2)
     scale_samples: Annotated[int, Field(ge=1, description="training images used to measure the scale factor")] = 512
     shuffle_buffer: Annotated[int, Field(ge=0, description="samples in each reader's shuffle buffer")] = 500
+    loader_workers: Annotated[int, Field(
+        ge=0, description="DataLoader worker processes per rank, each reading its share of the rank's shards "
+                          "ahead of the step; 0: read between steps in the training process")] = 1
+    prefetch_batches: Annotated[int, Field(
+        ge=1, description="batches each loader worker keeps ready")] = configs.execution(4)
     experiment: Annotated[str, Field(description="MLflow experiment")] = configs.execution("ldmflow-autoencoder")
     model_name: Annotated[str, Field(description="registered model name")] = "ldmflow-autoencoder"
 

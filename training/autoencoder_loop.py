@@ -87,11 +87,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     modules = {"vae": vae} | ({"disc": disc} if disc else {})
     optimizers = {"vae": opt_g} | ({"disc": opt_d} if opt_d else {})
 
-    step, epoch, batches_done = 0, 0, 0
+    step, data_start = 0, None
     torch.manual_seed(config.seed * 1000 + rank)  # posterior-sampling noise differs by rank
     state = loop.restore(lambda folder: checkpoints.load(folder, modules=modules, optimizers=optimizers))
     if state is not None:
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
+        step = state["step"]
+        data_start = _rank_position(state, rank, world, max(1, config.loader_workers))
 
     # DDP syncs the autoencoder's gradients through forward; the discriminator is stepped
     # on its own, so its gradients are averaged by hand (it starts identical on every rank).
@@ -107,13 +108,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         seed=config.seed,
         keep=lambda key: not shard_stream.is_held_out(key, config.held_out),
     )
-    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, collate_fn=shard_stream.collate,
-                                         drop_last=True)
+    batched, loader = loop.loader(stream, config.batch_size, shard_stream.collate, workers=config.loader_workers,
+                                  prefetch=config.prefetch_batches)
     tracker = runs.RankZeroTracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
     pixels = 3 * loop_config["resolution"] ** 2
     window: list[float] = []
     started, seen = time.perf_counter(), 0
-    for epoch, index, batch in loop.batches(stream, loader, rank, epoch, batches_done):
+    wait = loop.DataWait()
+    for read, batch in loop.batches(batched, loader, rank, data_start, wait):
         if step >= config.steps:
             break
         x = batch["image"].to(device)
@@ -138,22 +140,41 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             _average_gradients(disc, world)
             opt_d.step()
         step += 1
-        batches_done = index + 1
         seen += x.shape[0]
         window.append(rec.item())
         metrics = {"step": step, "rec_loss": float(np.mean(window))}
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - started
             tracker.log(step, rec_loss=metrics["rec_loss"], loss=loss.item(), lr=lr_at(step - 1, config),
-                        images_per_s=seen * world / max(elapsed, 1e-9),
+                        images_per_s=seen * world / max(elapsed, 1e-9), data_wait_fraction=wait.fraction(),
                         **({"d_loss": d_loss.item()} if d_loss is not None else {}))
             window.clear()
             started, seen = time.perf_counter(), 0
+            wait.restart()
         if step % config.checkpoint_every == 0 or step == config.steps:
-            state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_done, "config": loop_config["config"]}
+            state = {"step": step, "data": _gather(read, world), "config": loop_config["config"]}
             loop.report(metrics, rank, lambda folder: checkpoints.save(folder, modules=modules, optimizers=optimizers,
                                                                        state=state))
             tracker.log(step, checkpoint=step)
+
+
+def _gather(read: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    """Every rank's data position (each reads its own shards), for rank 0's checkpoint."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return [read]
+    positions: list[Any] = [None] * world
+    torch.distributed.all_gather_object(positions, read)
+    return positions
+
+
+def _rank_position(state: dict[str, Any], rank: int, world: int, readers: int) -> dict[str, Any]:
+    """This rank's saved data position; with another number of ranks, the next epoch's start
+    (checkpoints of an older ldmflow: every rank's epoch and batch count)."""
+    if "data" not in state:
+        return {"epoch": state["epoch"], "batches_in_epoch": state["batches_in_epoch"]}
+    if len(state["data"]) == world:
+        return state["data"][rank]
+    return {"epoch": state["data"][0]["epoch"] + 1, "readers": [0] * readers, "first": 0}
 
 
 class _EncodeDecode(torch.nn.Module):

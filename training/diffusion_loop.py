@@ -107,7 +107,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: diffusion.lr_factor(s, config.warmup_steps, config.steps, config.min_lr_factor))
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "bad_steps": 0, "skipped": 0}
+    position: dict[str, Any] = {"step": 0, "bad_steps": 0, "skipped": 0}
+    readers = max(1, config.loader_workers)
+    data_start = None
 
     def load(folder: str) -> dict[str, Any]:
         saved = checkpoints.load(folder, modules={"unet": model, "ema": ema},
@@ -121,8 +123,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         positions = saved["position"]
         if rank < len(positions) and len(positions) == world:
             position.update(positions[rank])
+            data_start = positions[rank].get("data", positions[rank])  # older checkpoints: the rank's own fields
         else:  # resumed with another number of workers: same step, the epoch starts afresh
-            position.update(step=saved["step"], epoch=positions[0]["epoch"] + 1, batches_in_epoch=0)
+            position.update(step=saved["step"])
+            epoch = positions[0].get("data", positions[0])["epoch"]
+            data_start = {"epoch": epoch + 1, "readers": [0] * readers, "first": 0}
 
     ddp_model = ray.train.torch.prepare_model(model)
     ema.to(device)
@@ -131,15 +136,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     stream = shard_stream.ShardStream(loop_config["shard_urls"], rank=rank, world_size=world,
                                       shuffle_buffer=config.shuffle_buffer, seed=config.seed,
                                       decode=latent_shards.decode_latent)
-    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, collate_fn=collate_latents, drop_last=True)
+    batched, loader = loop.loader(stream, config.batch_size, collate_latents, workers=config.loader_workers,
+                                  prefetch=config.prefetch_batches)
     tracker = GridTracker(loop_config, rank)
     if saved is not None and position["step"]:
         tracker.log(position["step"], resumed_from_step=position["step"])  # a restart, visible in MLflow
 
-    step, epoch, batches_done = position["step"], position["epoch"], position["batches_in_epoch"]
-    bad_steps, skipped, micro = position["bad_steps"], position["skipped"], 0
+    step, bad_steps, skipped, micro = position["step"], position["bad_steps"], position["skipped"], 0
     window_started, window_samples, grad_norm = time.perf_counter(), 0, torch.tensor(0.0)
-    for epoch, index, batch in loop.batches(stream, loader, rank, epoch, batches_done):
+    wait = loop.DataWait()
+    for data_position, batch in loop.batches(batched, loader, rank, data_start, wait):
         if step >= config.steps:
             break
         x0 = draw_latents(batch, scale_factor, generator).to(device)
@@ -154,7 +160,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         accumulating = micro + 1 < config.grad_accum and world > 1  # sync gradients on the last micro-batch only
         with ddp_model.no_sync() if accumulating else contextlib.nullcontext():
             loss = denoising_loss(ddp_model, scheduler, x0, noise, timesteps, cond, config, autocast)
-            batches_done = index + 1
+            read = data_position
             finite = _all_finite(loss, world)
             if finite:
                 (loss / config.grad_accum).backward()
@@ -185,20 +191,20 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - window_started
             tracker.log(step, loss=loss.item(), lr=lr_schedule.get_last_lr()[0], grad_norm=float(grad_norm),
-                        latents_per_s=window_samples / max(elapsed, 1e-9))
+                        latents_per_s=window_samples / max(elapsed, 1e-9), data_wait_fraction=wait.fraction())
             window_started, window_samples = time.perf_counter(), 0
+            wait.restart()
         if config.sample_every and step % config.sample_every == 0:
             tracker.log_grid(step, ema, config, scale_factor)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _report_checkpoint(step, epoch, batches_done, skipped, loss.item(), rank, world, model, ema, optimizer,
-                               lr_schedule, generator, loop_config["config"])
+            _report_checkpoint(step, read, skipped, loss.item(), rank, world, model, ema, optimizer, lr_schedule,
+                               generator, loop_config["config"])
             tracker.log(step, checkpoint=step)
 
 
-def _report_checkpoint(step, epoch, batches_done, skipped, loss, rank, world, model, ema, optimizer, lr_schedule,
-                       generator, config):
+def _report_checkpoint(step, read, skipped, loss, rank, world, model, ema, optimizer, lr_schedule, generator, config):
     """Every rank's RNG state and data position; rank 0 writes them with weights and optimizer."""
-    position = {"step": step, "epoch": epoch, "batches_in_epoch": batches_done, "bad_steps": 0, "skipped": skipped}
+    position = {"step": step, "data": read, "bad_steps": 0, "skipped": skipped}
     positions = [None] * world
     states = [None] * world
     if world > 1 and torch.distributed.is_initialized():

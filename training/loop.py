@@ -1,5 +1,6 @@
 """What every ldmflow Ray Train worker loop does the same way: its start (config, rank,
-world size, device), the batches of its epochs resumed mid-epoch, and its checkpoints.
+world size, device), its loader and the batches of its epochs resumed mid-epoch, the time it
+waits for them, and its checkpoints.
 
 The autoencoder loop (:mod:`ldmflow.training.autoencoder_loop`) and the diffusion loop
 (:mod:`ldmflow.training.diffusion_loop`) keep only what is their own: the model, the loss
@@ -9,6 +10,7 @@ and the optimizer steps.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -16,6 +18,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from ldmflow import configs
+from ldmflow.data.shard_stream import BatchStream, ShardStream
 from ldmflow.errors import LdmflowError
 
 C = TypeVar("C")
@@ -45,24 +48,82 @@ def start(config_class: type[C], loop_config: dict[str, Any]) -> Worker[C]:
                   context.get_world_size(), ray.train.torch.get_device())
 
 
-def batches(stream, loader, rank: int, epoch: int, batches_done: int) -> Iterator[tuple[int, int, Any]]:
-    """``(epoch, index in epoch, batch)`` for ever, from the position a checkpoint recorded.
+def loader(stream: ShardStream, batch_size: int, collate: Callable[[list[Any]], Any], *, workers: int,
+           prefetch: int) -> tuple[BatchStream, torch.utils.data.DataLoader]:
+    """The rank's batches: ``workers`` persistent DataLoader worker processes each read a
+    share of the rank's shards, decode and collate, ``prefetch`` batches ahead of the step (0
+    workers: all of it in the training process, between steps)."""
+    batched = BatchStream(stream, batch_size, collate, readers=max(1, workers))
+    return batched, torch.utils.data.DataLoader(
+        batched, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+        prefetch_factor=prefetch if workers else None)
 
-    Each epoch reshuffles the worker's shards (``stream.set_epoch``); on resumption the
-    first ``batches_done`` batches of ``epoch`` are read and passed over, so the run sees
-    exactly the data it would have seen without the interruption. An epoch without a single
-    batch raises :class:`EmptyEpoch` naming what the stream skipped.
+
+class DataWait:
+    """Seconds the training loop spent waiting for its next batch, and since when."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.waited, self.since = 0.0, time.perf_counter()
+
+    def fraction(self) -> float:
+        """The share of the time since :meth:`restart` spent waiting for data."""
+        return self.waited / max(time.perf_counter() - self.since, 1e-9)
+
+
+def batches(batched: BatchStream, loader, rank: int, start: dict[str, Any] | None,
+            wait: DataWait | None = None) -> Iterator[tuple[dict[str, Any], Any]]:
+    """``(position, batch)`` for ever, from ``start`` (a position a checkpoint recorded).
+
+    A position is ``{"epoch", "readers", "first"}``: the epoch, how far each of the rank's
+    readers (loader workers) has read in it, and which of them the loader asks next. Each
+    epoch reshuffles the shards; on resumption every reader passes over what it had read
+    without decoding it, and the loader goes on in the same order, so the run sees exactly
+    the batches it would have seen without the interruption. An epoch without a single
+    batch raises :class:`EmptyEpoch` naming what the readers skipped. Time spent waiting for
+    a batch is added to ``wait``.
     """
+    readers = batched.readers
+    position = resume_position(start, readers, batched.batch_size)
     while True:
-        stream.set_epoch(epoch)
-        index = -1
-        for index, batch in enumerate(loader):
-            if index >= batches_done:
-                yield epoch, index, batch
-        if index < 0:
-            raise EmptyEpoch(f"rank {rank} read no batch in epoch {epoch}: {stream.skips.skipped} samples or "
-                             f"shards skipped ({'; '.join(stream.skips.errors[:3])})")
-        epoch, batches_done = epoch + 1, 0
+        epoch, positions, first = position["epoch"], list(position["readers"]), position["first"]
+        resumed = any(positions)
+        batched.set_epoch(epoch, positions, first)
+        got, skipped, errors = False, 0, []
+        iterator = iter(loader)
+        while True:
+            started = time.perf_counter()
+            item = next(iterator, None)
+            if wait is not None:
+                wait.waited += time.perf_counter() - started
+            if item is None:
+                break
+            if item.data is None:  # a reader's last word
+                skipped, errors = skipped + item.skipped, errors + list(item.errors)
+                continue
+            got = True
+            positions[item.reader] = item.position
+            yield {"epoch": epoch, "readers": list(positions), "first": (item.reader + 1) % readers}, item.data
+        if not got and not resumed:
+            raise EmptyEpoch(f"rank {rank} read no batch in epoch {epoch}: {skipped} samples or shards skipped "
+                             f"({'; '.join(errors[:3])})")
+        position = {"epoch": epoch + 1, "readers": [0] * readers, "first": 0}
+
+
+def resume_position(saved: dict[str, Any] | None, readers: int, batch_size: int) -> dict[str, Any]:
+    """A saved position for this many readers: as saved; a checkpoint of an older ldmflow
+    (``batches_in_epoch``) with one reader, from its batch count; with another number of
+    readers, the next epoch from its start."""
+    start = {"epoch": 0, "readers": [0] * readers, "first": 0}
+    if not saved:
+        return start
+    if len(saved.get("readers", ())) == readers:
+        return {"epoch": saved["epoch"], "readers": list(saved["readers"]), "first": saved.get("first", 0)}
+    if "batches_in_epoch" in saved and readers == 1:
+        return {"epoch": saved["epoch"], "readers": [saved["batches_in_epoch"] * batch_size], "first": 0}
+    return {**start, "epoch": saved["epoch"] + 1}
 
 
 def restore(load: Callable[[str], dict[str, Any]]) -> dict[str, Any] | None:

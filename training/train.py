@@ -65,6 +65,11 @@ class DiffusionConfig:
     max_bad_steps: Annotated[int, Field(
         ge=1, description="consecutive non-finite losses before restoring the last checkpoint")] = configs.execution(5)
     shuffle_buffer: Annotated[int, Field(ge=0, description="latents in each reader's shuffle buffer")] = 1000
+    loader_workers: Annotated[int, Field(
+        ge=0, description="DataLoader worker processes per rank, each reading its share of the rank's shards "
+                          "ahead of the step; 0: read between steps in the training process")] = 1
+    prefetch_batches: Annotated[int, Field(
+        ge=1, description="batches each loader worker keeps ready")] = configs.execution(4)
     autoencoder: Annotated[str, Field(
         description="autoencoder URI; empty: the one the latent manifest names")] = configs.execution("")
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], Field(
