@@ -4,7 +4,9 @@
    MLflow logging, EMA) vs a bare PyTorch loop on the same UNet, batch and latents held in
    memory (both fp32 on CPU; the bare loop at 1 thread like a Ray worker with 1 CPU, and at
    the machine's thread count).
-2. Scaling: ldmflow with 1 vs 2 Ray Train workers (latents/s over all workers).
+2. Scaling: ldmflow with 1 vs 2 Ray Train workers (latents/s over all workers), and its
+   loader in the training process (0 loader workers) vs one loader worker process per rank;
+   the share of step time spent waiting for data (``data_wait_fraction``) for each.
 3. Precompute's payoff: a bare loop training from precomputed latents vs one that encodes
    each image batch with the autoencoder on the fly.
 
@@ -116,17 +118,26 @@ def main() -> None:
     torch.set_num_threads(threads)
     rows[f"bare loop, {threads} threads"] = bare_loop(fresh_unet(), scheduler, config, latent_batches, args.steps)
 
-    for workers in (1, 2):
-        trained = train(latent_dir, dataclasses.replace(config, workers=workers), progress=False)
-        history = sorted(tracking.client().get_metric_history(trained.run_id, "latents_per_s"), key=lambda m: m.step)
-        rows[f"ldmflow train, {workers} worker(s)"] = float(np.mean([m.value for m in history[1:]]))
+    waits = {}
+    for workers, loader_workers in ((1, 0), (1, 1), (2, 1)):
+        trained = train(latent_dir, dataclasses.replace(config, workers=workers, loader_workers=loader_workers),
+                        progress=False)
+
+        def after_first_window(metric: str) -> float:
+            history = sorted(tracking.client().get_metric_history(trained.run_id, metric), key=lambda m: m.step)
+            return float(np.mean([m.value for m in history[1:]]))
+
+        name = f"ldmflow train, {workers} worker(s), {loader_workers} loader worker(s)"
+        rows[name] = after_first_window("latents_per_s")
+        waits[name] = after_first_window("data_wait_fraction")
 
     baseline = rows["bare loop, 1 thread"]
     print(f"\nmachine: {os.cpu_count()} cores, {'cuda' if torch.cuda.is_available() else 'cpu'}; tiny UNet on 8x8x4 latents, "
           f"batch {args.batch_size} per worker, {args.steps} steps")
-    print(f"{'':52s} {'latents/s':>10s} {'vs bare loop (1 thread)':>24s}")
+    print(f"{'':60s} {'latents/s':>10s} {'vs bare loop (1 thread)':>24s} {'data wait':>10s}")
     for name, rate in rows.items():
-        print(f"{name:52s} {rate:10.1f} {rate / baseline:23.2f}x")
+        wait = f"{waits[name]:10.1%}" if name in waits else ""
+        print(f"{name:60s} {rate:10.1f} {rate / baseline:23.2f}x {wait}")
 
 
 if __name__ == "__main__":
