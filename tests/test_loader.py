@@ -150,6 +150,21 @@ def test_a_resumed_loader_continues_exactly_where_it_stopped(tmp_path, workers):
         assert [keys for _, keys in resumed] == [keys for _, keys in unbroken[stop:]], stop
 
 
+def test_a_resume_with_other_ranks_or_readers_starts_the_next_epoch(tmp_path):
+    from ldmflow.training import loop
+
+    urls = make_shards(str(tmp_path), 6, 10)
+    saved = [read_batches(urls, 2, count=17)[-1][0]]  # in epoch 1, two readers
+    assert saved[0]["epoch"] == 1
+    assert loop.rank_start(saved, 0, 1, 2) == saved[0]
+    fresh = {"epoch": 2, "readers": [0], "first": 0}
+    assert loop.rank_start(saved, 1, 2, 1) == fresh  # another number of ranks: shards dealt anew
+    assert loop.resume_position(saved[0], 1, 4) == fresh  # another number of readers
+    unbroken = read_batches(urls, 0, count=40)
+    first_of_epoch_2 = next(keys for position, keys in unbroken if position["epoch"] == 2)
+    assert read_batches(urls, 0, start=fresh, count=1)[0][1] == first_of_epoch_2
+
+
 def test_passed_over_samples_are_not_decoded(tmp_path):
     urls = make_shards(str(tmp_path), 2, 10)
     decoded = []

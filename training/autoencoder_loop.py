@@ -172,9 +172,7 @@ def _rank_position(state: dict[str, Any], rank: int, world: int, readers: int) -
     (checkpoints of an older ldmflow: every rank's epoch and batch count)."""
     if "data" not in state:
         return {"epoch": state["epoch"], "batches_in_epoch": state["batches_in_epoch"]}
-    if len(state["data"]) == world:
-        return state["data"][rank]
-    return {"epoch": state["data"][0]["epoch"] + 1, "readers": [0] * readers, "first": 0}
+    return loop.rank_start(state["data"], rank, world, readers)
 
 
 class _EncodeDecode(torch.nn.Module):

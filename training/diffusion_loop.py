@@ -121,13 +121,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     saved = loop.restore(load)
     if saved is not None:
         positions = saved["position"]
-        if rank < len(positions) and len(positions) == world:
-            position.update(positions[rank])
-            data_start = positions[rank].get("data", positions[rank])  # older checkpoints: the rank's own fields
-        else:  # resumed with another number of workers: same step, the epoch starts afresh
-            position.update(step=saved["step"])
-            epoch = positions[0].get("data", positions[0])["epoch"]
-            data_start = {"epoch": epoch + 1, "readers": [0] * readers, "first": 0}
+        position.update(positions[rank] if len(positions) == world else {"step": saved["step"]})
+        # Older checkpoints keep the data position among the rank's own fields.
+        data_start = loop.rank_start([p.get("data", p) for p in positions], rank, world, readers)
 
     ddp_model = ray.train.torch.prepare_model(model)
     ema.to(device)
@@ -145,7 +141,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     step, bad_steps, skipped, micro = position["step"], position["bad_steps"], position["skipped"], 0
     window_started, window_samples, grad_norm = time.perf_counter(), 0, torch.tensor(0.0)
     wait = loop.DataWait()
-    for data_position, batch in loop.batches(batched, loader, rank, data_start, wait):
+    for read, batch in loop.batches(batched, loader, rank, data_start, wait):
         if step >= config.steps:
             break
         x0 = draw_latents(batch, scale_factor, generator).to(device)
@@ -160,7 +156,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         accumulating = micro + 1 < config.grad_accum and world > 1  # sync gradients on the last micro-batch only
         with ddp_model.no_sync() if accumulating else contextlib.nullcontext():
             loss = denoising_loss(ddp_model, scheduler, x0, noise, timesteps, cond, config, autocast)
-            read = data_position
             finite = _all_finite(loss, world)
             if finite:
                 (loss / config.grad_accum).backward()

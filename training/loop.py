@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -124,6 +124,14 @@ def resume_position(saved: dict[str, Any] | None, readers: int, batch_size: int)
     if "batches_in_epoch" in saved and readers == 1:
         return {"epoch": saved["epoch"], "readers": [saved["batches_in_epoch"] * batch_size], "first": 0}
     return {**start, "epoch": saved["epoch"] + 1}
+
+
+def rank_start(positions: Sequence[dict[str, Any]], rank: int, world: int, readers: int) -> dict[str, Any]:
+    """This rank's data position among every rank's saved ``positions``. With another number
+    of ranks the shards are dealt anew, so every rank starts the epoch after the saved one."""
+    if len(positions) == world:
+        return positions[rank]
+    return {"epoch": positions[0]["epoch"] + 1, "readers": [0] * readers, "first": 0}
 
 
 def restore(load: Callable[[str], dict[str, Any]]) -> dict[str, Any] | None:
