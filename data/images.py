@@ -122,11 +122,11 @@ def resize_and_crop(image: Image.Image, resolution: int, resample: str = "bicubi
     return image
 
 
-def encode(image: Image.Image, fmt: str, jpeg_quality: int = 95) -> bytes:
+def encode(image: Image.Image, fmt: str, jpeg_quality: int = 95, png_compress_level: int = 1) -> bytes:
     """PNG or JPEG bytes of an RGB image; deterministic for the same pixels and settings."""
     out = io.BytesIO()
     if fmt == "png":
-        image.save(out, format="PNG", compress_level=6)
+        image.save(out, format="PNG", compress_level=png_compress_level)
     elif fmt == "jpg":
         image.save(out, format="JPEG", quality=jpeg_quality, subsampling=0 if jpeg_quality >= 90 else 2)
     else:

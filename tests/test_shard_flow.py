@@ -136,6 +136,10 @@ def test_deterministic_and_resumes_only_missing_shards(tmp_path):
     shard_flow.run(str(source), str(second), config, progress=False)
     for name in [s.url for s in one.manifest.shards] + [image_shards.MANIFEST, image_shards.REJECTS]:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    serial = shard_flow.run(str(source), str(tmp_path / "serial"), ShardConfig(resolution=16, shard_size=3, workers=1),
+                            progress=False)
+    for shard in serial.manifest.shards:  # images in flight change no byte: samples keep the input order
+        assert (tmp_path / "serial" / shard.url).read_bytes() == (first / shard.url).read_bytes(), shard.url
 
     # Lose one shard and the manifest: a rerun rewrites just that shard, byte for byte.
     original = (second / "shard-000002.tar").read_bytes()
@@ -226,6 +230,37 @@ def test_missing_source_is_a_clear_error(tmp_path):
 
     with pytest.raises(SourceError, match="no such folder"):
         shard_flow.run(str(tmp_path / "nope"), str(tmp_path / "out"), CONFIG, progress=False)
+
+
+def test_in_order_keeps_order_and_bounds_what_is_in_flight():
+    import random
+    import threading
+    import time
+
+    from ldmflow.data.sharding import image_pool, in_order
+
+    lock, running, most = threading.Lock(), [0], [0]
+    submitted = []
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(random.uniform(0, 0.01))
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    def calls():
+        for i in range(40):
+            submitted.append(i)
+            yield (i,)
+
+    taken = []
+    for value in in_order(image_pool(3), work, calls(), ahead=5):
+        assert len(submitted) - len(taken) <= 5
+        taken.append(value)
+    assert taken == [i * i for i in range(40)] and most[0] <= 3
 
 
 def test_statistics_match_numpy():
