@@ -59,6 +59,7 @@ def run_pipeline(
         load_endpoints(config).apply()  # before Prefect is imported
     except configs.ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
+    runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows import pipeline
     from ldmflow.flows.settings import STAGES
 

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ldmflow.flows import runtime
 from ldmflow.flows.cli_options import ConfigOption, ImageFormat, fail, load_config
 
 
@@ -36,6 +37,7 @@ def shard_images(
     from ldmflow.data import storage
     from ldmflow.data.sharding import ShardConfig
     from ldmflow.data.sources import SourceError
+    runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows import shard
 
     overrides = dict(
@@ -71,6 +73,7 @@ def train_autoencoder(
     config; logs losses, held-out PSNR against a bilinear baseline at the same latent grid,
     and a picture of originals beside reconstructions. Rerunning resumes from checkpoints.
     """
+    runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows.autoencoder import train_autoencoder_flow
     from ldmflow.training.autoencoder import AutoencoderConfig
 
@@ -95,6 +98,7 @@ def precompute(
     is listed in the manifest and the summary, and the command exits 1.
     """
     from ldmflow.data.precompute import PrecomputeConfig
+    runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows.precompute import precompute_flow
     from ldmflow.registry.models import ModelNotFound
 
@@ -124,6 +128,7 @@ def train(
     the autoencoder, and the EMA model. Rerunning the same job resumes from its checkpoint.
     """
     from ldmflow.data.latent_shards import LineageError
+    runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows.train import train_flow
     from ldmflow.model.autoencoders import AutoencoderError
     from ldmflow.registry.models import ModelNotFound

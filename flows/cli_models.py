@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ldmflow.flows import runtime
 from ldmflow.flows.cli_options import ConfigOption, ModelUri, fail, load_config
 
 
@@ -24,6 +25,7 @@ def evaluate(
     classifier trained on the real images; the output says which. Scores of a registered
     version are recorded as its tags.
     """
+    runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows.promote import evaluate_flow
     from ldmflow.registry.models import ModelNotFound
     from ldmflow.training.evaluation import EvaluationConfig
@@ -50,6 +52,7 @@ def promote(
     Both versions are evaluated on the same fixed seeds (recorded scores are reused); the
     decision and both scores become tags of the candidate. Refusing is not an error (exit 0).
     """
+    runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows.promote import promote_flow
     from ldmflow.registry.aliases import RegistryError
     from ldmflow.registry.models import ModelNotFound

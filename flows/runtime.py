@@ -2,7 +2,7 @@
 
 With no endpoints configured, everything runs on one machine under one state folder
 (``.ldmflow/`` by default, ``LDMFLOW_HOME`` or ``--state-dir`` otherwise): Prefect's
-temporary local API keeps its database there. :func:`configure` must run before Prefect
+local API (:mod:`ldmflow.flows.local_api`) keeps its database there. :func:`configure` must run before Prefect
 is imported, because Prefect reads its settings at import time.
 """
 
@@ -33,6 +33,15 @@ def configure(explicit_state_dir: str | None = None, verbose: bool = False) -> P
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return folder
+
+
+def prefect_api() -> str:
+    """The Prefect API this command's flows report to: ``PREFECT_API_URL`` if set, else the
+    local one under the state folder, kept running between commands (see
+    :mod:`ldmflow.flows.local_api`). Call after :func:`configure`, before Prefect is imported."""
+    from ldmflow.flows import local_api
+
+    return local_api.use(Path(os.environ["PREFECT_HOME"]))
 
 
 def verbose() -> bool:

@@ -1,7 +1,11 @@
 """The ``ldmflow`` command line, run as a user would: a subprocess."""
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,39 @@ def test_shard_then_inspect(subprocess_env, tmp_path):
 
     result = run(["inspect", "out"], subprocess_env, tmp_path)
     assert result.returncode == 0 and "shard-000002.tar" in result.stdout and "classes: 0, 1" in result.stdout
+
+
+def test_commands_share_one_local_prefect_api_that_stops_when_idle(subprocess_env, tmp_path):
+    """With no PREFECT_API_URL, the first command starts Prefect's local API in the
+    background and the next one uses it; it stops once nobody has used it for a while."""
+    state = tmp_path / "state"
+    env = {key: value for key, value in subprocess_env.items() if key != "PREFECT_API_URL"}
+    env.update(LDMFLOW_HOME=str(state), PREFECT_HOME=str(state / "prefect"), LDMFLOW_LOCAL_API_IDLE_SECONDS="20")
+    servers = []
+    try:
+        for out in ("one", "two"):
+            result = run(["shard", "builtin:digits", out, "--resolution", "8", "--limit", "20", "--no-progress"],
+                         env, tmp_path)
+            assert result.returncode == 0, result.stdout + result.stderr
+            servers.append(json.loads((state / "prefect" / "local-api.json").read_text()))
+        assert servers[0] == servers[1] and servers[0]["url"].startswith("http://127.0.0.1:")
+        deadline = time.monotonic() + 120
+        while running(servers[0]["pid"]) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not running(servers[0]["pid"]), "the idle local API did not stop"
+    finally:
+        for server in servers[:1]:
+            if running(server["pid"]):
+                os.kill(server["pid"], signal.SIGKILL)
+
+
+def running(pid: int) -> bool:
+    """Whether the process exists and has not exited (an unreaped child is a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
 
 
 def test_errors_are_one_clear_line(subprocess_env, tmp_path):
