@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             _report_checkpoint(step, read, skipped, loss.item(), rank, world, model, ema, optimizer, lr_schedule,
                                generator, loop_config["config"])
             tracker.log(step, checkpoint=step)
+    tracker.wait()  # the last grid is in MLflow when the run ends
 
 
 def _report_checkpoint(step, read, skipped, loss, rank, world, model, ema, optimizer, lr_schedule, generator, config):
@@ -219,28 +221,53 @@ def _report_checkpoint(step, read, skipped, loss, rank, world, model, ema, optim
 
 
 class GridTracker(runs.RankZeroTracker):
-    """Rank 0's MLflow logging, plus sample grids of the EMA model every ``sample_every`` steps."""
+    """Rank 0's MLflow logging, plus sample grids of the EMA model every ``sample_every`` steps.
+
+    A grid is drawn from a CPU copy of the EMA weights on a thread of its own, so the steps
+    go on meanwhile (at most one grid in flight: the next waits for it, as does the end of
+    the run); an error in it is raised in the training loop."""
 
     def __init__(self, loop_config: dict[str, Any], rank: int) -> None:
         super().__init__(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
         self.loop_config = loop_config
         self.vae = None
+        self._drawing: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def log_grid(self, step: int, ema, config: DiffusionConfig, scale_factor: float) -> None:
-        """A grid of EMA samples decoded with the autoencoder (its files come by object store)."""
+        """Start drawing the grid of ``ema`` as it is now (the autoencoder's files come by object store)."""
         if self.client is None or self.loop_config.get("autoencoder_files") is None:
             return
-        from ldmflow.model import autoencoders, grids
-        from ldmflow.model.sampler import Sampler
-        from ldmflow.training.train import model_info
-
+        self.wait()
         if self.vae is None:
             import ray
 
+            from ldmflow.model import autoencoders
+
             self.vae, _ = autoencoders.load_files(ray.get(self.loop_config["autoencoder_files"]))
-        device = next(ema.parameters()).device
-        info = model_info(config, self.loop_config["latent_shape"], self.loop_config["class_names"], scale_factor,
-                          self.vae, autoencoder={}, lineage={})
-        grid, _ = grids.sample_grid(Sampler(ema.to("cpu"), self.vae, info), self.loop_config.get("prompts"))
-        ema.to(device)
-        self.log_image(grid, f"samples/step-{step:07d}.png")
+        snapshot = copy.deepcopy(checkpoints.unwrap(ema)).to("cpu")
+        self._drawing = threading.Thread(target=self._draw, args=(step, snapshot, config, scale_factor),
+                                         name=f"grid-{step}", daemon=True)
+        self._drawing.start()
+
+    def wait(self) -> None:
+        """Wait for the grid being drawn; raise its error, if it failed."""
+        if self._drawing is not None:
+            self._drawing.join()
+            self._drawing = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _draw(self, step: int, ema, config: DiffusionConfig, scale_factor: float) -> None:
+        from ldmflow.model import grids
+        from ldmflow.model.sampler import Sampler
+        from ldmflow.training.train import model_info
+
+        try:
+            info = model_info(config, self.loop_config["latent_shape"], self.loop_config["class_names"], scale_factor,
+                              self.vae, autoencoder={}, lineage={})
+            grid, _ = grids.sample_grid(Sampler(ema, self.vae, info), self.loop_config.get("prompts"))
+            self.log_image(grid, f"samples/step-{step:07d}.png")
+        except BaseException as exc:  # noqa: BLE001 - handed to the training loop by wait()
+            self._error = exc

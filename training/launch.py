@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from ldmflow.data import cluster
 from ldmflow.registry import tracking
 from ldmflow.state import state_dir
+from ldmflow.training import runs
 from ldmflow.training.progress import TrainingProgress
 
 
@@ -26,7 +28,7 @@ def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: st
     cluster.ensure_ray()
     path, filesystem = cluster.checkpoint_storage(storage_url or str(state_dir() / "ray_results"))
     trainer = TorchTrainer(
-        worker,
+        functools.partial(_flushing_metrics, worker),
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu(use_gpu)),
         run_config=ray.train.RunConfig(
@@ -44,3 +46,12 @@ def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: st
     except Exception:
         tracking.client().set_terminated(run_id, status="FAILED")
         raise
+
+
+def _flushing_metrics(worker: Callable[[dict], None], loop_config: dict[str, Any]) -> None:
+    """``worker(loop_config)``, then the metrics it queued written, however it ends."""
+    try:
+        worker(loop_config)
+    finally:
+        runs.flush()
+

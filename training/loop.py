@@ -20,6 +20,7 @@ import torch
 from ldmflow import configs
 from ldmflow.data.shard_stream import BatchStream, ShardStream
 from ldmflow.errors import LdmflowError
+from ldmflow.training import runs
 
 C = TypeVar("C")
 
@@ -147,12 +148,18 @@ def restore(load: Callable[[str], dict[str, Any]]) -> dict[str, Any] | None:
 
 def report(metrics: dict[str, Any], rank: int, write: Callable[[str], None]) -> None:
     """Report ``metrics`` with a checkpoint that rank 0 writes with ``write(folder)``; the other
-    ranks report the metrics alone (Ray Train keeps rank 0's files)."""
+    ranks report the metrics alone (Ray Train keeps rank 0's files).
+
+    The folder is written locally, then uploaded by Ray Train in the background while the
+    steps go on (one upload at a time; the checkpoint is recorded, and so can be resumed
+    from, only once its upload is complete; the local folder is removed then). The metrics
+    queued so far are written first, so the run's history is never behind its checkpoint."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as folder:
-        saved = None
-        if rank == 0:
-            write(folder)
-            saved = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=saved)
+    saved = None
+    if rank == 0:
+        runs.flush()
+        folder = tempfile.mkdtemp(prefix="ldmflow-checkpoint-")
+        write(folder)
+        saved = ray.train.Checkpoint.from_directory(folder)
+    ray.train.report(metrics, checkpoint=saved, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)

@@ -44,7 +44,11 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class RankZeroTracker:
-    """Logs metrics (and pictures) to an MLflow run from rank 0 of a worker group only."""
+    """Logs metrics (and pictures) to an MLflow run from rank 0 of a worker group only.
+
+    Metrics are queued and written by MLflow's background thread, so the training step never
+    waits for the tracking server; :func:`flush` writes what is queued (before a checkpoint
+    and when the worker's function ends, see :func:`ldmflow.training.launch.fit`)."""
 
     def __init__(self, run_id: str | None, tracking_uri: str | None, rank: int) -> None:
         from mlflow.tracking import MlflowClient
@@ -58,8 +62,17 @@ class RankZeroTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()],
+                              synchronous=False)
 
     def log_image(self, image, path: str) -> None:
         if self.client is not None:
             self.client.log_image(self.run_id, image, path)
+
+
+def flush() -> None:
+    """Write every metric this process has queued for MLflow."""
+    import mlflow
+
+    mlflow.flush_async_logging()
+
