@@ -5,6 +5,8 @@ Same layout as image shards (``data/image_shards.py``), one tar per image shard,
 =============  ===========================================================
 ``KEY.mean.npy``    latent posterior mean, fp16, (C, h, w)
 ``KEY.logvar.npy``  its log-variance, fp16 (absent with ``moments: mean``)
+``KEY.text.npy``    the caption's embedding by the text encoder the manifest names,
+                    float32 (D,) (absent without a caption or ``caption_embeddings``)
 ``KEY.txt``, ``KEY.cls``, ``KEY.json``  carried over from the image shard
 =============  ===========================================================
 
@@ -30,6 +32,7 @@ FORMAT_NAME = "ldmflow.latent-shards"
 FORMAT_VERSION = 1
 KEY_MEAN = "mean.npy"
 KEY_LOGVAR = "logvar.npy"
+KEY_TEXT = "text.npy"
 
 
 class LineageError(LdmflowError, ValueError):
@@ -79,6 +82,7 @@ class LatentManifest:
     failed_shards: tuple[dict[str, str], ...]  # {"source_shard", "error"}: never silently dropped
     class_names: tuple[str, ...] | None
     config: dict[str, Any] = field(default_factory=dict)
+    text_encoder: str | None = None  # the encoder of the stored caption embeddings, if any
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 
@@ -102,6 +106,7 @@ class LatentManifest:
                 failed_shards=tuple(body["failed_shards"]),
                 class_names=tuple(body["class_names"]) if body["class_names"] is not None else None,
                 config=body["config"],
+                text_encoder=body.get("text_encoder"),
             )
         except (KeyError, TypeError) as exc:
             raise image_shards.ManifestError(f"{where}: missing or malformed field: {exc}") from exc
@@ -149,6 +154,7 @@ class LatentSample:
     label: int
     caption: str
     meta: dict[str, Any]
+    text: np.ndarray | None = None  # the stored caption embedding
 
 
 def decode_latent(raw: dict[str, Any]) -> LatentSample:
@@ -158,9 +164,10 @@ def decode_latent(raw: dict[str, Any]) -> LatentSample:
     try:
         mean = decode_array(raw[KEY_MEAN]).astype(np.float32)
         logvar = decode_array(raw[KEY_LOGVAR]).astype(np.float32) if KEY_LOGVAR in raw else None
+        text = decode_array(raw[KEY_TEXT]).astype(np.float32) if KEY_TEXT in raw else None
     except Exception as exc:
         raise ValueError(f"latent sample {raw['__key__']!r} in {raw.get('__url__')}: corrupt array: {exc}") from exc
     label = int(raw[image_shards.KEY_LABEL].decode("ascii")) if image_shards.KEY_LABEL in raw else -1
     caption = raw[image_shards.KEY_CAPTION].decode("utf-8") if image_shards.KEY_CAPTION in raw else ""
     meta = json.loads(raw[image_shards.KEY_META]) if image_shards.KEY_META in raw else {}
-    return LatentSample(raw["__key__"], mean, logvar, label, caption, meta)
+    return LatentSample(raw["__key__"], mean, logvar, label, caption, meta, text)

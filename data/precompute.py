@@ -34,7 +34,7 @@ from pydantic import Field
 from ldmflow import configs
 from ldmflow.console import Progress
 from ldmflow.data import cluster, image_shards, latent_shards, shard_stream, storage
-from ldmflow.model import autoencoders
+from ldmflow.model import autoencoders, unets
 
 PARTS = "_parts"
 
@@ -48,6 +48,9 @@ class PrecomputeConfig:
     batch_size: Annotated[int, Field(ge=1, description="images per encoder call")] = configs.execution(64)
     moments: Annotated[Literal["mean_logvar", "mean"], Field(
         description="store `mean_logvar` or `mean` alone")] = "mean_logvar"
+    caption_embeddings: Annotated[bool, Field(
+        description="also store each caption's embedding by the offline text encoder, so text-conditioned "
+                    "training never runs it")] = True
     max_attempts: Annotated[int, Field(
         ge=1, description="tries per shard before it is reported as failed")] = configs.execution(3)
     use_gpu: Annotated[Literal["auto", "true", "false"], Field(
@@ -70,7 +73,8 @@ class EncodeTask:
 class LatentEncoder:
     """A Ray actor: the autoencoder loaded once, one image shard → one latent shard per call."""
 
-    def __init__(self, files: dict[str, bytes], batch_size: int, moments: str, use_gpu: bool = False, threads: int = 1) -> None:
+    def __init__(self, files: dict[str, bytes], batch_size: int, moments: str, use_gpu: bool = False, threads: int = 1,
+                 caption_embeddings: bool = False) -> None:
         import os
 
         import torch
@@ -81,6 +85,8 @@ class LatentEncoder:
         self.vae, self.info = autoencoders.load_files(files, self.device)
         self.batch_size = batch_size
         self.moments = moments
+        self.caption_embeddings = caption_embeddings
+        self.text_encoder = None  # loaded at the first caption
 
     def __call__(self, task: EncodeTask) -> latent_shards.LatentShardInfo:
         data = storage.read_bytes(task.image_url)
@@ -96,15 +102,32 @@ class LatentEncoder:
             batch = raws[start : start + self.batch_size]
             images = np.stack([image_shards.decode_sample(raw).image for raw in batch])
             mean, logvar = self.encode(images)
+            texts = self.embed_captions(batch)
             for i, raw in enumerate(batch):
                 members = {"__key__": raw["__key__"]}
                 members |= latent_shards.latent_sample(mean[i], logvar[i] if self.moments == "mean_logvar" else None)
+                if texts.get(i) is not None:
+                    members[latent_shards.KEY_TEXT] = latent_shards.encode_array(texts[i])
                 for key in (image_shards.KEY_CAPTION, image_shards.KEY_LABEL, image_shards.KEY_META):
                     if key in raw:
                         members[key] = raw[key]
                 out.append(members)
         written = image_shards.write_shard(task.output_url, out)
         return latent_shards.LatentShardInfo(task.shard, written.num_samples, written.bytes, written.sha256, task.shard, task.image_sha256)
+
+    def embed_captions(self, batch: list[dict[str, Any]]) -> dict[int, np.ndarray]:
+        """The embedding of each captioned sample of ``batch``, by its index (none without
+        ``caption_embeddings``)."""
+        if not self.caption_embeddings:
+            return {}
+        captions = {i: raw[image_shards.KEY_CAPTION].decode("utf-8") for i, raw in enumerate(batch)
+                    if raw.get(image_shards.KEY_CAPTION)}
+        if not captions:
+            return {}
+        if self.text_encoder is None:
+            self.text_encoder = unets.TextEncoder(self.device)
+        vectors = self.text_encoder(list(captions.values()))[:, 0].numpy().astype(np.float32)
+        return dict(zip(captions, vectors))
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, 3, H, W) in [-1, 1] → posterior mean and log-variance, (B, C, h, w) float32."""
@@ -208,7 +231,8 @@ def precompute(
         actor_class = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0, max_restarts=0)(LatentEncoder)
 
         def new_actor():
-            return actor_class.remote(files_ref, config.batch_size, config.moments, gpu, threads)
+            return actor_class.remote(files_ref, config.batch_size, config.moments, gpu, threads,
+                                      config.caption_embeddings)
 
         attempts: dict[int, int] = {}
         errors: dict[int, str] = {}
@@ -259,6 +283,7 @@ def precompute(
         failed_shards=tuple({"source_shard": tasks[i].shard, "error": failures[i]} for i in sorted(failures)),
         class_names=image_manifest.class_names,
         config=configs.to_dict(config),
+        text_encoder=unets.TEXT_ENCODER if config.caption_embeddings else None,
     )
     storage.write_text(image_shards.manifest_url(dest), manifest.to_json())
     return PrecomputeOutcome(manifest, dest, len(tasks) - skipped - len(failures), skipped, time.perf_counter() - started)

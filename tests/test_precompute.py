@@ -11,7 +11,7 @@ import torch
 
 from ldmflow.data import image_shards, latent_shards, shard_stream
 from ldmflow.data.precompute import PrecomputeConfig, precompute
-from ldmflow.model import autoencoders
+from ldmflow.model import autoencoders, unets
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,13 @@ def test_latents_equal_inline_encoding(ray_local, digits16, tiny_autoencoder, tm
         np.testing.assert_allclose(sample.mean, posterior.mean[i].numpy(), rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(sample.logvar, posterior.logvar[i].numpy(), rtol=1e-3, atol=2e-3)
         assert (sample.label, sample.caption, sample.meta["source"]) == (image.label, image.caption, image.meta["source"])
+
+    # Each caption's embedding is stored beside its latents, as the text encoder gives it.
+    assert manifest.text_encoder == unets.TEXT_ENCODER
+    expected = unets.TextEncoder()([image.caption for image in images])[:, 0].numpy()
+    for i, image in enumerate(images):
+        assert image.caption and got[image.key].text.shape == (unets.TEXT_DIM,)
+        np.testing.assert_allclose(got[image.key].text, expected[i], atol=1e-6)
 
     latent_shards.check_lineage(manifest, ref.weights_sha256)
     with pytest.raises(latent_shards.LineageError, match="not by the configured one"):
@@ -142,3 +149,18 @@ def test_relative_paths_reach_the_actors(ray_local, digits16, tiny_autoencoder, 
     outcome = precompute("images", "latents", folder, ref, PrecomputeConfig(actors=1), progress=False)
     assert outcome.manifest.num_samples == 400 and not outcome.manifest.failed_shards
     assert outcome.manifest.image_dataset == os.path.join(str(tmp_path), "images")
+
+
+def test_a_batch_takes_stored_embeddings_and_zeros_where_none_is_stored():
+    from ldmflow.training.diffusion_loop import caption_embeddings, collate_latents
+    from ldmflow.training.train import DiffusionConfig
+
+    vector = np.linspace(-1, 1, unets.TEXT_DIM, dtype=np.float32)
+    samples = [latent_shards.LatentSample(key, np.zeros((4, 2, 2), np.float32), None, -1, caption, {}, text)
+               for key, caption, text in (("a", "a caption", vector), ("b", "", None))]
+    batch = collate_latents(samples)
+    assert batch.text.shape == (2, 1, unets.TEXT_DIM)
+    assert torch.equal(batch.text[0, 0], torch.from_numpy(vector)) and not batch.text[1].any()
+    assert caption_embeddings(DiffusionConfig(conditioning="text"), True, "cpu")(batch) is batch.text
+    assert caption_embeddings(DiffusionConfig(conditioning="class"), True, "cpu") is None
+

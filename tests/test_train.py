@@ -233,6 +233,8 @@ def test_text_conditioning_trains_and_samples_by_prompt(latent_set, bucket):
     grids = [a.path for a in tracking.client().list_artifacts(trained.run_id, "samples")]
     assert grids == ["samples/step-0000003.png", "samples/step-0000006.png"]
     assert "class_accuracy" not in trained.metrics
+    # Precompute stored the captions' embeddings: the workers never ran the text encoder.
+    assert tracking.client().get_run(trained.run_id).data.tags["ldmflow.caption_embeddings"] == "stored"
 
 
 def test_too_many_non_finite_losses_stop_instead_of_corrupting(latent_set, tmp_path):

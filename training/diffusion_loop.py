@@ -15,6 +15,7 @@ import contextlib
 import copy
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,18 +42,36 @@ class LatentBatch:
     logvar: torch.Tensor | None
     labels: torch.Tensor  # (B,), -1 where unknown
     captions: list[str]
+    text: torch.Tensor  # (B, 1, D) stored caption embeddings, zeros where none is stored
 
 
 def collate_latents(samples: list[latent_shards.LatentSample]) -> LatentBatch:
     logvar = None
     if samples[0].logvar is not None:
         logvar = torch.from_numpy(np.stack([s.logvar for s in samples]))
+    text = torch.zeros(len(samples), 1, unets.TEXT_DIM)
+    for i, sample in enumerate(samples):
+        if sample.text is not None:
+            text[i, 0] = torch.from_numpy(sample.text)
     return LatentBatch(
         torch.from_numpy(np.stack([s.mean for s in samples])),
         logvar,
         torch.tensor([s.label for s in samples], dtype=torch.long),
         [s.caption for s in samples],
+        text,
     )
+
+
+def caption_embeddings(config: DiffusionConfig, stored: bool, device) -> Callable[[LatentBatch], torch.Tensor] | None:
+    """How a batch's captions become the UNet's text input: the embeddings precompute stored
+    (``stored``: made by the same encoder), else the text encoder run here; None without text
+    conditioning."""
+    if config.conditioning != "text":
+        return None
+    if stored:
+        return lambda batch: batch.text
+    encoder = unets.TextEncoder(str(device))
+    return lambda batch: encoder(batch.captions)
 
 
 def draw_latents(batch: LatentBatch, scale_factor: float, generator: torch.Generator) -> torch.Tensor:
@@ -129,7 +148,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ddp_model = ray.train.torch.prepare_model(model)
     ema.to(device)
     scheduler = schedules.training_scheduler(config.noise)
-    text_encoder = unets.TextEncoder(str(device)) if config.conditioning == "text" else None
+    embed = caption_embeddings(config, loop_config.get("stored_text", False), device)
     stream = shard_stream.ShardStream(loop_config["shard_urls"], rank=rank, world_size=world,
                                       shuffle_buffer=config.shuffle_buffer, seed=config.seed,
                                       decode=latent_shards.decode_latent)
@@ -151,8 +170,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         known = torch.where(batch.labels >= 0, batch.labels, torch.full_like(batch.labels, num_classes))  # unlabelled: null
         labels = diffusion.drop_labels(known, config.cond_dropout, num_classes, generator).to(device)
         text = None
-        if text_encoder is not None:
-            text = diffusion.drop_embeddings(text_encoder(batch.captions), config.cond_dropout, generator).to(device)
+        if embed is not None:
+            text = diffusion.drop_embeddings(embed(batch), config.cond_dropout, generator).to(device)
         cond = unets.conditioning_kwargs(config.conditioning, labels, text)
         accumulating = micro + 1 < config.grad_accum and world > 1  # sync gradients on the last micro-batch only
         with ddp_model.no_sync() if accumulating else contextlib.nullcontext():
