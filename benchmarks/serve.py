@@ -2,16 +2,21 @@
 
 1. HTTP: throughput and p50/p99 latency of ``POST /v1/generate`` on a local Ray Serve
    (127.0.0.1, one replica) at 1 and 16 concurrent clients, with dynamic batching on
-   (``max_batch_size`` 16) and off (1). Every request is one class-conditional image,
-   classifier-free guidance, DDIM; the number of requests is fixed (bounded).
-2. Sampler vs diffusers: ldmflow's sampler against diffusers' own ``LDMPipeline`` on the
+   (``max_batch_size`` 16; a 10-ms and a 100-ms wait for a batch to fill) and off (1), and
+   the mean size of the batches the requests were sampled in. Every request is one
+   class-conditional image, classifier-free guidance, DDIM; the number of requests is
+   fixed (bounded).
+2. The ceiling of batching: the sampler alone, in process, on the replica's thread count,
+   one image per call against 16 per call.
+3. Sampler vs diffusers: ldmflow's sampler against diffusers' own ``LDMPipeline`` on the
    same unconditional UNet, autoencoder, DDIM scheduler and step count (images/s, batch of
    16), and against the exported diffusers pipeline (``ldmflow export``) on the
    class-conditional model with guidance.
 
 The model is the ``tiny`` preset at 32 px with random weights (speed does not depend on
 training), or ``--model URI`` for a registered one. Usage:
-python benchmarks/serve.py [--steps 25] [--requests 48] [--model models:/ldmflow-digits@production]
+python benchmarks/serve.py [--steps 25] [--requests 96] [--batch-wait 0.01 0.1] [--replica-cpus 1]
+    [--http-only] [--model models:/ldmflow-digits@production]
 """
 
 from __future__ import annotations
@@ -63,24 +68,27 @@ def register(folder: Path, name: str) -> str:
     return f"models:/{name}@production"
 
 
-def post(url: str, body: dict) -> float:
+def post(url: str, body: dict) -> tuple[float, int]:
+    """(seconds, the size of the batch the request was sampled in)."""
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=300) as response:
-        response.read()
+        answer = json.loads(response.read())
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, answer["batch"]
 
 
 def load_test(url: str, clients: int, requests: int, steps: int) -> dict:
     bodies = [{"label": i % 10, "seed": i, "steps": steps, "sampler": "ddim"} for i in range(requests)]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
-        latencies = sorted(pool.map(lambda body: post(url + "/v1/generate", body), bodies))
+        answers = list(pool.map(lambda body: post(url + "/v1/generate", body), bodies))
     wall = time.perf_counter() - start
+    latencies = sorted(seconds for seconds, _ in answers)
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"rps": requests / wall, "p50": pick(0.50), "p99": pick(0.99)}
+    return {"rps": requests / wall, "p50": pick(0.50), "p99": pick(0.99),
+            "batch": sum(batch for _, batch in answers) / len(answers)}
 
 
 def http_benchmark(model_uri: str, args) -> dict:
@@ -90,18 +98,20 @@ def http_benchmark(model_uri: str, args) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = {}
-    for batching, size in (("on", 16), ("off", 1)):
-        config = app.ServeConfig(port=port, max_batch_size=size, max_ongoing_requests=32, batch_wait_timeout_s=0.01,
-                                 follow_seconds=0, num_cpus=1)
+    runs = [(f"on, wait {int(wait * 1000)} ms", 16, wait) for wait in args.batch_wait] + [("off", 1, 0.0)]
+    for batching, size, wait in runs:
+        config = app.ServeConfig(port=port, max_batch_size=size, max_ongoing_requests=32, batch_wait_timeout_s=wait,
+                                 follow_seconds=0, num_cpus=args.replica_cpus)
         url = app.run(model_uri, config)
         for _ in range(3):  # warm up
-            post(url + "/v1/generate", {"label": 0, "steps": args.steps})
+            post(url + "/v1/generate", {"label": 0, "steps": args.steps, "sampler": "ddim"})
         for clients in (1, 16):
             count = args.requests if clients > 1 else max(8, args.requests // 4)
             results[(batching, clients)] = load_test(url, clients, count, args.steps)
             r = results[(batching, clients)]
-            print(f"  batching {batching:3s} {clients:2d} clients: {r['rps']:6.2f} req/s  "
-                  f"p50 {r['p50'] * 1000:7.1f} ms  p99 {r['p99'] * 1000:7.1f} ms  ({count} requests)")
+            print(f"  batching {batching:15s} {clients:2d} clients: {r['rps']:6.2f} req/s  "
+                  f"p50 {r['p50'] * 1000:7.1f} ms  p99 {r['p99'] * 1000:7.1f} ms  "
+                  f"mean batch {r['batch']:5.1f}  ({count} requests)")
     from ray import serve
 
     serve.shutdown()
@@ -116,6 +126,24 @@ def timed(fn, repeats: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def batching_ceiling(work: Path, args) -> None:
+    """What batching can give at most: the sampler's images/s at 16 images per call over 1."""
+    import torch
+
+    from ldmflow.model.sampler import Sampler
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(args.replica_cpus)))
+    sampler = Sampler.from_folder(tiny_model(work / "ceiling"))
+    rates = {}
+    for batch in (1, 16):
+        jobs = [sampler.job(label=i % 10, seed=i, steps=args.steps, sampler="ddim", guidance=3.0) for i in range(batch)]
+        rates[batch] = batch / timed(lambda: sampler.run(jobs))
+    torch.set_num_threads(threads)
+    print(f"  {max(1, int(args.replica_cpus))} thread(s): 1 image per call "
+          f"{rates[1]:.2f} img/s, 16 per call {rates[16]:.2f} img/s -> at most {rates[16] / rates[1]:.2f}x from batching")
 
 
 def sampler_vs_diffusers(work: Path, args) -> None:
@@ -153,8 +181,12 @@ def sampler_vs_diffusers(work: Path, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--requests", type=int, default=48, help="requests per 16-client run")
+    parser.add_argument("--requests", type=int, default=96, help="requests per 16-client run")
     parser.add_argument("--model", default="", help="a registered model URI (default: a random tiny model)")
+    parser.add_argument("--replica-cpus", type=float, default=1, help="the replica's CPUs (and so torch's threads)")
+    parser.add_argument("--batch-wait", type=float, nargs="+", default=[0.01, 0.1],
+                        help="batch_wait_timeout_s of the batched runs (seconds)")
+    parser.add_argument("--http-only", action="store_true", help="skip the in-process comparison with diffusers")
     args = parser.parse_args()
 
     import torch
@@ -168,11 +200,16 @@ def main() -> None:
     cluster.ensure_ray()
     print(f"HTTP on 127.0.0.1, one replica, {args.steps} DDIM steps, guidance 3, 1 image per request ({model_uri}):")
     results = http_benchmark(model_uri, args)
-    on, off = results[("on", 16)], results[("off", 16)]
-    print(f"  16 clients: batching gives {on['rps'] / off['rps']:.2f}x the throughput, "
-          f"p99 {on['p99'] / off['p99']:.2f}x")
-    print("Sampler vs diffusers (in process):")
-    sampler_vs_diffusers(work, args)
+    off = results[("off", 16)]
+    for (batching, clients), on in results.items():
+        if clients == 16 and batching != "off":
+            print(f"  16 clients, batching {batching}: {on['rps'] / off['rps']:.2f}x the throughput of unbatched, "
+                  f"p99 {on['p99'] / off['p99']:.2f}x")
+    print("Batching's ceiling (the sampler alone, in process):")
+    batching_ceiling(work, args)
+    if not args.http_only:
+        print("Sampler vs diffusers (in process):")
+        sampler_vs_diffusers(work, args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ class ServeConfig:
     num_gpus: Annotated[float, Field(ge=0, description="GPUs per replica; a fraction shares a GPU")] = 0.0
     max_ongoing_requests: Annotated[int, Field(ge=1, description="requests a replica accepts at once")] = 32
     max_batch_size: Annotated[int, Field(ge=1, description="requests per batch; 1 turns batching off")] = 8
-    batch_wait_timeout_s: Annotated[float, Field(ge=0, description="how long a batch waits to fill")] = 0.02
+    batch_wait_timeout_s: Annotated[float, Field(ge=0, description=(
+        "how long a batch that is not full waits for more requests, once the model is free (what a lone request "
+        "pays at most)"))] = 0.02
     max_steps: Annotated[int, Field(ge=1, description="largest `steps` accepted")] = 100
     max_images: Annotated[int, Field(ge=1, description="largest `n` accepted")] = 16
     max_image_bytes: Annotated[int, Field(ge=1, description="largest upload (image or mask), decoded")] = 4_000_000

@@ -1,9 +1,11 @@
 """One replica of the Ray Serve sampler: the HTTP routes, request validation, and batching.
 
 ``POST /v1/generate``, ``POST /v1/edit`` (SDEdit), ``POST /v1/inpaint``, ``GET /v1/model``,
-``GET /healthz``; the OpenAPI document is at ``/openapi.json`` (FastAPI). Requests that can
-share a timestep schedule (same mode, sampler, steps and edit strength) are batched with
-``@serve.batch``, and both classifier-free guidance passes of a batch run as one UNet call.
+``GET /healthz``; the OpenAPI document is at ``/openapi.json`` (FastAPI). Requests are
+batched (:mod:`ldmflow.serving.batcher`: a batch is formed when the model is free, from
+what queued meanwhile); those that can share a timestep schedule (same mode, sampler,
+steps and edit strength) run as one sampler call, and both classifier-free guidance passes
+of a batch run as one UNet call.
 
 Everything a request carries is checked before it reaches a batch: malformed JSON, unknown
 fields, out-of-range values, configured limits (steps, images, upload size and pixels), bad
@@ -28,6 +30,7 @@ from ray import serve
 from ldmflow import configs
 from ldmflow.data import images
 from ldmflow.model.sampler import batches
+from ldmflow.serving.batcher import Batcher
 from ldmflow.serving.codec import png_base64
 from ldmflow.serving.config import ServeConfig
 from ldmflow.serving.follower import AliasFollower, Loaded, ModelSlot, load_model
@@ -107,6 +110,7 @@ class SamplerServer:
         self.slot = ModelSlot(on_change=lambda loaded: self.metrics.serving(loaded.name, loaded.version))
         self.config = ServeConfig()
         self._follower: AliasFollower | None = None
+        self._batcher = Batcher(self._sample, self.config.max_batch_size, self.config.batch_wait_timeout_s)
 
     @property
     def model(self) -> Loaded | None:
@@ -119,8 +123,8 @@ class SamplerServer:
         uri = fields.pop("model_uri")
         api.state.key_digests = tuple(fields.pop(KEY_DIGESTS, ()))
         self.config = configs.from_dict(ServeConfig, fields)
-        self._sample.set_max_batch_size(self.config.max_batch_size)
-        self._sample.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self._batcher.max_batch_size = self.config.max_batch_size
+        self._batcher.wait_s = self.config.batch_wait_timeout_s
         if uri != self.slot.uri or self.model is None:
             self.slot.put(uri, await asyncio.to_thread(load_model, uri))
         if self._follower is None and self.config.follow_seconds > 0 and "@" in uri:
@@ -129,9 +133,9 @@ class SamplerServer:
 
     # -- batching ---------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _sample(self, jobs: list) -> list:
-        """Run a batch of jobs; incompatible jobs (other steps, sampler, mode) run as sub-batches.
+        """Run a batch of jobs (:class:`~ldmflow.serving.batcher.Batcher` forms it when the
+        previous one is done); incompatible jobs (other steps, sampler, mode) run as sub-batches.
 
         The model is read once: a swap during the batch does not affect it.
         """
@@ -153,7 +157,7 @@ class SamplerServer:
         return results
 
     async def _respond(self, job) -> ImagesResponse:
-        outcome = await self._sample(job)
+        outcome = await self._batcher(job)
         if isinstance(outcome, RequestError):
             raise outcome
         images, model, batch = outcome
