@@ -142,8 +142,8 @@ def batching_ceiling(work: Path, args) -> None:
         jobs = [sampler.job(label=i % 10, seed=i, steps=args.steps, sampler="ddim", guidance=3.0) for i in range(batch)]
         rates[batch] = batch / timed(lambda: sampler.run(jobs))
     torch.set_num_threads(threads)
-    print(f"  {max(1, int(args.replica_cpus))} thread(s): 1 image per call "
-          f"{rates[1]:.2f} img/s, 16 per call {rates[16]:.2f} img/s -> at most {rates[16] / rates[1]:.2f}x from batching")
+    print(f"  {max(1, int(args.replica_cpus))} thread(s): 1 image per call {rates[1]:.2f} img/s, 16 per call "
+          f"{rates[16]:.2f} img/s -> at most {rates[16] / rates[1]:.2f}x from batching")
 
 
 def sampler_vs_diffusers(work: Path, args) -> None:

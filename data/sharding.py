@@ -229,7 +229,8 @@ def write_chunk(chunk: Chunk, dest: str, config: ShardConfig, class_names: Seque
         except images.Rejected as exc:
             return Reject(item.source, str(exc))
 
-    fetched = ((index, item, data) for (index, item), (_, data) in zip(chunk.items, fetch(item for _, item in chunk.items)))
+    fetched = ((index, item, data)
+               for (index, item), (_, data) in zip(chunk.items, fetch(item for _, item in chunk.items)))
     for result in in_order(image_pool(config.workers), prepare, fetched, ahead=4 * config.workers):
         if isinstance(result, Reject):
             rejects.append(result)

@@ -2,8 +2,8 @@
 
 With no endpoints configured, everything runs on one machine under one state folder
 (``.ldmflow/`` by default, ``LDMFLOW_HOME`` or ``--state-dir`` otherwise): Prefect's
-local API (:mod:`ldmflow.flows.local_api`) keeps its database there. :func:`configure` must run before Prefect
-is imported, because Prefect reads its settings at import time.
+local API (:mod:`ldmflow.flows.local_api`) keeps its database there. :func:`configure`
+must run before Prefect is imported, because Prefect reads its settings at import time.
 """
 
 from __future__ import annotations

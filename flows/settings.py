@@ -27,8 +27,8 @@ class Endpoints:
                                          "(or only local folders)")] = configs.execution("")
     ray: Annotated[str, Field(description="`RAY_ADDRESS`: a Ray cluster; unset: a local Ray instance "
                                           "started in-process")] = configs.execution("")
-    prefect: Annotated[str, Field(description="`PREFECT_API_URL`: a Prefect server; unset: Prefect's "
-                                              "local API under the state folder, kept running between commands")] = configs.execution("")
+    prefect: Annotated[str, Field(description="`PREFECT_API_URL`: a Prefect server; unset: Prefect's local API "
+                                              "under the state folder, kept running between commands")] = configs.execution("")
     mlflow: Annotated[str, Field(description="`MLFLOW_TRACKING_URI`: an MLflow server; unset: SQLite and "
                                              "artifacts under the state folder")] = configs.execution("")
 

@@ -121,10 +121,11 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         raise InputError(f"{latents_url}: class conditioning needs labelled data (the manifest has no class names); "
                          "train with conditioning: none, or shard images with labels")
     name = configs.run_name("diffusion", config, latents=manifest_sha)
+    stored_text = manifest.text_encoder == unets.TEXT_ENCODER  # precompute stored the caption embeddings
     run_id = runs.start(config.experiment, name, config, tags={
         "ldmflow.stage": "diffusion", "ldmflow.latents": latents_url, "ldmflow.latent_manifest_sha256": manifest_sha,
         "ldmflow.autoencoder": manifest.autoencoder.uri, "ldmflow.autoencoder_sha256": vae_info.weights_sha256,
-        **({"ldmflow.caption_embeddings": "stored" if manifest.text_encoder == unets.TEXT_ENCODER else "encoded in training"}
+        **({"ldmflow.caption_embeddings": "stored" if stored_text else "encoded in training"}
            if config.conditioning == "text" else {})})
 
     cluster.ensure_ray()
@@ -141,7 +142,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         "config": configs.to_dict(config), "shard_urls": urls, "latent_shape": list(manifest.latent_shape),
         "class_names": list(manifest.class_names or ()), "scale_factor": vae_info.scale_factor,
         "run_id": run_id, "tracking_uri": tracking.tracking_uri(), "autoencoder_files": autoencoder_files,
-        "prompts": prompts, "stored_text": manifest.text_encoder == unets.TEXT_ENCODER,
+        "prompts": prompts, "stored_text": stored_text,
     }
     result = launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
                         max_failures=config.max_failures, storage_url=storage_path or config.checkpoint_storage or None,
