@@ -54,4 +54,3 @@ def _flushing_metrics(worker: Callable[[dict], None], loop_config: dict[str, Any
         worker(loop_config)
     finally:
         runs.flush()
-

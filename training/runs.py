@@ -75,4 +75,3 @@ def flush() -> None:
     import mlflow
 
     mlflow.flush_async_logging()
-
