@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -49,8 +50,12 @@ def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: st
 
 
 def _flushing_metrics(worker: Callable[[dict], None], loop_config: dict[str, Any]) -> None:
-    """``worker(loop_config)``, then the metrics it queued written, however it ends."""
+    """``worker(loop_config)``, then the metrics it queued written, however it ends (a
+    failure to write them never hides the worker's own error)."""
     try:
         worker(loop_config)
-    finally:
-        runs.flush()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            runs.flush()
+        raise
+    runs.flush()

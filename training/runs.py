@@ -9,6 +9,7 @@ left RUNNING is marked KILLED, so the experiment never shows two live runs of on
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -62,16 +63,24 @@ class RankZeroTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()],
-                              synchronous=False)
+        queued = self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()],
+                                       synchronous=False)
+        with _queued_lock:
+            _queued.append(queued)
 
     def log_image(self, image, path: str) -> None:
         if self.client is not None:
             self.client.log_image(self.run_id, image, path)
 
 
-def flush() -> None:
-    """Write every metric this process has queued for MLflow."""
-    import mlflow
+_queued: list = []  # MLflow's RunOperations of the metrics this process queued, not yet waited for
+_queued_lock = threading.Lock()
 
-    mlflow.flush_async_logging()
+
+def flush() -> None:
+    """Wait until every metric this process has queued is written (a no-op for a process
+    that logged nothing: no store is opened)."""
+    with _queued_lock:
+        operations, _queued[:] = list(_queued), []
+    for operations_of_one_call in operations:
+        operations_of_one_call.wait()
