@@ -34,7 +34,7 @@ from pydantic import Field
 from ldmflow import configs
 from ldmflow.console import Progress
 from ldmflow.data import cluster, image_shards, latent_shards, shard_stream, storage
-from ldmflow.model import autoencoders, unets
+from ldmflow.model import autoencoders, precision, unets
 
 PARTS = "_parts"
 
@@ -55,6 +55,8 @@ class PrecomputeConfig:
         ge=1, description="tries per shard before it is reported as failed")] = configs.execution(3)
     use_gpu: Annotated[Literal["auto", "true", "false"], Field(
         description="`auto`, `true` or `false`")] = configs.execution("auto")
+    mixed_precision: Annotated[precision.MixedPrecision, Field(
+        description="`auto` (the encoder in bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class LatentEncoder:
     """A Ray actor: the autoencoder loaded once, one image shard → one latent shard per call."""
 
     def __init__(self, files: dict[str, bytes], batch_size: int, moments: str, use_gpu: bool = False, threads: int = 1,
-                 caption_embeddings: bool = False) -> None:
+                 caption_embeddings: bool = False, mixed_precision: precision.MixedPrecision = "no") -> None:
         import os
 
         import torch
@@ -86,6 +88,7 @@ class LatentEncoder:
         self.batch_size = batch_size
         self.moments = moments
         self.caption_embeddings = caption_embeddings
+        self.mixed_precision = mixed_precision
         self.text_encoder = None  # loaded at the first caption
 
     def __call__(self, task: EncodeTask) -> latent_shards.LatentShardInfo:
@@ -130,8 +133,9 @@ class LatentEncoder:
         return dict(zip(captions, vectors))
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, H, W) in [-1, 1] → posterior mean and log-variance, (B, C, h, w) float32."""
-        with self.torch.no_grad():
+        """(B, 3, H, W) in [-1, 1] → posterior mean and log-variance, (B, C, h, w) float32
+        (the encoder run in bf16 under ``mixed_precision``)."""
+        with self.torch.no_grad(), precision.autocast(self.mixed_precision, self.device):
             x = self.torch.from_numpy(images).to(self.device)
             posterior = self.vae.encode(x).latent_dist
             return posterior.mean.float().cpu().numpy(), posterior.logvar.float().cpu().numpy()
@@ -232,7 +236,7 @@ def precompute(
 
         def new_actor():
             return actor_class.remote(files_ref, config.batch_size, config.moments, gpu, threads,
-                                      config.caption_embeddings)
+                                      config.caption_embeddings, config.mixed_precision)
 
         attempts: dict[int, int] = {}
         errors: dict[int, str] = {}

@@ -81,3 +81,20 @@ def test_loss_functions_match_their_formulas():
     smooth = torch.ones(1, 3, 8, 8) * 0.3
     assert torch.allclose(autoencoder.bilinear_baseline(smooth, 4), smooth)
     assert autoencoder_loop.PatchDiscriminator()(torch.zeros(2, 3, 32, 32)).shape[0] == 2
+
+
+def test_bf16_autocast_runs_the_networks_in_bf16_and_keeps_weights_and_losses_fp32():
+    from ldmflow.model import precision
+    from ldmflow.training.autoencoder_loop import PatchDiscriminator, _EncodeDecode, reconstruction_loss
+
+    torch.manual_seed(0)
+    model, disc = _EncodeDecode(autoencoders.build("tiny", 16)), PatchDiscriminator()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with precision.autocast("bf16", "cpu"):  # as the loop does with mixed_precision: bf16
+        x_hat, kl = model(x)
+        logits = disc(x_hat)
+    assert x_hat.dtype == logits.dtype == torch.bfloat16
+    loss = reconstruction_loss(x, x_hat.float(), "l1") + 1e-6 * kl.float().mean() - 0.1 * logits.float().mean()
+    loss.backward()
+    grads = [p.grad for p in [*model.parameters(), *disc.parameters()] if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

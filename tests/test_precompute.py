@@ -164,3 +164,20 @@ def test_a_batch_takes_stored_embeddings_and_zeros_where_none_is_stored():
     assert caption_embeddings(DiffusionConfig(conditioning="text"), True, "cpu")(batch) is batch.text
     assert caption_embeddings(DiffusionConfig(conditioning="class"), True, "cpu") is None
 
+
+
+def test_bf16_encoding_stays_close_to_fp32(digits16, tiny_autoencoder):
+    from ldmflow.data.precompute import LatentEncoder
+    from ldmflow.model import precision
+
+    folder, _ = tiny_autoencoder
+    files = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+    images = np.stack([s.image for s in shard_stream.ShardStream(image_shards.shard_urls(digits16)[:1], shuffle_buffer=0)])
+    full = LatentEncoder(files, 16, "mean_logvar", mixed_precision="no").encode(images)
+    half = LatentEncoder(files, 16, "mean_logvar", mixed_precision="bf16").encode(images)
+    for exact, rounded in zip(full, half):
+        assert rounded.dtype == np.float32 and not np.array_equal(exact, rounded)  # bf16 ran, fp32 comes out
+        np.testing.assert_allclose(rounded, exact, atol=0.05 * np.abs(exact).max())
+    # `auto` is bf16 on a GPU only.
+    assert precision.enabled("auto", "cuda") and not precision.enabled("auto", "cpu")
+    assert precision.enabled("bf16", "cpu") and not precision.enabled("no", "cuda")

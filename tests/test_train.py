@@ -151,33 +151,68 @@ def kill_one_worker_after_first_checkpoint(storage_root: Path, done: threading.E
         time.sleep(0.05)
 
 
-def test_killed_worker_is_replaced_and_resumes_exactly(latent_set, tmp_path):
-    dest, _ = latent_set
-    steps = 60
-    fields = {**TINY, "steps": steps}
-    unbroken = train(dest, DiffusionConfig(**fields, experiment="unbroken"), storage_path=str(tmp_path / "a"), progress=False)
+KILL_RUN = {**TINY, "steps": 60}
 
-    storage_root = tmp_path / "b"
+
+def train_killing_a_worker(dest: str, config: DiffusionConfig, storage_root: Path):
+    """``train`` with one worker SIGKILLed once Ray Train has recorded a checkpoint."""
     done, killed = threading.Event(), []
     killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, args=(storage_root, done, killed))
     killer.start()
     try:
-        recovered = train(dest, DiffusionConfig(**fields, experiment="killed"), storage_path=str(storage_root), progress=False)
+        recovered = train(dest, config, storage_path=str(storage_root), progress=False)
     finally:
         done.set()
         killer.join()
     assert killed, "the run finished before a worker could be killed"
+    return recovered
 
+
+def assert_resumed_exactly(recovered, unbroken) -> None:
+    """Every step's loss as the unbroken run's, the group restored from a recorded checkpoint."""
     expected, got = loss_by_step(unbroken.run_id), loss_by_step(recovered.run_id)
+    steps = KILL_RUN["steps"]
     assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
-    # The group was restored from a recorded checkpoint (steps past it may or may not have been
-    # logged before the kill, so the count of replayed losses proves nothing either way).
+    # Steps past the checkpoint may or may not have been logged before the kill, so the count
+    # of replayed losses proves nothing either way.
     resumed = tracking.client().get_metric_history(recovered.run_id, "resumed_from_step")
     assert resumed and all(0 < m.value < steps and m.value % TINY["checkpoint_every"] == 0 for m in resumed)
     assert (recovered.folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert 0.0 <= recovered.metrics["class_accuracy"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def unbroken_ddp(latent_set, tmp_path_factory):
+    dest, _ = latent_set
+    return train(dest, DiffusionConfig(**KILL_RUN, experiment="unbroken"),
+                 storage_path=str(tmp_path_factory.mktemp("unbroken-ddp")), progress=False)
+
+
+def test_killed_worker_is_replaced_and_resumes_exactly(latent_set, unbroken_ddp, tmp_path):
+    dest, _ = latent_set
+    recovered = train_killing_a_worker(dest, DiffusionConfig(**KILL_RUN, experiment="killed"), tmp_path / "b")
+    assert_resumed_exactly(recovered, unbroken_ddp)
+
+
+def test_fsdp_trains_as_ddp_and_resumes_exactly_from_sharded_checkpoints(latent_set, unbroken_ddp, tmp_path):
+    dest, _ = latent_set
+    config = DiffusionConfig(**KILL_RUN, parallel="fsdp", experiment="fsdp")
+    sharded = train(dest, config, storage_path=str(tmp_path / "a"), progress=False)
+    ddp_losses, fsdp_losses = loss_by_step(unbroken_ddp.run_id), loss_by_step(sharded.run_id)
+    assert sorted(fsdp_losses) == sorted(ddp_losses)
+    for step in ddp_losses:  # the same sums, reduced in another order
+        assert fsdp_losses[step] == pytest.approx(ddp_losses[step], rel=1e-3, abs=1e-5), step
+    saved = [folder for folder in (tmp_path / "a").glob("*/checkpoint_*") if folder.is_dir()]
+    assert len(saved) == 2  # the newest two are kept
+    for checkpoint in saved:  # each rank wrote its own part
+        assert len(list((checkpoint / "sharded").glob("*.safetensors"))) == 2
+        assert not (checkpoint / "unet.safetensors").exists()
+
+    recovered = train_killing_a_worker(dest, DiffusionConfig(**KILL_RUN, parallel="fsdp", experiment="fsdp-killed"),
+                                       tmp_path / "b")
+    assert_resumed_exactly(recovered, sharded)
 
 
 def test_lineage_guard_refuses_another_autoencoder(latent_set, tmp_path):

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from ldmflow import configs
 from ldmflow.data import image_shards, shard_stream, storage
-from ldmflow.model import autoencoders, grids
+from ldmflow.model import autoencoders, grids, precision
 from ldmflow.registry import models, tracking
 from ldmflow.state import state_dir
 from ldmflow.training import checkpoints, launch, runs
@@ -42,6 +42,8 @@ class AutoencoderConfig:
     disc_start: Annotated[int, Field(ge=0, description="step at which the discriminator starts")] = 200
     workers: Annotated[int, Field(ge=1, description="Ray Train workers (DDP ranks)")] = 2
     use_gpu: Annotated[Literal["auto", "true", "false"], Field(description="`auto`, `true` or `false`")] = "auto"
+    mixed_precision: Annotated[precision.MixedPrecision, Field(
+        description="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
     seed: Annotated[int, Field(description="initialisation, shuffling and the held-out split")] = 0
     held_out: Annotated[float, Field(
         ge=0, lt=1, description="fraction of samples kept out of training for evaluation")] = 0.05

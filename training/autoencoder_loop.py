@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmflow.data import shard_stream
-from ldmflow.model import autoencoders
+from ldmflow.model import autoencoders, precision
 from ldmflow.training import checkpoints, loop, runs
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     worker = loop.start(AutoencoderConfig, loop_config)
     config, rank, world, device = worker.config, worker.rank, worker.world, worker.device
+    autocast = precision.autocast(config.mixed_precision, device)
     torch.manual_seed(config.seed)
 
     vae = autoencoders.build(config.preset, loop_config["resolution"])
@@ -121,20 +122,26 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         x = batch["image"].to(device)
         for group in opt_g.param_groups:
             group["lr"] = lr_at(step, config)
-        x_hat, kl = model(x)
+        with autocast:  # the losses below are fp32
+            x_hat, kl = model(x)
+        x_hat, kl = x_hat.float(), kl.float()
         rec = reconstruction_loss(x, x_hat, config.recon_loss)
         loss = rec + config.kl_weight * kl.mean() / pixels
         use_disc = disc is not None and step >= config.disc_start
         if use_disc:
             disc.requires_grad_(False)
-            loss = loss - config.disc_weight * disc(x_hat).mean()
+            with autocast:
+                fooled = disc(x_hat).float().mean()
+            loss = loss - config.disc_weight * fooled
             disc.requires_grad_(True)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
         d_loss = None
         if use_disc:
-            d_loss = hinge_d_loss(disc(x), disc(x_hat.detach()))
+            with autocast:
+                logits_real, logits_fake = disc(x), disc(x_hat.detach())
+            d_loss = hinge_d_loss(logits_real.float(), logits_fake.float())
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             _average_gradients(disc, world)

@@ -3,15 +3,14 @@
 Each worker streams its own disjoint, per-epoch reshuffled subset of latent shards, draws
 a latent from the stored moments (times the autoencoder's scale factor), noises it with
 diffusers' ``DDPMScheduler`` and regresses the ε or v target (:mod:`ldmflow.training.diffusion`).
-DDP averages gradients; rank 0 logs to MLflow. Checkpoints (UNet and EMA weights as
-safetensors, optimizer and LR-scheduler state, every rank's RNG state and data position,
-the config) go through Ray Train, so a replaced worker, or the same job run again,
-resumes exactly.
+DDP averages the gradients, or FSDP shards the model (:mod:`ldmflow.training.parallel`);
+rank 0 logs to MLflow. Checkpoints (UNet and EMA weights as safetensors, whole or sharded,
+optimizer and LR-scheduler state, every rank's RNG state and data position, the config)
+go through Ray Train, so a replaced worker, or the same job run again, resumes exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import threading
 import time
@@ -25,8 +24,8 @@ import torch
 
 from ldmflow.data import latent_shards, shard_stream
 from ldmflow.errors import LdmflowError
-from ldmflow.model import schedules, unets
-from ldmflow.training import checkpoints, diffusion, loop, runs
+from ldmflow.model import precision, schedules, unets
+from ldmflow.training import checkpoints, diffusion, loop, parallel, runs
 
 if TYPE_CHECKING:
     from ldmflow.training.train import DiffusionConfig
@@ -109,31 +108,32 @@ def _all_finite(loss: torch.Tensor, world: int) -> bool:
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
-    import ray.train.torch
-
     from ldmflow.training.train import DiffusionConfig
 
     worker = loop.start(DiffusionConfig, loop_config)
     config, rank, world, device = worker.config, worker.rank, worker.world, worker.device
-    autocast = device.type == "cuda" and config.mixed_precision in ("auto", "bf16")
+    autocast = precision.enabled(config.mixed_precision, device)
     latent_shape = tuple(loop_config["latent_shape"])
     num_classes = len(loop_config["class_names"] or ())
     scale_factor = float(loop_config["scale_factor"])
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = unets.build(config.preset, config.conditioning, latent_shape, num_classes)
+    build = lambda: unets.build(config.preset, config.conditioning, latent_shape, num_classes)  # noqa: E731
+    model = build()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trained = parallel.prepare(model, ema, config.parallel, device, world)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: diffusion.lr_factor(s, config.warmup_steps, config.steps, config.min_lr_factor))
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
     position: dict[str, Any] = {"step": 0, "bad_steps": 0, "skipped": 0}
     readers = max(1, config.loader_workers)
     data_start = None
+    training_state = dict(modules={"unet": trained, "ema": ema}, optimizers={"optimizer": (trained, optimizer)},
+                          schedules={"lr_schedule": lr_schedule})
 
     def load(folder: str) -> dict[str, Any]:
-        saved = checkpoints.load(folder, modules={"unet": model, "ema": ema},
-                                 optimizers={"optimizer": optimizer, "lr_schedule": lr_schedule})
+        saved = checkpoints.load_training(folder, **training_state)
         if (Path(folder) / f"rng-{rank}.safetensors").exists():
             generator.set_state(checkpoints.load_tensor(folder, f"rng-{rank}"))
         return saved
@@ -145,8 +145,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # Older checkpoints keep the data position among the rank's own fields.
         data_start = loop.rank_start([p.get("data", p) for p in positions], rank, world, readers)
 
-    ddp_model = ray.train.torch.prepare_model(model)
-    ema.to(device)
     scheduler = schedules.training_scheduler(config.noise)
     embed = caption_embeddings(config, loop_config.get("stored_text", False), device)
     stream = shard_stream.ShardStream(loop_config["shard_urls"], rank=rank, world_size=world,
@@ -174,14 +172,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             text = diffusion.drop_embeddings(embed(batch), config.cond_dropout, generator).to(device)
         cond = unets.conditioning_kwargs(config.conditioning, labels, text)
         accumulating = micro + 1 < config.grad_accum and world > 1  # sync gradients on the last micro-batch only
-        with ddp_model.no_sync() if accumulating else contextlib.nullcontext():
-            loss = denoising_loss(ddp_model, scheduler, x0, noise, timesteps, cond, config, autocast)
+        with parallel.no_sync(trained, accumulating):
+            loss = denoising_loss(trained, scheduler, x0, noise, timesteps, cond, config, autocast)
             finite = _all_finite(loss, world)
             if finite:
                 (loss / config.grad_accum).backward()
         micro += 1
         if finite and micro == config.grad_accum:
-            grad_norm = torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), config.grad_clip)
+            grad_norm = parallel.local(torch.nn.utils.clip_grad_norm_(trained.parameters(), config.grad_clip))
             finite = bool(torch.isfinite(grad_norm))  # gradients are synchronised: every rank agrees
         if not finite:
             optimizer.zero_grad(set_to_none=True)
@@ -200,7 +198,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
-        diffusion.ema_update(ema.parameters(), model.parameters(),
+        diffusion.ema_update(ema.parameters(), trained.parameters(),
                              diffusion.ema_decay(step, config.ema_decay, config.ema_warmup))
         step += 1
         if step % config.log_every == 0 or step == config.steps:
@@ -210,16 +208,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             window_started, window_samples = time.perf_counter(), 0
             wait.restart()
         if config.sample_every and step % config.sample_every == 0:
-            tracker.log_grid(step, ema, config, scale_factor)
+            tracker.log_grid(step, parallel.cpu_copy(ema, rank, build), config, scale_factor)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _report_checkpoint(step, read, skipped, loss.item(), rank, world, model, ema, optimizer, lr_schedule,
-                               generator, loop_config["config"])
+            _report_checkpoint(step, read, skipped, loss.item(), rank, world, training_state, generator,
+                               loop_config["config"])
             tracker.log(step, checkpoint=step)
     tracker.wait()  # the last grid is in MLflow when the run ends
 
 
-def _report_checkpoint(step, read, skipped, loss, rank, world, model, ema, optimizer, lr_schedule, generator, config):
-    """Every rank's RNG state and data position; rank 0 writes them with weights and optimizer."""
+def _report_checkpoint(step, read, skipped, loss, rank, world, training_state, generator, config):
+    """Every rank's RNG state and data position, with the weights, optimizer and LR state:
+    written whole by rank 0, or sharded by every rank (a model sharded by FSDP)."""
     position = {"step": step, "data": read, "bad_steps": 0, "skipped": skipped}
     positions = [None] * world
     states = [None] * world
@@ -228,15 +227,21 @@ def _report_checkpoint(step, read, skipped, loss, rank, world, model, ema, optim
         torch.distributed.all_gather_object(states, generator.get_state())
     else:
         positions, states = [position], [generator.get_state()]
+    state = {"position": positions, "config": config, "step": step}
+    sharded = parallel.is_sharded(training_state["modules"]["unet"])
 
     def write(folder: str) -> None:
-        checkpoints.save(folder, modules={"unet": model, "ema": ema},
-                         optimizers={"optimizer": optimizer, "lr_schedule": lr_schedule},
-                         state={"position": positions, "config": config, "step": step})
-        for r, state in enumerate(states):
-            checkpoints.save_tensor(folder, f"rng-{r}", state)
+        if sharded:
+            checkpoints.save_sharded(folder, rank, **training_state, state=state)
+        else:
+            optimizers = {name: opt for name, (_, opt) in training_state["optimizers"].items()}
+            checkpoints.save(folder, modules=training_state["modules"],
+                             optimizers=optimizers | training_state["schedules"], state=state)
+        if rank == 0:
+            for r, rng in enumerate(states):
+                checkpoints.save_tensor(folder, f"rng-{r}", rng)
 
-    loop.report({"step": step, "loss": loss}, rank, write)
+    loop.report({"step": step, "loss": loss}, rank, write, every_rank=sharded)
 
 
 class GridTracker(runs.RankZeroTracker):
@@ -253,9 +258,10 @@ class GridTracker(runs.RankZeroTracker):
         self._drawing: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def log_grid(self, step: int, ema, config: DiffusionConfig, scale_factor: float) -> None:
-        """Start drawing the grid of ``ema`` as it is now (the autoencoder's files come by object store)."""
-        if self.client is None or self.loop_config.get("autoencoder_files") is None:
+    def log_grid(self, step: int, snapshot, config: DiffusionConfig, scale_factor: float) -> None:
+        """Start drawing the grid of ``snapshot``, a CPU copy of the EMA model as it is now
+        (None on ranks other than 0); the autoencoder's files come by object store."""
+        if self.client is None or snapshot is None or self.loop_config.get("autoencoder_files") is None:
             return
         self.wait()
         if self.vae is None:
@@ -264,7 +270,6 @@ class GridTracker(runs.RankZeroTracker):
             from ldmflow.model import autoencoders
 
             self.vae, _ = autoencoders.load_files(ray.get(self.loop_config["autoencoder_files"]))
-        snapshot = copy.deepcopy(checkpoints.unwrap(ema)).to("cpu")
         self._drawing = threading.Thread(target=self._draw, args=(step, snapshot, config, scale_factor),
                                          name=f"grid-{step}", daemon=True)
         self._drawing.start()

@@ -146,9 +146,11 @@ def restore(load: Callable[[str], dict[str, Any]]) -> dict[str, Any] | None:
         return load(folder)
 
 
-def report(metrics: dict[str, Any], rank: int, write: Callable[[str], None]) -> None:
+def report(metrics: dict[str, Any], rank: int, write: Callable[[str], None], every_rank: bool = False) -> None:
     """Report ``metrics`` with a checkpoint that rank 0 writes with ``write(folder)``; the other
-    ranks report the metrics alone (Ray Train keeps rank 0's files).
+    ranks report the metrics alone (Ray Train keeps rank 0's files). With ``every_rank``
+    (a sharded checkpoint) every rank writes its own files, and Ray Train gathers them into
+    the one checkpoint.
 
     The folder is written locally, then uploaded by Ray Train in the background while the
     steps go on (one upload at a time; the checkpoint is recorded, and so can be resumed
@@ -159,6 +161,7 @@ def report(metrics: dict[str, Any], rank: int, write: Callable[[str], None]) -> 
     saved = None
     if rank == 0:
         runs.flush()
+    if rank == 0 or every_rank:
         folder = tempfile.mkdtemp(prefix="ldmflow-checkpoint-")
         write(folder)
         saved = ray.train.Checkpoint.from_directory(folder)

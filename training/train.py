@@ -15,7 +15,7 @@ from pydantic import Field
 from ldmflow import configs
 from ldmflow.data import image_shards, latent_shards, shard_stream, storage
 from ldmflow.errors import InputError
-from ldmflow.model import autoencoders, grids, model_format, schedules, unets
+from ldmflow.model import autoencoders, grids, model_format, precision, schedules, unets
 from ldmflow.model.sampler import Sampler
 from ldmflow.registry import models, tracking
 from ldmflow.state import state_dir
@@ -48,9 +48,12 @@ class DiffusionConfig:
     ema_decay: Annotated[float, Field(ge=0, le=1, description="largest EMA decay")] = 0.999
     ema_warmup: Annotated[int, Field(
         ge=1, description="EMA decay is min(`ema_decay`, (1 + n) / (`ema_warmup` + n))")] = 10
-    mixed_precision: Annotated[Literal["auto", "bf16", "no"], Field(
-        description="`auto` (bf16 on GPU), `bf16` or `no`")] = "auto"
-    workers: Annotated[int, Field(ge=1, description="Ray Train workers (DDP ranks)")] = 2
+    mixed_precision: Annotated[precision.MixedPrecision, Field(
+        description="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
+    workers: Annotated[int, Field(ge=1, description="Ray Train workers (data-parallel ranks)")] = 2
+    parallel: Annotated[Literal["ddp", "fsdp"], Field(
+        description="`ddp` (every rank holds the whole UNet) or `fsdp` (each holds 1/`workers` of its weights, "
+                    "gradients and optimizer state); a run resumes from either kind of checkpoint")] = configs.execution("ddp")
     use_gpu: Annotated[Literal["auto", "true", "false"], Field(description="`auto`, `true` or `false`")] = "auto"
     seed: Annotated[int, Field(description="weights, data order and noise")] = 0
     checkpoint_every: Annotated[int, Field(ge=1, description="steps between checkpoints")] = configs.execution(500)
