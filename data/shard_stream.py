@@ -6,6 +6,7 @@ shuffle buffer, skipping and counting what is corrupt.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -101,12 +102,13 @@ def iter_raw_samples(urls: Sequence[str], handler: Callable[[Exception], bool]) 
     yield from samples_from_streams(opened(), handler)
 
 
-def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
-    """Shuffle a stream through a buffer of ``buffer_size`` items (1 or less: no shuffle)."""
+def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random, buffer: Sequence[Any] = ()) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of ``buffer_size`` items (1 or less: no shuffle),
+    starting from ``buffer`` (where :func:`replay_shuffle` says an earlier pass stood)."""
     if buffer_size <= 1:
         yield from items
         return
-    buffer: list[Any] = []
+    buffer = list(buffer)
     for item in items:
         if len(buffer) < buffer_size:
             buffer.append(item)
@@ -116,6 +118,20 @@ def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iter
         buffer[index] = item
     rng.shuffle(buffer)
     yield from buffer
+
+
+def replay_shuffle(total: int, buffer_size: int, rng: random.Random, skip: int) -> tuple[list[int], int] | None:
+    """Where :func:`shuffled` over ``total`` items stands once it has yielded ``skip``, worked
+    out from the item indices alone: the indices in its buffer (in buffer order) and the
+    index of the next item it takes in, ``rng`` advanced as the pass advanced it. None when
+    the pass would have been draining its buffer by then (the last ``buffer_size`` items of
+    a stream), which this does not replay."""
+    buffer = list(range(min(buffer_size, total)))
+    taken, yielded = len(buffer), 0
+    while yielded < skip and taken < total:
+        buffer[rng.randrange(buffer_size)] = taken
+        taken, yielded = taken + 1, yielded + 1
+    return (buffer, taken) if yielded == skip else None
 
 
 def _torch_worker() -> tuple[int, int]:
@@ -130,7 +146,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     shards assigned to this rank and dataloader worker for the current ``epoch``, through a
     shuffle buffer, and skips (and counts in ``skips``) a sample or shard that is corrupt.
     Call :meth:`set_epoch` before each epoch to reshuffle. ``keep(key)`` selects samples
-    (for example :func:`is_held_out` or its negation).
+    (for example :func:`is_held_out` or its negation). ``counts``, each shard's number of
+    samples (from its manifest), lets a resumed reader skip whole shards unopened.
     """
 
     def __init__(
@@ -143,10 +160,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         decode: Callable[[dict[str, Any]], Any] = decode_sample,
         keep: Callable[[str], bool] | None = None,
+        counts: Sequence[int] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("no shards to read")
+        if counts is not None and len(counts) != len(urls):
+            raise ValueError(f"{len(counts)} sample counts for {len(urls)} shards")
         self.urls = list(urls)
+        self.counts = list(counts) if counts is not None else None
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.decode = decode
@@ -168,6 +189,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         ``position`` counts the samples out of the shuffle buffer so far, corrupt ones
         included; the first ``skip`` are passed over without being decoded, which is how a
         resumed run gets back to where it was without the cost of what it had trained on.
+        With the shards' sample ``counts`` known (and no ``keep`` filter or sample split),
+        the shuffle buffer is replayed on sample indices instead (:func:`replay_shuffle`):
+        only the shards holding samples still in the buffer are read again, the others
+        already taken are not opened, so a resume costs about the same at any step.
         """
         indices, sample_split = assign_shards(
             len(self.urls),
@@ -179,20 +204,56 @@ class ShardStream(torch.utils.data.IterableDataset):
             seed=self.seed,
             shuffle=self.shuffle_buffer > 1,
         )
-        raw = iter_raw_samples([self.urls[i] for i in indices], self.skips)
+        urls = [self.urls[i] for i in indices]
+        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{reader}")
+        if skip and self.counts is not None and self.keep is None and sample_split is None and self.shuffle_buffer > 1:
+            counts = [self.counts[i] for i in indices]
+            where = replay_shuffle(sum(counts), self.shuffle_buffer, rng, skip)
+            if where is not None:
+                yield from self._decoded(enumerate(self._resumed(urls, counts, *where, rng), start=skip + 1))
+                return
+            rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{reader}")  # replay from the start
+        raw = iter_raw_samples(urls, self.skips)
         if self.keep is not None:
             raw = (sample for sample in raw if self.keep(sample["__key__"]))
         if sample_split is not None:
             split, splits = sample_split
             raw = (sample for i, sample in enumerate(raw) if i % splits == split)
-        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{reader}")
-        for position, sample in enumerate(shuffled(raw, self.shuffle_buffer, rng), start=1):
-            if position <= skip:
-                continue
+        numbered = enumerate(shuffled(raw, self.shuffle_buffer, rng), start=1)
+        yield from self._decoded((position, sample) for position, sample in numbered if position > skip)
+
+    def _decoded(self, numbered: Iterable[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, Any]]:
+        """``(position, raw sample)`` pairs decoded; an undecodable sample skipped and counted."""
+        for position, sample in numbered:
             try:
                 yield position, self.decode(sample)
             except ValueError as exc:
                 self.skips(exc)
+
+    def _resumed(self, urls: list[str], counts: list[int], kept: list[int], taken: int,
+                 rng: random.Random) -> Iterator[dict[str, Any]]:
+        """The rest of a shuffled pass whose buffer holds samples ``kept`` (indices into the
+        concatenated shards) and whose next sample is number ``taken``: the kept ones are
+        read back, the shards before ``taken`` that hold none of them are not opened."""
+        wanted, found = set(kept), {}
+
+        def rest() -> Iterator[dict[str, Any]]:
+            start = 0
+            for url, count in zip(urls, counts):
+                end = start + count
+                if end > taken or any(start <= i < end for i in wanted):
+                    for i, sample in enumerate(iter_raw_samples([url], self.skips), start=start):
+                        if i >= taken:
+                            yield sample
+                        elif i in wanted:
+                            found[i] = sample
+                start = end
+
+        after = rest()
+        following = next(after, None)  # every kept sample lies before it, so all are found by now
+        buffer = [found[i] for i in kept if i in found]
+        items = after if following is None else itertools.chain([following], after)
+        yield from shuffled(items, self.shuffle_buffer, rng, buffer)
 
 
 @dataclass

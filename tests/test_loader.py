@@ -120,11 +120,11 @@ def keys_of(batch) -> list[str]:
     return list(batch["key"])
 
 
-def read_batches(urls, workers: int, start=None, count=None, decode=image_shards.decode_sample):
+def read_batches(urls, workers: int, start=None, count=None, decode=image_shards.decode_sample, counts=None):
     """(position, keys) of the batches the training loop would get, ``count`` of them."""
     from ldmflow.training import loop
 
-    stream = shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5, decode=decode)
+    stream = shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5, decode=decode, counts=counts)
     batched, loader = loop.loader(stream, 4, shard_stream.collate, workers=workers, prefetch=2)
     got, wait = [], loop.DataWait()
     for position, batch in loop.batches(batched, loader, 0, start, wait):
@@ -135,8 +135,10 @@ def read_batches(urls, workers: int, start=None, count=None, decode=image_shards
     return got
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_loader_continues_exactly_where_it_stopped(tmp_path, workers):
+@pytest.mark.parametrize("workers, counted", [(0, False), (2, False), (0, True), (2, True)])
+def test_a_resumed_loader_continues_exactly_where_it_stopped(tmp_path, workers, counted):
+    """With the shards' sample counts, through the replayed shuffle buffer; without, by
+    passing over what was read."""
     urls = make_shards(str(tmp_path), 6, 10)
     with open(urls[2], "r+b") as shard:  # a corrupt member: skipped, and still counted in the position
         data = bytearray(shard.read())
@@ -146,7 +148,7 @@ def test_a_resumed_loader_continues_exactly_where_it_stopped(tmp_path, workers):
     unbroken = read_batches(urls, workers, count=40)  # two and a half epochs (14 batches each)
     for stop in (3, 13, 16):
         position = unbroken[stop - 1][0]
-        resumed = read_batches(urls, workers, start=position, count=40 - stop)
+        resumed = read_batches(urls, workers, start=position, count=40 - stop, counts=[10] * 6 if counted else None)
         assert [keys for _, keys in resumed] == [keys for _, keys in unbroken[stop:]], stop
 
 
@@ -178,6 +180,28 @@ def test_passed_over_samples_are_not_decoded(tmp_path):
     decoded.clear()
     rest = [sample.key for _, sample in stream.read(0, 1, skip=15)]
     assert rest == everything[15:] and decoded == everything[15:]
+
+
+def test_replaying_the_shuffle_buffer_leaves_the_shards_already_consumed_unopened(tmp_path):
+    urls = make_shards(str(tmp_path), 8, 10)
+    stream = shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5, counts=[10] * 8)
+    everything = [sample.key for _, sample in stream.read(0, 1)]
+    order, _ = shard_stream.assign_shards(8, seed=5)
+    for index in order[:4]:  # the first half of this epoch's shards can no longer be read
+        with open(urls[index], "wb") as shard:
+            shard.write(b"not a tar")
+    rest = [(position, sample.key) for position, sample in stream.read(0, 1, skip=60)]
+    assert rest == list(enumerate(everything[60:], start=61))
+    assert stream.skips.skipped == 0  # nothing unreadable was opened
+
+
+def test_replay_shuffle_stands_where_the_pass_stood():
+    for total, size, skip in ((100, 8, 30), (50, 10, 40), (1000, 100, 900)):
+        replayed_rng, rng = random.Random(3), random.Random(3)
+        buffer, taken = shard_stream.replay_shuffle(total, size, replayed_rng, skip)
+        continued = list(shard_stream.shuffled(range(taken, total), size, replayed_rng, buffer))
+        assert continued == list(shard_stream.shuffled(range(total), size, rng))[skip:]
+    assert shard_stream.replay_shuffle(20, 8, random.Random(0), 15) is None  # draining the buffer: not replayed
 
 
 def test_empty_epoch_names_what_the_readers_skipped(tmp_path):

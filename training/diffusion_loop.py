@@ -149,7 +149,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     embed = caption_embeddings(config, loop_config.get("stored_text", False), device)
     stream = shard_stream.ShardStream(loop_config["shard_urls"], rank=rank, world_size=world,
                                       shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-                                      decode=latent_shards.decode_latent)
+                                      decode=latent_shards.decode_latent, counts=loop_config.get("shard_counts"))
     batched, loader = loop.loader(stream, config.batch_size, collate_latents, workers=config.loader_workers,
                                   prefetch=config.prefetch_batches)
     tracker = GridTracker(loop_config, rank)

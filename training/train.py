@@ -145,7 +145,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         "config": configs.to_dict(config), "shard_urls": urls, "latent_shape": list(manifest.latent_shape),
         "class_names": list(manifest.class_names or ()), "scale_factor": vae_info.scale_factor,
         "run_id": run_id, "tracking_uri": tracking.tracking_uri(), "autoencoder_files": autoencoder_files,
-        "prompts": prompts, "stored_text": stored_text,
+        "prompts": prompts, "stored_text": stored_text, "shard_counts": [shard.num_samples for shard in manifest.shards],
     }
     result = launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
                         max_failures=config.max_failures, storage_url=storage_path or config.checkpoint_storage or None,
