@@ -16,7 +16,7 @@
 The model is the ``tiny`` preset at 32 px with random weights (speed does not depend on
 training), or ``--model URI`` for a registered one. Usage:
 python benchmarks/serve.py [--steps 25] [--requests 96] [--batch-wait 0.01 0.1] [--replica-cpus 1]
-    [--http-only] [--model models:/ldmflow-digits@production]
+    [--replica-gpus 0] [--http-only] [--model models:/ldmflow-digits@production]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def http_benchmark(model_uri: str, args) -> dict:
     runs = [(f"on, wait {int(wait * 1000)} ms", 16, wait) for wait in args.batch_wait] + [("off", 1, 0.0)]
     for batching, size, wait in runs:
         config = app.ServeConfig(port=port, max_batch_size=size, max_ongoing_requests=32, batch_wait_timeout_s=wait,
-                                 follow_seconds=0, num_cpus=args.replica_cpus)
+                                 follow_seconds=0, num_cpus=args.replica_cpus, num_gpus=args.replica_gpus)
         url = app.run(model_uri, config)
         for _ in range(3):  # warm up
             post(url + "/v1/generate", {"label": 0, "steps": args.steps, "sampler": "ddim"})
@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96, help="requests per 16-client run")
     parser.add_argument("--model", default="", help="a registered model URI (default: a random tiny model)")
     parser.add_argument("--replica-cpus", type=float, default=1, help="the replica's CPUs (and so torch's threads)")
+    parser.add_argument("--replica-gpus", type=float, default=0, help="the replica's GPUs (1: sample on a GPU)")
     parser.add_argument("--batch-wait", type=float, nargs="+", default=[0.01, 0.1],
                         help="batch_wait_timeout_s of the batched runs (seconds)")
     parser.add_argument("--http-only", action="store_true", help="skip the in-process comparison with diffusers")

@@ -4,15 +4,16 @@
    MLflow logging, EMA) vs a bare PyTorch loop on the same UNet, batch and latents held in
    memory (both fp32 on CPU; the bare loop at 1 thread like a Ray worker with 1 CPU, and at
    the machine's thread count).
-2. Scaling: ldmflow with 1 vs 2 Ray Train workers (latents/s over all workers), and its
-   loader in the training process (0 loader workers) vs one loader worker process per rank;
-   the share of step time spent waiting for data (``data_wait_fraction``) for each.
+2. Scaling: ldmflow with 1 vs 2 Ray Train workers (latents/s over all workers), DDP and
+   FSDP, and its loader in the training process (0 loader workers) vs one loader worker
+   process per rank; the share of step time spent waiting for data (``data_wait_fraction``)
+   for each.
 3. Precompute's payoff: a bare loop training from precomputed latents vs one that encodes
    each image batch with the autoencoder on the fly.
 
 ldmflow's rates are its own ``latents_per_s`` metric (MLflow), averaged after the first
 logging window, so start-up is excluded as it is for the bare loops.
-Usage: python benchmarks/train.py [--steps 150] [--batch-size 64]
+Usage: python benchmarks/train.py [--steps 150] [--batch-size 64] [--runs 1,0,ddp 1,1,ddp 2,1,ddp 2,1,fsdp]
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--runs", nargs="+", default=["1,0,ddp", "1,1,ddp", "2,1,ddp", "2,1,fsdp"],
+                        help="ldmflow runs as WORKERS,LOADER_WORKERS,PARALLEL")
     args = parser.parse_args()
 
     import numpy as np
@@ -119,15 +122,19 @@ def main() -> None:
     rows[f"bare loop, {threads} threads"] = bare_loop(fresh_unet(), scheduler, config, latent_batches, args.steps)
 
     waits = {}
-    for workers, loader_workers in ((1, 0), (1, 1), (2, 1)):
-        trained = train(latent_dir, dataclasses.replace(config, workers=workers, loader_workers=loader_workers),
+    for run in args.runs:
+        workers, loader_workers, parallel = int(run.split(",")[0]), int(run.split(",")[1]), run.split(",")[2]
+        # Each run in a checkpoint folder of its own: `parallel` is an execution field, so an FSDP run
+        # would otherwise resume from the finished DDP run's last checkpoint.
+        trained = train(latent_dir, dataclasses.replace(config, workers=workers, loader_workers=loader_workers,
+                                                        parallel=parallel), storage_path=str(work / "ray" / run),
                         progress=False)
 
         def after_first_window(metric: str) -> float:
             history = sorted(tracking.client().get_metric_history(trained.run_id, metric), key=lambda m: m.step)
             return float(np.mean([m.value for m in history[1:]]))
 
-        name = f"ldmflow train, {workers} worker(s), {loader_workers} loader worker(s)"
+        name = f"ldmflow train, {workers} worker(s) ({parallel.upper()}), {loader_workers} loader worker(s)"
         rows[name] = after_first_window("latents_per_s")
         waits[name] = after_first_window("data_wait_fraction")
 

@@ -37,6 +37,8 @@ def prepare(model: torch.nn.Module, ema: torch.nn.Module, strategy: Strategy, de
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the mesh and the collectives use the current device
     mesh = init_device_mesh(device.type, (world,))
     for module in (model.to(device), ema.to(device)):
         for block in _blocks(module):
