@@ -276,7 +276,8 @@ class BatchStream(torch.utils.data.IterableDataset):
     from :meth:`set_epoch`, through shared memory (persistent workers keep their own copy
     of the dataset): the epoch, every reader's position, and which reader goes first, so
     that the DataLoader's round-robin over its workers continues the order an interrupted
-    run had. Each reader ends with a :class:`Batch` whose ``data`` is None.
+    run had. Each reader ends with a :class:`Batch` whose ``data`` is None, and then begins
+    its next epoch (fills its shuffle buffer) before the loader asks for it.
     """
 
     def __init__(self, stream: ShardStream, batch_size: int, collate: Callable[[list[Any]], Any], *,
@@ -284,6 +285,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         self.stream, self.batch_size, self.collate, self.drop_last = stream, batch_size, collate, drop_last
         self.readers = readers
         self._where = torch.zeros(2 + readers, dtype=torch.long).share_memory_()  # epoch, first, positions…
+        self._ahead: tuple[tuple[int, int, int], Iterator[tuple[int, Any]], int] | None = None
 
     def set_epoch(self, epoch: int, positions: Sequence[int] = (), first: int = 0) -> None:
         """Read ``epoch`` from ``positions`` (one per reader; none: the start), ``first`` first."""
@@ -295,12 +297,15 @@ class BatchStream(torch.utils.data.IterableDataset):
         if workers != self.readers:
             raise ValueError(f"a BatchStream of {self.readers} readers is read by {workers} loader workers")
         where = self._where.tolist()
-        reader = (worker + where[1]) % workers
-        self.stream.set_epoch(where[0])
-        skips_before = self.stream.skips.skipped
-        samples: list[Any] = []
+        reader, epoch = (worker + where[1]) % workers, where[0]
         position = where[2 + reader]
-        for position, sample in self.stream.read(reader, workers, where[2 + reader]):
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (epoch, reader, workers) and position == 0:
+            _, read, skips_before = ahead  # begun when the last epoch ended
+        else:
+            read, skips_before = self._begin(epoch, reader, workers, position)
+        samples: list[Any] = []
+        for position, sample in read:
             samples.append(sample)
             if len(samples) == self.batch_size:
                 yield Batch(reader, position, self.collate(samples))
@@ -309,6 +314,16 @@ class BatchStream(torch.utils.data.IterableDataset):
             yield Batch(reader, position, self.collate(samples))
         yield Batch(reader, position, skipped=self.stream.skips.skipped - skips_before,
                     errors=tuple(self.stream.skips.errors[:3]))
+        # The loader asks once more before it stops, while the training loop still has the
+        # batches it fetched ahead: fill the next epoch's shuffle buffer now, not when asked.
+        read, skips_before = self._begin(epoch + 1, reader, workers, 0)
+        first = next(read, None)
+        self._ahead = (epoch + 1, reader, workers), read if first is None else itertools.chain([first], read), skips_before
+
+    def _begin(self, epoch: int, reader: int, readers: int, skip: int) -> tuple[Iterator[tuple[int, Any]], int]:
+        """The reader's ``(position, sample)`` stream of ``epoch`` from ``skip``, and the skip count before it."""
+        self.stream.set_epoch(epoch)
+        return self.stream.read(reader, readers, skip), self.stream.skips.skipped
 
 
 def collate(samples: Sequence[DecodedSample]) -> dict[str, Any]:

@@ -182,6 +182,28 @@ def test_passed_over_samples_are_not_decoded(tmp_path):
     assert rest == everything[15:] and decoded == everything[15:]
 
 
+def test_a_reader_fills_the_next_epochs_buffer_before_it_is_asked(tmp_path):
+    urls = make_shards(str(tmp_path), 4, 10)
+    decoded = []
+
+    def counting(sample):
+        decoded.append(sample["__key__"])
+        return image_shards.decode_sample(sample)
+
+    def epoch_batches(batched, epoch):
+        batched.set_epoch(epoch)
+        return [keys_of(batch.data) for batch in batched if batch.data is not None]
+
+    batched = shard_stream.BatchStream(shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5, decode=counting), 4,
+                                       shard_stream.collate)
+    epoch_batches(batched, 0)
+    fresh = shard_stream.BatchStream(shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5), 4, shard_stream.collate)
+    expected = epoch_batches(fresh, 1)
+    assert decoded[-1] == expected[0][0]  # epoch 1 had begun when epoch 0 ended
+    assert epoch_batches(batched, 1) == expected
+    assert epoch_batches(batched, 3) == epoch_batches(fresh, 3)  # not the epoch begun ahead: read as asked
+
+
 def test_replaying_the_shuffle_buffer_leaves_the_shards_already_consumed_unopened(tmp_path):
     urls = make_shards(str(tmp_path), 8, 10)
     stream = shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5, counts=[10] * 8)
