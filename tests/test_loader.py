@@ -167,13 +167,20 @@ def test_a_resume_with_other_ranks_or_readers_starts_the_next_epoch(tmp_path):
     assert read_batches(urls, 0, start=fresh, count=1)[0][1] == first_of_epoch_2
 
 
-def test_passed_over_samples_are_not_decoded(tmp_path):
-    urls = make_shards(str(tmp_path), 2, 10)
+def counting_decoder():
+    """A list of the keys decoded, and the decoder that fills it."""
     decoded = []
 
     def counting(sample):
         decoded.append(sample["__key__"])
         return image_shards.decode_sample(sample)
+
+    return decoded, counting
+
+
+def test_passed_over_samples_are_not_decoded(tmp_path):
+    urls = make_shards(str(tmp_path), 2, 10)
+    decoded, counting = counting_decoder()
 
     stream = shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5, decode=counting)
     everything = [sample.key for _, sample in stream.read(0, 1)]
@@ -184,11 +191,7 @@ def test_passed_over_samples_are_not_decoded(tmp_path):
 
 def test_a_reader_fills_the_next_epochs_buffer_before_it_is_asked(tmp_path):
     urls = make_shards(str(tmp_path), 4, 10)
-    decoded = []
-
-    def counting(sample):
-        decoded.append(sample["__key__"])
-        return image_shards.decode_sample(sample)
+    decoded, counting = counting_decoder()
 
     def epoch_batches(batched, epoch):
         batched.set_epoch(epoch)
