@@ -1,11 +1,16 @@
-"""Latent precompute throughput: the Ray actor pool (1 and 2 actors) vs a plain loop.
+"""Latent precompute throughput: the Ray Data pipeline vs a plain loop, per core and on two.
 
 Same autoencoder (the ``tiny`` preset, or ``--preset base``), same image shards
 (``builtin:mnist`` at ``--resolution``), in one run. The plain loop is what one would write
 without ldmflow: one process reads each shard, decodes the images and encodes them in
-batches with torch's default threading, writing nothing. The actor pool does the whole
-stage: sha256 check of every input shard, encode, fp16 latent shards written atomically,
-part records and the manifest.
+batches, writing nothing; it runs on 1 torch thread (the per-core baseline) and on 2. The
+pipeline does the whole stage: sha256 check of every input shard, decode tasks, encoder
+actors, fp16 latent shards written atomically, part records and the manifest; it runs as 1
+actor × 1 thread, 2 actors × 1 thread (the 1 → 2 scaling) and 1 actor × 2 threads.
+
+Two figures per run: whole-stage wall time (start-up included: Ray Data's executor, actors
+importing torch and loading the model) and the steady rate, images/s between the first
+shard finished and the last (start-up excluded, as for the loop).
 
 Usage: python benchmarks/precompute.py [--resolution 32] [--preset tiny] [--images 5000]
 """
@@ -54,34 +59,44 @@ def main() -> None:
     ref = latent_shards.AutoencoderRef(str(folder), info.weights_sha256, 1.0)
     urls = image_shards.shard_urls(images)
 
-    started = time.perf_counter()
     model, _ = autoencoders.load(folder)
-    count = 0
-    with torch.no_grad():
-        for url in urls:
-            batch = [s.image for s in shard_stream.ShardStream([url], shuffle_buffer=0)]
-            for start in range(0, len(batch), args.batch_size):
-                x = torch.from_numpy(np.stack(batch[start : start + args.batch_size]))
-                model.encode(x).latent_dist.mean.half()
-                count += x.shape[0]
-    rows = [("plain loop (1 process, torch threads)", time.perf_counter() - started)]
+    shards = [[s.image for s in shard_stream.ShardStream([url], shuffle_buffer=0)] for url in urls[:1]]
+    count = sum(image_shards.read_manifest(images).shards[i].num_samples for i in range(len(urls)))
 
+    def plain_loop(threads: int) -> tuple[float, float]:
+        torch.set_num_threads(threads)
+        started, finished = time.perf_counter(), []
+        with torch.no_grad():
+            for url in urls:
+                batch = [s.image for s in shard_stream.ShardStream([url], shuffle_buffer=0)]
+                for start in range(0, len(batch), args.batch_size):
+                    x = torch.from_numpy(np.stack(batch[start : start + args.batch_size]))
+                    model.encode(x).latent_dist.mean.half()
+                finished.append(time.perf_counter())
+        return finished[-1] - started, (count - len(shards[0])) / (finished[-1] - finished[0])
+
+    rows = [(f"plain loop, {threads} thread(s)", *plain_loop(threads)) for threads in (1, 2)]
     cluster.ensure_ray()
-    for actors in (1, 2):
-        config = PrecomputeConfig(actors=actors, batch_size=args.batch_size)
+    for actors, threads in ((1, 1), (2, 1), (1, 2)):
+        config = PrecomputeConfig(actors=actors, threads=threads, batch_size=args.batch_size)
+        dest = work / f"latents-{actors}x{threads}"
         started = time.perf_counter()
-        outcome = precompute(images, str(work / f"latents-{actors}"), folder, ref, config, progress=False)
+        outcome = precompute(images, str(dest), folder, ref, config, progress=False)
+        seconds = time.perf_counter() - started
         assert outcome.manifest.num_samples == count and not outcome.manifest.failed_shards
-        rows.append((f"ldmflow precompute, {actors} actor(s)", time.perf_counter() - started))
+        done = sorted(part.stat().st_mtime for part in (dest / "_parts").glob("*.json"))
+        rows.append((f"ldmflow precompute, {actors} actor(s) x {threads} thread(s)", seconds,
+                     (count - len(shards[0])) / (done[-1] - done[0])))
 
-    baseline = rows[0][1]
+    whole, steady = rows[0][1], rows[0][2]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"\nmachine: {os.cpu_count()} cores, {device}; {count} images at {args.resolution}px, preset {args.preset}, "
-          f"{len(urls)} shards")
-    print(f"{'':40s} {'seconds':>8s} {'images/s':>9s} {'vs baseline':>12s}")
-    for name, seconds in rows:
-        print(f"{name:40s} {seconds:8.2f} {count / seconds:9.1f} {baseline / seconds:11.2f}x")
-
+          f"{len(urls)} shards; ratios against the 1-thread loop")
+    print(f"{'':46s} {'seconds':>8s} {'vs loop':>8s} {'steady img/s':>13s} {'vs loop':>8s}")
+    for name, seconds, rate in rows:
+        print(f"{name:46s} {seconds:8.2f} {whole / seconds:7.2f}x {rate:13.1f} {rate / steady:7.2f}x")
+    one, two = rows[2], rows[3]
+    print(f"1 -> 2 actors (1 thread each): {one[1] / two[1]:.2f}x whole stage, {two[2] / one[2]:.2f}x steady")
 
 if __name__ == "__main__":
     main()

@@ -270,16 +270,27 @@ class DecodedSample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def decode_sample(raw: dict[str, Any]) -> DecodedSample:
-    """A raw member dict as arrays; raises ``ValueError`` for a corrupt or incomplete one."""
+def model_input(pixels: np.ndarray) -> np.ndarray:
+    """Decoded pixels, (..., H, W, 3) uint8, as the models take them: (..., 3, H, W) float32 in [-1, 1]."""
+    return np.moveaxis(pixels.astype(np.float32), -1, -3) / 127.5 - 1.0
+
+
+def image_member(raw: dict[str, Any]) -> str:
+    """The name of a sample's image member; ``ValueError`` where it has none."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     if ext is None:
         raise ValueError(f"sample {raw.get('__key__')!r} in {raw.get('__url__')} has no image")
+    return ext
+
+
+def decode_sample(raw: dict[str, Any]) -> DecodedSample:
+    """A raw member dict as arrays; raises ``ValueError`` for a corrupt or incomplete one."""
+    ext = image_member(raw)
     try:
         pixels = decode_rgb(raw[ext])
     except Exception as exc:
         raise ValueError(f"sample {raw['__key__']!r} in {raw.get('__url__')}: undecodable image: {exc}") from exc
-    image = pixels.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    image = model_input(pixels)
     label = int(raw[KEY_LABEL].decode("ascii")) if KEY_LABEL in raw else -1
     caption = raw[KEY_CAPTION].decode("utf-8") if KEY_CAPTION in raw else ""
     meta = json.loads(raw[KEY_META]) if KEY_META in raw else {}

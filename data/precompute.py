@@ -1,15 +1,23 @@
-"""Latent precompute: encode every image shard once, on a pool of Ray actors.
+"""Latent precompute: encode every image shard once, in a Ray Data streaming pipeline.
 
-Each actor is a callable class (:class:`LatentEncoder`): it loads the autoencoder once in
-``__init__`` (GPU when it has one, CPU otherwise) and encodes one whole image shard per
-call into one latent shard, written atomically. The driver hands out one shard per task.
+Three stages, one row per image shard, streamed so that each stage works while the others do:
 
-Why a hand-rolled pool over ``ray.util.ActorPool`` or Ray Data: the unit of work is a
-whole shard with an atomic output and a resumable record, not a stream of rows, so Ray
-Data's batch-level ``map_batches`` would need the shard boundaries rebuilt afterwards;
-and ``ActorPool`` neither replaces an actor that died nor retries its task. Here a dead
-actor is replaced and its shard requeued, a shard whose encoding raises is retried up to
-``max_attempts`` and then reported as failed in the manifest and the summary.
+1. **decode** (CPU tasks): read the shard, check its sha256 against the image manifest,
+   decode every image to uint8 pixels;
+2. **encode** (a fixed pool of :class:`LatentEncoder` actors, a callable class): the
+   autoencoder loaded once per actor (a GPU each, in bf16 autocast, where the cluster has
+   them; torch's CPU threads otherwise) encodes the pixels in batches, and the offline text
+   encoder embeds the captions;
+3. **write** (CPU tasks): the latent shard, written atomically under the image shard's name,
+   then its part record.
+
+Ray Data's backpressure keeps a few decoded shards queued ahead of each encoder, so an
+accelerator never waits on a JPEG decoder, and bounds what is in flight. A stage that
+raises for a shard (corrupt input, an undecodable image, a store that went away) returns
+the error as that shard's row instead, so one shard never stops the others; such shards
+run again in another round, up to ``max_attempts`` rounds, and are then listed in the
+manifest's ``failed_shards``. An encoder actor that dies (its node lost, killed) is
+restarted by Ray and its shard retried (``max_attempts - 1`` times).
 
 Resumable: a shard whose part record (``_parts/shard-i.json``) matches its digest (input
 shard sha256, autoencoder weights sha256, moments, format) is skipped; the manifest is
@@ -22,8 +30,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import os
 import time
-from collections import deque
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,6 +44,7 @@ from pydantic import Field
 from ldmflow import configs
 from ldmflow.console import Progress
 from ldmflow.data import cluster, image_shards, latent_shards, shard_stream, storage
+from ldmflow.data.images import decode_rgb
 from ldmflow.model import autoencoders, precision, unets
 
 PARTS = "_parts"
@@ -41,10 +52,14 @@ PARTS = "_parts"
 
 @configs.stage_config
 class PrecomputeConfig:
-    """Latent precompute: encode every image shard once, on a pool of Ray actors."""
+    """Latent precompute: encode every image shard once, in a Ray Data pipeline."""
 
     actors: Annotated[int, Field(
-        ge=0, description="encoder actors; 0: one per CPU (or GPU), at most one per shard")] = configs.execution(0)
+        ge=0, description="encoder actors; 0: one per GPU, or on CPU one per CPU less a quarter of them kept for "
+                          "decoding and writing; at most one per shard")] = configs.execution(0)
+    threads: Annotated[int, Field(
+        ge=0, description="torch threads per CPU encoder actor; 0: the machine's cores shared by the actors")] = \
+        configs.execution(0)
     batch_size: Annotated[int, Field(ge=1, description="images per encoder call")] = configs.execution(64)
     moments: Annotated[Literal["mean_logvar", "mean"], Field(
         description="store `mean_logvar` or `mean` alone")] = "mean_logvar"
@@ -71,16 +86,66 @@ class EncodeTask:
     def shard(self) -> str:
         return storage.basename(self.image_url)
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EncodeTask:
+        return cls(**json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline's stages. A row is one shard: ``task`` (the EncodeTask as JSON), ``error``
+# ("" or why the shard failed), and each stage's payload. Payloads are plain bytes (npy,
+# never pickles) and strings, the same columns in every row of a stage, error or not.
+
+# Members carried from the image shard to the latent shard unchanged.
+CARRIED = (image_shards.KEY_CAPTION, image_shards.KEY_LABEL, image_shards.KEY_META)
+
+
+def _failed(row: dict[str, Any], exc: BaseException, **empty: Any) -> dict[str, Any]:
+    return {"task": row["task"], "error": f"{type(exc).__name__}: {exc}", **empty}
+
+
+def decode_shard(row: dict[str, Any]) -> dict[str, Any]:
+    """Stage 1: the shard's images as one uint8 (N, H, W, 3) npy, its other members as JSON."""
+    task = EncodeTask.from_json(row["task"])
+    try:
+        data = storage.read_bytes(task.image_url)
+        if hashlib.sha256(data).hexdigest() != task.image_sha256:
+            raise ValueError(f"{task.image_url}: corrupt image shard (sha256 differs from its manifest)")
+
+        def fail(exc: Exception) -> bool:
+            raise ValueError(f"{task.image_url}: corrupt image shard: {exc}") from exc
+
+        raws = list(shard_stream.samples_from_streams([{"url": task.image_url, "stream": io.BytesIO(data)}], fail))
+        pixels = []
+        for raw in raws:
+            try:
+                pixels.append(decode_rgb(raw[image_shards.image_member(raw)]))
+            except Exception as exc:
+                raise ValueError(f"{task.image_url}: sample {raw['__key__']!r}: undecodable image: {exc}") from exc
+        # Latin-1 maps every byte to one character: the members travel as JSON, byte-exact.
+        members = [{"__key__": raw["__key__"]} | {k: raw[k].decode("latin-1") for k in CARRIED if k in raw}
+                   for raw in raws]
+        return {"task": row["task"], "error": "", "members": json.dumps(members),
+                "pixels": latent_shards.encode_array(np.stack(pixels) if pixels else np.zeros((0, 1, 1, 3), np.uint8))}
+    except Exception as exc:
+        return _failed(row, exc, members="[]", pixels=b"")
+
 
 class LatentEncoder:
-    """A Ray actor: the autoencoder loaded once, one image shard → one latent shard per call."""
+    """Stage 2, a callable class run by a pool of Ray actors: the autoencoder loaded once
+    per actor, one decoded shard → its posterior moments and caption embeddings per call."""
 
-    def __init__(self, files: dict[str, bytes], batch_size: int, moments: str, use_gpu: bool = False, threads: int = 1,
+    def __init__(self, files: Any, batch_size: int, moments: str, use_gpu: bool = False, threads: int = 1,
                  caption_embeddings: bool = False, mixed_precision: precision.MixedPrecision = "no") -> None:
-        import os
-
         import torch
 
+        if not isinstance(files, dict):  # an ObjectRef: the model files, put once by the driver
+            import ray
+
+            files = ray.get(files)
         self.torch = torch
         torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
@@ -91,54 +156,75 @@ class LatentEncoder:
         self.mixed_precision = mixed_precision
         self.text_encoder = None  # loaded at the first caption
 
-    def __call__(self, task: EncodeTask) -> latent_shards.LatentShardInfo:
-        data = storage.read_bytes(task.image_url)
-        if hashlib.sha256(data).hexdigest() != task.image_sha256:
-            raise ValueError(f"{task.image_url}: corrupt image shard (sha256 differs from its manifest)")
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        empty = {"members": row["members"], "mean": b"", "logvar": b"", "text": b""}
+        if row["error"]:
+            return {"task": row["task"], "error": row["error"], **empty}
+        try:
+            pixels = latent_shards.decode_array(row["pixels"])
+            members = json.loads(row["members"])
+            means, logvars = [], []
+            for start in range(0, len(pixels), self.batch_size):
+                mean, logvar = self.encode(image_shards.model_input(pixels[start : start + self.batch_size]))
+                means.append(mean)
+                logvars.append(logvar)
+            captions = [m.get(image_shards.KEY_CAPTION, "").encode("latin-1").decode("utf-8") for m in members]
+            return {"task": row["task"], "error": "", "members": row["members"],
+                    "mean": latent_shards.encode_array(np.concatenate(means)),
+                    "logvar": latent_shards.encode_array(np.concatenate(logvars)) if self.moments == "mean_logvar" else b"",
+                    "text": latent_shards.encode_array(self.embed_captions(captions))}
+        except Exception as exc:
+            return _failed(row, exc, **empty)
 
-        def fail(exc: Exception) -> bool:
-            raise ValueError(f"{task.image_url}: corrupt image shard: {exc}") from exc
-
-        raws = list(shard_stream.samples_from_streams([{"url": task.image_url, "stream": io.BytesIO(data)}], fail))
-        out = []
-        for start in range(0, len(raws), self.batch_size):
-            batch = raws[start : start + self.batch_size]
-            images = np.stack([image_shards.decode_sample(raw).image for raw in batch])
-            mean, logvar = self.encode(images)
-            texts = self.embed_captions(batch)
-            for i, raw in enumerate(batch):
-                members = {"__key__": raw["__key__"]}
-                members |= latent_shards.latent_sample(mean[i], logvar[i] if self.moments == "mean_logvar" else None)
-                if texts.get(i) is not None:
-                    members[latent_shards.KEY_TEXT] = latent_shards.encode_array(texts[i])
-                for key in (image_shards.KEY_CAPTION, image_shards.KEY_LABEL, image_shards.KEY_META):
-                    if key in raw:
-                        members[key] = raw[key]
-                out.append(members)
-        written = image_shards.write_shard(task.output_url, out)
-        return latent_shards.LatentShardInfo(task.shard, written.num_samples, written.bytes, written.sha256, task.shard, task.image_sha256)
-
-    def embed_captions(self, batch: list[dict[str, Any]]) -> dict[int, np.ndarray]:
-        """The embedding of each captioned sample of ``batch``, by its index (none without
-        ``caption_embeddings``)."""
-        if not self.caption_embeddings:
-            return {}
-        captions = {i: raw[image_shards.KEY_CAPTION].decode("utf-8") for i, raw in enumerate(batch)
-                    if raw.get(image_shards.KEY_CAPTION)}
-        if not captions:
-            return {}
-        if self.text_encoder is None:
-            self.text_encoder = unets.TextEncoder(self.device)
-        vectors = self.text_encoder(list(captions.values()))[:, 0].numpy().astype(np.float32)
-        return dict(zip(captions, vectors))
+    def embed_captions(self, captions: list[str]) -> np.ndarray:
+        """(N, TEXT_DIM) float32: each caption's embedding, zeros where a sample has none (and
+        (N, 0) without ``caption_embeddings``)."""
+        out = np.zeros((len(captions), unets.TEXT_DIM if self.caption_embeddings else 0), np.float32)
+        captioned = [i for i, caption in enumerate(captions) if caption]
+        if self.caption_embeddings and captioned:
+            if self.text_encoder is None:
+                self.text_encoder = unets.TextEncoder(self.device)
+            out[captioned] = self.text_encoder([captions[i] for i in captioned])[:, 0].numpy().astype(np.float32)
+        return out
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, 3, H, W) in [-1, 1] → posterior mean and log-variance, (B, C, h, w) float32
         (the encoder run in bf16 under ``mixed_precision``)."""
         with self.torch.no_grad(), precision.autocast(self.mixed_precision, self.device):
-            x = self.torch.from_numpy(images).to(self.device)
+            x = self.torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
             posterior = self.vae.encode(x).latent_dist
             return posterior.mean.float().cpu().numpy(), posterior.logvar.float().cpu().numpy()
+
+
+def write_latent_shard(row: dict[str, Any]) -> dict[str, Any]:
+    """Stage 3: the latent shard, atomically, then its part record; the shard's info as JSON."""
+    if row["error"]:
+        return {"task": row["task"], "error": row["error"], "info": ""}
+    task = EncodeTask.from_json(row["task"])
+    try:
+        means = latent_shards.decode_array(row["mean"])
+        logvars = latent_shards.decode_array(row["logvar"]) if row["logvar"] else None
+        texts = latent_shards.decode_array(row["text"])
+        out = []
+        for i, carried in enumerate(json.loads(row["members"])):
+            members = {"__key__": carried.pop("__key__")}
+            members |= latent_shards.latent_sample(means[i], None if logvars is None else logvars[i])
+            if texts.shape[1] and carried.get(image_shards.KEY_CAPTION):
+                members[latent_shards.KEY_TEXT] = latent_shards.encode_array(texts[i])
+            members |= {key: value.encode("latin-1") for key, value in carried.items()}
+            out.append(members)
+        written = image_shards.write_shard(task.output_url, out)
+        info = latent_shards.LatentShardInfo(task.shard, written.num_samples, written.bytes, written.sha256,
+                                             task.shard, task.image_sha256)
+        part = {"digest": task.digest, "shard": asdict(info)}
+        storage.write_text(part_url(storage.dirname(task.output_url), task.shard), json.dumps(part, sort_keys=True) + "\n")
+        return {"task": row["task"], "error": "", "info": json.dumps(asdict(info))}
+    except Exception as exc:
+        return _failed(row, exc, info="")
+
+
+# ---------------------------------------------------------------------------------------
+# The driver
 
 
 def task_digest(image_sha256: str, weights_sha256: str, config: PrecomputeConfig) -> str:
@@ -159,6 +245,41 @@ def _completed(dest: str, task: EncodeTask) -> latent_shards.LatentShardInfo | N
     if body.get("digest") != task.digest or not storage.exists(task.output_url):
         return None
     return latent_shards.LatentShardInfo(**body["shard"])
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the pipeline sits on the cluster: encoder actors and the resources each stage asks."""
+
+    actors: int
+    actor_cpus: float
+    actor_gpus: float
+    tasks: int  # decode tasks at a time, and as many write tasks
+    task_cpus: float  # each decode or write task
+    threads: int  # torch intra-op threads per CPU encoder
+
+
+def placement(requested: int, shards: int, cpus: float, gpus: float, cores: int, gpu: bool,
+              threads: int = 0) -> Placement:
+    """GPU: one actor per GPU (or ``requested``), two decode tasks per actor (a GPU encodes a
+    shard about as fast as a core decodes it), a CPU each. CPU: a quarter of the CPUs (at
+    most one) is kept for decoding and writing, so that the actors can never starve them,
+    and the rest shared by the actors; a CPU encoder is some thirty times slower than a
+    decoder, so one decode task per four actors keeps them fed.
+
+    Every concurrent task is a worker process that imports torch (webdataset does) before
+    its first shard, a few CPU-seconds each: more tasks than the encoders need would take
+    those seconds from the encoders."""
+    if gpu:
+        count = max(1, min(requested or int(gpus) or 1, shards))
+        return Placement(count, 1.0, 1.0, 2 * count, 1.0, 1)
+    reserve = min(1.0, cpus / 4)
+    count = max(1, min(requested or math.floor(cpus - reserve), shards))
+    actor_cpus = min(1.0, (cpus - reserve) / count)
+    # Intra-op threads: the machine's cores shared by the actors (a local Ray advertises
+    # more logical CPUs than cores, so count real cores where known).
+    return Placement(count, actor_cpus, 0.0, math.ceil(count / 4), reserve / 2,
+                     threads or max(1, int(min(cpus, cores)) // count))
 
 
 @dataclass(frozen=True)
@@ -188,8 +309,6 @@ def precompute(
     progress: bool = True,
 ) -> PrecomputeOutcome:
     """Encode every shard of ``image_dataset`` into latent shards at ``dest``."""
-    import ray
-
     started = time.perf_counter()
     image_dataset, dest = storage.absolute(image_dataset), storage.absolute(dest)
     manifest_text = storage.read_text(image_shards.manifest_url(image_dataset))
@@ -215,65 +334,16 @@ def precompute(
         if done is not None:
             results[task.index] = done
     skipped = len(results)
-    todo = deque(task for task in tasks if task.index not in results)
+    todo = [task for task in tasks if task.index not in results]
     failures: dict[int, str] = {}
-
     if todo:
-        cluster.ensure_ray()
-        gpu = cluster.use_gpu(config.use_gpu)
-        resources = ray.cluster_resources()
-        cpus = int(resources.get("CPU", 1))
-        count = config.actors or max(1, int(resources.get("GPU", 1)) if gpu else cpus)
-        count = min(count, len(todo))
-        # Intra-op threads per actor: the cores not taken by the other actors (a local Ray
-        # advertises more logical CPUs than cores, so count real cores where known).
-        import os
-
-        threads = max(1, min(cpus, os.cpu_count() or cpus) // count)
-        files = {path.name: path.read_bytes() for path in Path(autoencoder_dir).iterdir() if path.is_file()}
-        files_ref = ray.put(files)
-        actor_class = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0, max_restarts=0)(LatentEncoder)
-
-        def new_actor():
-            return actor_class.remote(files_ref, config.batch_size, config.moments, gpu, threads,
-                                      config.caption_embeddings, config.mixed_precision)
-
-        attempts: dict[int, int] = {}
-        errors: dict[int, str] = {}
-        pending: dict[Any, tuple[Any, EncodeTask]] = {}
-        idle = [new_actor() for _ in range(count)]
         with Progress("precompute", len(todo), "shard", enabled=progress) as bar:
-            while todo or pending:
-                while todo and idle:
-                    actor, task = idle.pop(), todo.popleft()
-                    attempts[task.index] = attempts.get(task.index, 0) + 1
-                    pending[actor.__call__.remote(task)] = (actor, task)
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                actor, task = pending.pop(ready[0])
-                try:
-                    shard_info = ray.get(ready[0])
-                except ray.exceptions.RayActorError as exc:
-                    ray.kill(actor)
-                    idle.append(new_actor())
-                    errors[task.index] = f"encoder actor died: {exc.__class__.__name__}"
-                except ray.exceptions.RayTaskError as exc:
-                    idle.append(actor)
-                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    errors[task.index] = f"{type(cause).__name__}: {cause}"
-                else:
-                    idle.append(actor)
-                    results[task.index] = shard_info
-                    part = {"digest": task.digest, "shard": asdict(shard_info)}
-                    storage.write_text(part_url(dest, task.shard), json.dumps(part, sort_keys=True) + "\n")
-                    bar.advance()
-                    continue
-                if attempts[task.index] < config.max_attempts:
-                    todo.append(task)
-                else:
-                    failures[task.index] = errors[task.index]
-                    bar.advance()
-        for actor in idle:
-            ray.kill(actor)
+            for _ in range(config.max_attempts):
+                failures = _encode_round(todo, autoencoder_dir, config, results, bar)
+                todo = [task for task in todo if task.index in failures]
+                if not todo:
+                    break
+            bar.advance(len(failures))
 
     infos = tuple(results[i] for i in sorted(results))
     manifest = latent_shards.LatentManifest(
@@ -291,3 +361,49 @@ def precompute(
     )
     storage.write_text(image_shards.manifest_url(dest), manifest.to_json())
     return PrecomputeOutcome(manifest, dest, len(tasks) - skipped - len(failures), skipped, time.perf_counter() - started)
+
+
+def _encode_round(tasks: list[EncodeTask], autoencoder_dir: str | Path, config: PrecomputeConfig,
+                  results: dict[int, latent_shards.LatentShardInfo], bar: Progress) -> dict[int, str]:
+    """One pass of the pipeline over ``tasks``: each shard written goes into ``results``; the
+    error of each that was not, by index."""
+    import ray
+
+    cluster.ensure_ray()
+    gpu = cluster.use_gpu(config.use_gpu)
+    resources = ray.cluster_resources()
+    place = placement(config.actors, len(tasks), resources.get("CPU", 1.0), resources.get("GPU", 0.0),
+                      os.cpu_count() or 1, gpu, config.threads)
+    files = {path.name: path.read_bytes() for path in Path(autoencoder_dir).iterdir() if path.is_file()}
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the stage's own bar counts shards
+    context.print_on_execution_start = False
+
+    rows = ray.data.from_items([{"task": task.to_json()} for task in tasks], override_num_blocks=len(tasks))
+    with warnings.catch_warnings():
+        # Ray Data has no named parameter for an actor's task retries yet: max_task_retries
+        # travels in ray_remote_args, which it marks as deprecated.
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        dataset = (
+            rows.map(decode_shard, compute=ray.data.TaskPoolStrategy(size=place.tasks), num_cpus=place.task_cpus)
+            .map(LatentEncoder, compute=ray.data.ActorPoolStrategy(size=place.actors), num_cpus=place.actor_cpus,
+                 num_gpus=place.actor_gpus, max_task_retries=config.max_attempts - 1,
+                 fn_constructor_kwargs=dict(files=ray.put(files), batch_size=config.batch_size, moments=config.moments,
+                                            use_gpu=gpu, threads=place.threads,
+                                            caption_embeddings=config.caption_embeddings,
+                                            mixed_precision=config.mixed_precision))
+            .map(write_latent_shard, compute=ray.data.TaskPoolStrategy(size=place.tasks), num_cpus=place.task_cpus)
+        )
+    errors: dict[int, str] = {}
+    try:
+        for row in dataset.iter_rows():
+            index = EncodeTask.from_json(row["task"]).index
+            if row["error"]:
+                errors[index] = row["error"]
+            else:
+                results[index] = latent_shards.LatentShardInfo(**json.loads(row["info"]))
+                bar.advance()
+    except Exception as exc:  # the pipeline itself failed: an actor out of restarts, the cluster lost
+        cause = f"precompute pipeline failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        errors |= {task.index: cause for task in tasks if task.index not in results and task.index not in errors}
+    return errors

@@ -88,21 +88,26 @@ def precompute(
     dest: Annotated[str, typer.Argument(help="Output folder or s3:// prefix for the latent shards and manifest.")],
     autoencoder: Annotated[str, typer.Option(help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/PATH or a local folder.")],
     config: ConfigOption = None,
-    actors: Annotated[Optional[int], typer.Option(help="Encoder actors (0: one per CPU or GPU of the cluster).")] = None,
+    actors: Annotated[Optional[int], typer.Option(
+        help="Encoder actors (0: one per GPU, or about one per CPU with a quarter kept for decoding).")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        help="Torch threads per CPU encoder actor (0: the cores shared by the actors).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per encoder call.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Encode every image shard once into latent shards, on a pool of Ray actors.
+    """Encode every image shard once into latent shards, in a Ray Data pipeline.
 
-    One shard per task; finished shards are skipped on a rerun; a shard that keeps failing
-    is listed in the manifest and the summary, and the command exits 1.
+    Shards are read and decoded by CPU tasks, encoded by a pool of encoder actors (GPUs
+    where the cluster has them) and written by CPU tasks, streamed. Finished shards are
+    skipped on a rerun; a shard that keeps failing is listed in the manifest and the
+    summary, and the command exits 1.
     """
     from ldmflow.data.precompute import PrecomputeConfig
     runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows.precompute import precompute_flow
     from ldmflow.registry.models import ModelNotFound
 
-    stage_config = load_config(PrecomputeConfig, config, "precompute", dict(actors=actors, batch_size=batch_size))
+    stage_config = load_config(PrecomputeConfig, config, "precompute", dict(actors=actors, threads=threads, batch_size=batch_size))
     try:
         outcome = precompute_flow(shards_url, dest, autoencoder, stage_config, progress)
     except ModelNotFound as exc:

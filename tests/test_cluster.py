@@ -266,7 +266,7 @@ def test_the_shipped_config_runs_unchanged_as_a_deployment_on_the_cluster(stack,
     assert not any(str(stack.home) in value for value in version.tags.values())
 
     # Work spread over the worker nodes, none on the head (it has no CPUs).
-    for class_name in ("RayTrainWorker", "LatentEncoder"):
+    for class_name in ("RayTrainWorker", "MapWorker(Map(LatentEncoder))"):
         placed = _ray_probe(stack.env, class_name)
         assert len(set(placed["nodes"])) >= 2 and not set(placed["nodes"]) & set(placed["head"]), (class_name, placed)
 
@@ -325,7 +325,7 @@ def _encoder_at_work() -> int | None:
     """A precompute actor process encoding a shard (Ray titles it by class and method)."""
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if cmdline.read_bytes().startswith(b"ray::LatentEncoder.__call__"):
+            if cmdline.read_bytes().startswith(b"ray::MapWorker(Map(LatentEncoder)).submit"):
                 return int(cmdline.parent.name)
         except OSError:
             continue

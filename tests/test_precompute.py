@@ -1,16 +1,19 @@
-"""Latent precompute on Ray actors: exactness, lineage, failures, kill-and-rerun."""
+"""Latent precompute on Ray Data: exactness, lineage, failures, a killed encoder, kill-and-rerun."""
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ldmflow.data import image_shards, latent_shards, shard_stream
-from ldmflow.data.precompute import PrecomputeConfig, precompute
+from ldmflow.data.precompute import Placement, PrecomputeConfig, placement, precompute
 from ldmflow.model import autoencoders, unets
 
 
@@ -90,6 +93,52 @@ def test_corrupt_input_shard_is_retried_then_reported(ray_local, digits16, tiny_
     assert outcome.manifest.failed_shards == ({"source_shard": "shard-000003.tar",
                                                "error": f"ValueError: {target}: corrupt image shard (sha256 differs from its manifest)"},)
     assert "FAILED shard-000003.tar" in outcome.summary()
+
+
+def _encoder_at_work() -> int | None:
+    """The pid of an encoder actor encoding a shard (Ray titles the process by its task)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::MapWorker(Map(LatentEncoder)).submit"):
+                return int(cmdline.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_killed_encoder_is_replaced_and_its_shard_encoded_again(ray_local, digits16, tiny_autoencoder, tmp_path):
+    folder, ref = tiny_autoencoder
+    config = PrecomputeConfig(actors=1, batch_size=8)
+    killed = []
+
+    def kill_the_first_encoder():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if (pid := _encoder_at_work()) is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_first_encoder)
+    killer.start()
+    outcome = precompute(digits16, str(tmp_path / "killed"), folder, ref, config, progress=False)
+    killer.join()
+    assert killed, "no encoder was seen at work"
+    unbroken = precompute(digits16, str(tmp_path / "unbroken"), folder, ref, config, progress=False)
+    assert outcome.manifest == unbroken.manifest and not outcome.manifest.failed_shards
+    written = sorted(p.name for p in (tmp_path / "killed").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "unbroken").iterdir())  # no half-written leftovers
+
+
+def test_placement_keeps_cpus_for_decoding_and_writing():
+    # The local default: 4 logical CPUs on 2 cores, one CPU kept for the decode and write tasks.
+    assert placement(0, 8, cpus=4, gpus=0, cores=2, gpu=False) == Placement(3, 1.0, 0.0, 1, 0.5, 1)
+    # Two 1-CPU nodes, two actors: three quarters of a CPU each, so one sits on each node
+    # beside a decode task.
+    assert placement(2, 8, cpus=2, gpus=0, cores=2, gpu=False) == Placement(2, 0.75, 0.0, 1, 0.25, 1)
+    assert placement(0, 8, cpus=1, gpus=0, cores=1, gpu=False) == Placement(1, 0.75, 0.0, 1, 0.125, 1)
+    assert placement(0, 2, cpus=32, gpus=0, cores=32, gpu=False).actors == 2  # at most one per shard
+    assert placement(0, 8, cpus=32, gpus=4, cores=32, gpu=True) == Placement(4, 1.0, 1.0, 8, 1.0, 1)
 
 
 def test_corrupt_latent_shard_and_manifest_are_clear(ray_local, digits16, tiny_autoencoder, tmp_path):
