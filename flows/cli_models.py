@@ -108,12 +108,27 @@ def sample(
     sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim or dpm++ (default: the model's).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
     seed: Annotated[int, typer.Option(help="Image i is drawn with seed + i.")] = 0,
+    interpolate_to: Annotated[Optional[int], typer.Option(
+        help="Draw the n images along the path from --seed's noise to this seed's (slerp).")] = None,
+    label_to: Annotated[Optional[int], typer.Option(help="Interpolate the class from --label to this one.")] = None,
+    prompt_to: Annotated[Optional[str], typer.Option(help="Interpolate the text from --prompt to this one.")] = None,
     init_image: Annotated[Optional[str], typer.Option(help="Edit this image (SDEdit) or, with --mask, inpaint it.")] = None,
     strength: Annotated[float, typer.Option(help="Edit strength: 0 returns the image, 1 ignores it.")] = 0.6,
     mask: Annotated[Optional[str], typer.Option(help="Inpainting mask image: white where new content goes.")] = None,
+    invert: Annotated[bool, typer.Option(
+        help="Edit by inversion: DDIM-invert --init-image to its noise, then draw from that noise under --label/--prompt.")] = False,
+    source_label: Annotated[Optional[int], typer.Option(help="With --invert: the input image's own class, if known.")] = None,
+    source_prompt: Annotated[Optional[str], typer.Option(help="With --invert: the input image's own text, if known.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress line (denoising step, steps/s, ETA).")] = True,
 ) -> None:
-    """Draw images from a model and write them as PNGs plus a grid."""
+    """Draw images from a model and write them as PNGs plus a grid.
+
+    With --interpolate-to (and/or --label-to, --prompt-to) the n images run along the path
+    between two seeds' noises (and two conditions): the first equals --seed's image, the
+    last --interpolate-to's, each drawn alone with --n 1. With --init-image: SDEdit at
+    --strength, inpainting with --mask, or with --invert the image's own noise (DDIM
+    inversion under --source-label/--source-prompt) drawn again under --label/--prompt.
+    """
     from pathlib import Path
 
     from PIL import Image, UnidentifiedImageError
@@ -126,13 +141,18 @@ def sample(
 
     if mask and not init_image:
         raise typer.BadParameter("needs --init-image (the image to inpaint)", param_hint="--mask")
+    if invert and not init_image:
+        raise typer.BadParameter("needs --init-image (the image to invert)", param_hint="--invert")
     try:
         model, _ = load_sampler(model_uri)
         side = model.info.resolution
-        fields = dict(n=n, label=label, prompt=prompt, steps=steps, sampler=sampler, guidance=guidance, seed=seed)
+        fields = dict(n=n, label=label, prompt=prompt, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
+                      to_seed=interpolate_to, to_label=label_to, to_prompt=prompt_to)
         if init_image:
             fields["image"] = images.model_input(Image.open(init_image), side)
-            fields["strength"] = 1.0 if mask else strength
+            fields["strength"] = 1.0 if mask or invert else strength
+        if invert:
+            fields.update(invert=True, source_label=source_label, source_prompt=source_prompt)
         if mask:
             fields["mask"] = images.mask_input(Image.open(mask), side)
         job = model.job(**fields)
@@ -144,7 +164,7 @@ def sample(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(to_pil(drawn)):
-        image.save(folder / f"{seed + i:06d}.png")
+        image.save(folder / (f"path-{i:03d}.png" if job.interpolates else f"{seed + i:06d}.png"))
     grid([drawn]).save(folder / "grid.png")
     typer.echo(f"sample: {n} images from {model_uri} -> {folder}/ (grid.png)")
 

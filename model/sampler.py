@@ -6,6 +6,13 @@ scheduler (schedulers carry a step index; sharing one between concurrent request
 them) and per-image random generators. Image ``i`` of a job with seed ``s`` draws all its
 noise from ``torch.Generator().manual_seed(s + i)``, so the same seed gives the same image
 whether it is sampled alone or batched with other requests.
+
+An interpolation (``to_seed``, ``to_label``, ``to_prompt``) draws ``n`` images along a path:
+image ``i`` starts from the noise at ``t = i / (n − 1)`` of the great circle between seed
+``seed``'s noise and seed ``to_seed``'s (slerp keeps the noise's norm, which a straight line
+would shrink), under the condition at ``t`` of the line between the two labels' embeddings
+or the great circle between the two prompts'. Its first image is ``seed``'s, its last
+``to_seed``'s, each equal to that seed sampled alone.
 """
 
 from __future__ import annotations
@@ -42,19 +49,48 @@ class Job:
     image: torch.Tensor | None = None
     strength: float = 1.0
     mask: torch.Tensor | None = None
+    to_seed: int | None = None
+    to_label: int | None = None
+    to_prompt: str | None = None
+    at: float | None = None  # one image (n = 1) at this point of the path, 0 … 1
+    invert: bool = False  # with image: DDIM-invert it to its noise, then sample from that
+    source_label: int | None = None  # the image's own condition for the inversion, where known
+    source_prompt: str | None = None
+
+    @property
+    def interpolates(self) -> bool:
+        return self.to_seed is not None or self.to_label is not None or self.to_prompt is not None
+
+    def seeds(self) -> list[int]:
+        """The seed of each image's generator: ``seed + i``; along an interpolation ``seed``,
+        and ``to_seed`` for the last image."""
+        if not self.interpolates:
+            return [self.seed + i for i in range(self.n)]
+        last = self.seed if self.to_seed is None else self.to_seed
+        return [last if t == 1 else self.seed for t in self.path().tolist()]
+
+    def path(self) -> torch.Tensor:
+        """(n,) the position of each image along an interpolation, 0 … 1: evenly spaced, or
+        ``at`` for a single image."""
+        if self.at is not None:
+            return torch.tensor([float(self.at)])
+        return torch.linspace(0, 1, self.n) if self.n > 1 else torch.zeros(1)
 
     @property
     def mode(self) -> str:
         if self.mask is not None:
             return "inpaint"
-        return "edit" if self.image is not None else "generate"
+        if self.image is not None:
+            return "invert" if self.invert else "edit"
+        return "generate"
 
     @property
     def denoising_steps(self) -> int:
-        """Steps the reverse process runs: ``steps``, or its ``strength`` share for an edit."""
+        """UNet steps the job runs: ``steps``, its ``strength`` share for an edit, twice
+        ``steps`` for an inversion (to the noise, and back)."""
         if self.mode == "edit":
             return min(int(round(self.steps * self.strength)), self.steps)
-        return self.steps
+        return 2 * self.steps if self.mode == "invert" else self.steps
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys share a timestep schedule and run as one batch."""
@@ -72,7 +108,26 @@ def batches(jobs: list[Job]) -> list[list[int]]:
 
 
 def generators(jobs: list[Job]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(job.seed + i) for job in jobs for i in range(job.n)]
+    return [torch.Generator().manual_seed(seed) for job in jobs for seed in job.seeds()]
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of ``a`` and ``b`` (same shape) at each ``t`` of (k,): (k, *shape).
+
+    Along the great circle through both, with the norm interpolated linearly; ``t`` 0 and 1
+    give ``a`` and ``b`` exactly; (anti)parallel inputs fall back to the straight line."""
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    cosine = torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cosine.clamp(-1, 1))
+    t = t.double().view(-1, *([1] * a.dim()))
+    if torch.sin(omega).abs() < 1e-6:
+        mixed = (1 - t) * a.double() + t * b.double()
+    else:
+        mixed = (torch.sin((1 - t) * omega) * a.double() + torch.sin(t * omega) * b.double()) / torch.sin(omega)
+    mixed = mixed.to(a.dtype)
+    mixed[t.flatten() == 0] = a
+    mixed[t.flatten() == 1] = b
+    return mixed
 
 
 def per_image_noise(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
@@ -161,7 +216,9 @@ class Sampler:
         """A :class:`Job` with this model's defaults for the fields left out (or None)."""
         defaults = self.info.defaults
         given = {k: v for k, v in fields.items() if v is not None}
-        job = Job(sampler=defaults.sampler, steps=defaults.steps, guidance=defaults.guidance)
+        # Inversion is DDIM's: it is the sampler an inverting job runs unless told otherwise.
+        job = Job(sampler="ddim" if given.get("invert") else defaults.sampler, steps=defaults.steps,
+                  guidance=defaults.guidance)
         return replace(job, **given)
 
     def check(self, job: Job) -> None:
@@ -179,6 +236,10 @@ class Sampler:
                 raise ValueError(f"label: {job.label} is not a class of this model (0…{self.info.null_label - 1})")
         if job.prompt and self.info.conditioning != "text":
             raise ValueError(f"prompt: this model is conditioned on {self.info.conditioning}, not text")
+        if job.interpolates:
+            self._check_interpolation(job)
+        if job.invert:
+            self._check_inversion(job)
         if not 0 <= job.strength <= 1:
             raise ValueError("strength: must be in [0, 1]")
         side = self.info.resolution
@@ -189,6 +250,39 @@ class Sampler:
                 raise ValueError("mask: inpainting needs an image")
             if tuple(job.mask.shape) != (1, side, side):
                 raise ValueError(f"mask: must be (1, {side}, {side}), got {tuple(job.mask.shape)}")
+
+    def _check_interpolation(self, job: Job) -> None:
+        if job.image is not None:
+            raise ValueError("to_seed: interpolation draws from noise; it takes no image")
+        if job.at is not None and (job.n != 1 or not 0 <= job.at <= 1):
+            raise ValueError("at: one image (n = 1) at a point in [0, 1] of the path")
+        if job.to_seed is not None and not 0 <= job.to_seed <= 2**63 - 1:
+            raise ValueError("to_seed: must be a non-negative integer")
+        if job.to_label is not None:
+            if job.label is None:
+                raise ValueError("to_label: interpolating labels needs the first one (label)")
+            try:
+                self.check(replace(job, label=job.to_label, to_label=None, to_seed=None, to_prompt=None, at=None))
+            except ValueError as exc:
+                raise ValueError(f"to_{exc}") from None
+        if job.to_prompt is not None:
+            if self.info.conditioning != "text":
+                raise ValueError(f"to_prompt: this model is conditioned on {self.info.conditioning}, not text")
+            if job.prompt is None:
+                raise ValueError("to_prompt: interpolating prompts needs the first one (prompt)")
+
+    def _check_inversion(self, job: Job) -> None:
+        if job.image is None or job.mask is not None:
+            raise ValueError("invert: inverts an image (no mask)")
+        if job.sampler != "ddim":
+            raise ValueError("sampler: inversion runs DDIM there and back; sampler must be ddim")
+        if job.source_label is not None:
+            try:
+                self.check(replace(job, label=job.source_label, source_label=None, invert=False, image=None))
+            except ValueError as exc:
+                raise ValueError(f"source_{exc}") from None
+        if job.source_prompt and self.info.conditioning != "text":
+            raise ValueError(f"source_prompt: this model is conditioned on {self.info.conditioning}, not text")
 
     # -- sampling -----------------------------------------------------------------------
 
@@ -213,13 +307,15 @@ class Sampler:
         scheduler.set_timesteps(first.steps)
         cond, null = self._conditioning(jobs)
         guidance = torch.tensor([job.guidance for job in jobs for _ in range(job.n)]).view(-1, 1, 1, 1).to(self.device)
-        noise = per_image_noise(gens, latent_shape).to(self.device)
+        noise = self._interpolated(jobs, per_image_noise(gens, latent_shape)).to(self.device)
 
         start_step, known, init = 0, None, None
         if first.mode != "generate":
             init = self._repeat([job.image for job in jobs], jobs)  # (B, 3, H, W)
             init_latent = self.encode(init)
-        if first.mode == "edit":
+        if first.mode == "invert":
+            latents = self.invert(init_latent, jobs, on_step)
+        elif first.mode == "edit":
             start_step = first.steps - first.denoising_steps
             if first.denoising_steps == 0:
                 return self._split(self.decode(init_latent), jobs)
@@ -238,13 +334,30 @@ class Sampler:
             known_noise = None
 
         latents = reverse_process(
-            self.unet, scheduler, latents, steps=first.steps, conditioning=cond, null_conditioning=null,
+            self._denoiser(jobs), scheduler, latents, steps=first.steps, conditioning=cond, null_conditioning=null,
             guidance=guidance, generator=gens, start_step=start_step, known=known, known_noise=known_noise,
             on_step=on_step)
         images = self.decode(latents)
         if pixel_mask is not None:  # the kept region is the input's own pixels, exactly
             images = pixel_mask * images + (1 - pixel_mask) * init
         return self._split(images, jobs)
+
+    @torch.no_grad()
+    def invert(self, latents: torch.Tensor, jobs: list[Job], on_step: Callable[[], None] = lambda: None) -> torch.Tensor:
+        """Deterministic DDIM inversion (Song et al. 2021; as in Mokady et al. 2023): the
+        sampler's ODE run from the scaled latents towards the noise that DDIM at the jobs'
+        step count would draw them from, under each image's own condition (``source_label``
+        or ``source_prompt``, unconditional where unknown), without guidance."""
+        sources = [replace(job, label=job.source_label, prompt=job.source_prompt, to_label=None, to_prompt=None,
+                           to_seed=None) for job in jobs]
+        conditioning, _ = self._conditioning(sources)
+        scheduler = schedules.inversion_scheduler(self.schedule)
+        scheduler.set_timesteps(jobs[0].steps, device=latents.device)
+        for t in scheduler.timesteps:
+            prediction = self.unet(scheduler.scale_model_input(latents, t), t, **conditioning, return_dict=False)[0]
+            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+            on_step()
+        return latents
 
     def generate(self, **fields) -> torch.Tensor:
         """Images (n, 3, H, W) in [−1, 1] for one job; fields as in :class:`Job`."""
@@ -262,7 +375,45 @@ class Sampler:
         """(B, 1, h, w): a latent cell is generated if any pixel it covers is."""
         return (F.adaptive_max_pool2d(pixel_mask.float(), tuple(self.info.latent_shape[1:])) > 0.5).float()
 
+    def _interpolated(self, jobs: list[Job], noise: torch.Tensor) -> torch.Tensor:
+        """``noise`` (one row per image, drawn from its generator) with each interpolating
+        job's rows replaced by the slerp from ``seed``'s noise to ``to_seed``'s."""
+        start = 0
+        for job in jobs:
+            if job.to_seed is not None:
+                ends = [torch.Generator().manual_seed(job.seed), torch.Generator().manual_seed(job.to_seed)]
+                first, last = per_image_noise(ends, tuple(noise.shape[1:]))
+                noise[start : start + job.n] = slerp(first, last, job.path())
+            start += job.n
+        return noise
+
+    def _denoiser(self, jobs: list[Job]):
+        """The UNet, or, where a job interpolates labels, the UNet called with a class
+        embedding table of one row per image (its label's embedding, or the mix of two at
+        its point of the path) and the null label's last."""
+        if not any(job.to_label is not None for job in jobs):
+            return self.unet
+        weight = self.unet.class_embedding.weight
+        rows = []
+        for job in jobs:
+            first = weight[job.label if job.label is not None else self.info.null_label]
+            last = weight[job.to_label] if job.to_label is not None else first
+            t = job.path().to(weight.device, weight.dtype).unsqueeze(1)
+            rows.append((1 - t) * first + t * last)
+        table = torch.cat([*rows, weight[self.info.null_label : self.info.null_label + 1]])
+        overrides = {"class_embedding.weight": table}
+
+        def denoiser(sample, timestep, class_labels, **kwargs):
+            # class_labels index the table: image i is row i, the null label the last row.
+            index = torch.arange(len(table) - 1, device=class_labels.device)
+            index = torch.where(class_labels == self.info.null_label, len(table) - 1, index.repeat(len(class_labels) // len(index)))
+            return torch.func.functional_call(self.unet, overrides, (sample, timestep), {"class_labels": index, **kwargs})
+        return denoiser
+
     def _conditioning(self, jobs: list[Job]) -> tuple[dict, dict | None]:
+        """The UNet's conditioning for every image of ``jobs``, and the null conditioning of
+        guidance (None for an unconditional model). A job with no label or prompt gets the
+        null one (which a model trained with condition dropout treats as unconditional)."""
         kind = self.info.conditioning
         if kind == "class":
             null_label = self.info.null_label
@@ -270,11 +421,18 @@ class Sampler:
             labels = labels.to(self.device)
             return {"class_labels": labels}, {"class_labels": torch.full_like(labels, null_label)}
         if kind == "text":
-            prompts = [job.prompt or "" for job in jobs for _ in range(job.n)]
-            text = self.text_encoder(prompts).to(self.device)
-            null = self.text_encoder([""] * len(prompts)).to(self.device)
+            text = torch.cat([self._prompt_embeddings(job) for job in jobs]).to(self.device)
+            null = self.text_encoder([""] * len(text)).to(self.device)
             return unets.conditioning_kwargs("text", None, text), unets.conditioning_kwargs("text", None, null)
         return {}, None
+
+    def _prompt_embeddings(self, job: Job) -> torch.Tensor:
+        """(n, 1, TEXT_DIM): the prompt's embedding per image, or along the great circle to
+        ``to_prompt``'s (the embeddings are unit vectors)."""
+        first = self.text_encoder([job.prompt or ""])
+        if job.to_prompt is None:
+            return first.expand(job.n, -1, -1)
+        return slerp(first[0], self.text_encoder([job.to_prompt])[0], job.path())
 
     @property
     def text_encoder(self):

@@ -65,3 +65,13 @@ def sampling_scheduler(schedule: NoiseSchedule, sampler: Literal["ddpm", "ddim",
     if sampler == "dpm++":
         return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
     raise ValueError(f"unknown sampler {sampler!r}: choose ddpm, ddim or dpm++")
+
+
+def inversion_scheduler(schedule: NoiseSchedule):
+    """A fresh DDIM inversion scheduler (diffusers' ``DDIMInverseScheduler``): the DDIM
+    sampler's steps run from the data towards the noise, on the same timesteps."""
+    from diffusers import DDIMInverseScheduler
+
+    spacing = "trailing" if schedule.zero_terminal_snr else "leading"
+    return DDIMInverseScheduler(**schedule.scheduler_config(), clip_sample=False, set_alpha_to_one=False,
+                                timestep_spacing=spacing)

@@ -153,6 +153,15 @@ def signature():
         ColSpec("long", "steps", required=False),
         ColSpec("double", "guidance", required=False),
         ColSpec("string", "sampler", required=False),
+        ColSpec("long", "to_seed", required=False),
+        ColSpec("long", "to_label", required=False),
+        ColSpec("string", "to_prompt", required=False),
+        ColSpec("double", "at", required=False),
+        ColSpec("string", "image", required=False),
+        ColSpec("string", "mode", required=False),
+        ColSpec("double", "strength", required=False),
+        ColSpec("long", "source_label", required=False),
+        ColSpec("string", "source_prompt", required=False),
     ])
     outputs = Schema([ColSpec("string", "image"), ColSpec("long", "seed")])
     return ModelSignature(inputs=inputs, outputs=outputs)

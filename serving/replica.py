@@ -1,6 +1,7 @@
 """One replica of the Ray Serve sampler: the HTTP routes, request validation, and batching.
 
-``POST /v1/generate``, ``POST /v1/edit`` (SDEdit), ``POST /v1/inpaint``, ``GET /v1/model``,
+``POST /v1/generate``, ``POST /v1/interpolate`` (along the path between two seeds, labels or
+prompts), ``POST /v1/edit`` (SDEdit), ``POST /v1/inpaint``, ``GET /v1/model``,
 ``GET /healthz``; the OpenAPI document is at ``/openapi.json`` (FastAPI). Requests are
 batched (:mod:`ldmflow.serving.batcher`: a batch is formed when the model is free, from
 what queued meanwhile); those that can share a timestep schedule (same mode, sampler,
@@ -42,6 +43,7 @@ from ldmflow.serving.schemas import (
     GenerateRequest,
     ImagesResponse,
     InpaintRequest,
+    InterpolateRequest,
     ModelRef,
     RequestError,
 )
@@ -162,7 +164,7 @@ class SamplerServer:
             raise outcome
         images, model, batch = outcome
         ref = ModelRef(name=model.name, version=model.version, uri=model.uri)
-        return ImagesResponse(images=png_base64(images), seeds=[job.seed + i for i in range(job.n)], model=ref,
+        return ImagesResponse(images=png_base64(images), seeds=job.seeds(), model=ref,
                               batch=batch)
 
     # -- validation -------------------------------------------------------------------
@@ -215,13 +217,31 @@ class SamplerServer:
         """Draw ``n`` images for a label, a prompt, or unconditionally."""
         return await self._respond(self._job(body))
 
+    @api.post("/v1/interpolate", response_model=ImagesResponse, responses=REFUSALS)
+    async def interpolate(self, body: InterpolateRequest) -> ImagesResponse:
+        """``n`` images along the path from ``seed`` to ``to_seed`` (and ``label`` to ``to_label``,
+        ``prompt`` to ``to_prompt``): the first equals ``seed`` drawn alone, the last ``to_seed``."""
+        if body.to_seed is None and body.to_label is None and body.to_prompt is None:
+            raise RequestError("to_seed", "give to_seed, to_label or to_prompt: where the path ends")
+        fields = body.model_dump(exclude={"to_seed", "to_label", "to_prompt"})
+        return await self._respond(self._job(GenerateRequest(**fields), to_seed=body.to_seed, to_label=body.to_label,
+                                             to_prompt=body.to_prompt))
+
     @api.post("/v1/edit", response_model=ImagesResponse, responses=REFUSALS)
     async def edit(self, body: EditRequest) -> ImagesResponse:
-        """SDEdit: noise the image's latent to ``strength``, then denoise with the new condition."""
+        """``sdedit``: noise the image's latent to ``strength``, then denoise with the new
+        condition; ``invert``: DDIM-invert it to its noise, then draw from that noise."""
         image, _ = await asyncio.to_thread(self._upload, "image", body.image)
         tensor = images.model_input(image, self.model.sampler.info.resolution)
-        fields = body.model_dump(exclude={"image", "strength"})
-        return await self._respond(self._job(GenerateRequest(**fields), image=tensor, strength=body.strength))
+        fields = body.model_dump(exclude={"image", "strength", "mode", "source_label", "source_prompt"})
+        if body.mode == "invert":
+            extra = dict(invert=True, strength=1.0, source_label=body.source_label, source_prompt=body.source_prompt)
+        elif body.source_label is not None or body.source_prompt is not None:
+            raise RequestError("source_label" if body.source_label is not None else "source_prompt",
+                               "the input's own condition is for mode invert")
+        else:
+            extra = dict(strength=body.strength)
+        return await self._respond(self._job(GenerateRequest(**fields), image=tensor, **extra))
 
     @api.post("/v1/inpaint", response_model=ImagesResponse, responses=REFUSALS)
     async def inpaint(self, body: InpaintRequest) -> ImagesResponse:

@@ -20,9 +20,22 @@ class GenerateRequest(BaseModel):
     guidance: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
 
 
+class InterpolateRequest(GenerateRequest):
+    n: int = Field(8, ge=1, description="Images along the path, the first at seed's noise, the last at to_seed's.")
+    to_seed: int | None = Field(None, ge=0, le=2**31 - 1,
+                                description="The seed at the path's end (the noise is slerped from seed's to it).")
+    to_label: int | None = Field(None, description="The class at the path's end (embeddings mixed linearly).")
+    to_prompt: str | None = Field(None, max_length=1000, description="The text at the path's end (embeddings slerped).")
+
+
 class EditRequest(GenerateRequest):
     image: str = Field(description="Base64 PNG or JPEG to edit, or a data: URL of one.")
-    strength: float = Field(0.6, ge=0, le=1, description="Share of the schedule re-run: 0 returns the input.")
+    mode: Literal["sdedit", "invert"] = Field(
+        "sdedit", description="sdedit: noise the input to strength and denoise; invert: DDIM-invert it to its "
+                              "noise (under source_label/source_prompt) and draw from that noise.")
+    strength: float = Field(0.6, ge=0, le=1, description="sdedit: share of the schedule re-run; 0 returns the input.")
+    source_label: int | None = Field(None, description="invert: the input's own class, where known.")
+    source_prompt: str | None = Field(None, max_length=1000, description="invert: the input's own text, where known.")
 
 
 class InpaintRequest(GenerateRequest):

@@ -1,12 +1,14 @@
 """What the sampler promises, on tiny random-weight models (no training needed): the same
 seed gives the same image alone or batched, per-request scheduler state, SDEdit at strength
-0 is the autoencoder's reconstruction, inpainting keeps the unmasked pixels, and the saved
+0 is the autoencoder's reconstruction, inpainting keeps the unmasked pixels, interpolation
+ends at each seed's (and label's, prompt's) own image, and the saved
 folder and the MLflow pyfunc sample exactly like the in-memory model."""
 
 import base64
 import io
 import shutil
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -41,6 +43,46 @@ def test_same_seed_same_image_alone_or_batched(sampler, name):
     torch.testing.assert_close(batch[2], alone[:2], atol=1e-5, rtol=0)
     assert not torch.allclose(batch[0][0], alone[0])  # another label, guidance and seed: another image
     assert alone.shape == (3, 3, 16, 16) and alone.abs().max() <= 1
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++"])
+def test_interpolation_ends_at_each_seeds_own_image(sampler, name):
+    path = sampler.generate(label=3, n=5, seed=5, to_seed=40, sampler=name)
+    torch.testing.assert_close(path[0], sampler.generate(label=3, n=1, seed=5, sampler=name)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(path[-1], sampler.generate(label=3, n=1, seed=40, sampler=name)[0], atol=1e-5, rtol=0)
+    # Batched with other requests, and one image at a time at its point of the path, it is the same.
+    batch = sampler.run([sampler.job(label=1, n=2, seed=9, sampler=name),
+                         sampler.job(label=3, n=5, seed=5, to_seed=40, sampler=name)])
+    torch.testing.assert_close(batch[1], path, atol=1e-5, rtol=0)
+    middle = sampler.generate(label=3, n=1, seed=5, to_seed=40, at=0.5, sampler=name)
+    torch.testing.assert_close(middle[0], path[2], atol=1e-5, rtol=0)
+    if name != "ddpm":  # deterministic samplers: each step along the path changes the image a little
+        steps = (path[1:] - path[:-1]).abs().mean(dim=(1, 2, 3))
+        assert steps.max() < (path[-1] - path[0]).abs().mean()
+
+
+def test_slerp_keeps_the_noise_norm_and_its_ends():
+    from ldmflow.model.sampler import slerp
+
+    a, b = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(4, 8, 8)
+    path = slerp(a, b, torch.linspace(0, 1, 9))
+    assert torch.equal(path[0], a) and torch.equal(path[-1], b)
+    norms = path.flatten(1).norm(dim=1)
+    # Near the norm of both ends all along (a straight line would dip to about 1/sqrt(2) of it).
+    assert (norms / a.norm()).min() > 0.9 and (norms / a.norm()).max() < 1.1
+    assert ((a + b) / 2).norm() / a.norm() < 0.8
+
+
+def test_interpolating_labels_mixes_their_embeddings(sampler):
+    path = sampler.generate(label=3, to_label=8, n=3, seed=2, sampler="ddim")
+    torch.testing.assert_close(path[0], sampler.generate(label=3, n=1, seed=2, sampler="ddim")[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(path[-1], sampler.generate(label=8, n=1, seed=2, sampler="ddim")[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(path[1], path[0], atol=1e-3) and not torch.allclose(path[1], path[2], atol=1e-3)
+    # Batched with a plain request, neither changes.
+    batch = sampler.run([sampler.job(label=1, n=2, seed=9, sampler="ddim"),
+                         sampler.job(label=3, to_label=8, n=3, seed=2, sampler="ddim")])
+    torch.testing.assert_close(batch[0], sampler.generate(label=1, n=2, seed=9, sampler="ddim"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[1], path, atol=1e-5, rtol=0)
 
 
 def test_concurrent_runs_do_not_share_scheduler_state(sampler):
@@ -93,6 +135,18 @@ def test_inpainting_keeps_the_unmasked_region(sampler):
     assert sampler.latent_mask(mask[None]).sum() == 8  # 4×4 latents: the right two columns
 
 
+def test_inversion_is_deterministic_ddim_and_follows_the_new_condition(sampler):
+    """What inversion promises on random weights; how closely a trained model reconstructs is
+    measured over HTTP (tests/test_serving.py) and in docs/editing.md."""
+    source = sampler.generate(label=3, n=1, seed=7, sampler="ddim", steps=10)[0]
+    # Deterministic, seed-free; under another class it is another image.
+    job = sampler.job(image=source, invert=True, source_label=3, label=3, guidance=1.0, steps=10)
+    assert job.sampler == "ddim" and job.mode == "invert" and job.denoising_steps == 20
+    torch.testing.assert_close(sampler.run([job])[0], sampler.run([replace(job, seed=99)])[0])
+    other = sampler.generate(image=source, invert=True, source_label=3, label=8, guidance=1.0, steps=10)[0]
+    assert not torch.allclose(other, sampler.run([job])[0][0], atol=1e-3)
+
+
 def test_requests_the_model_cannot_run_name_their_field(sampler):
     cases = [
         (dict(label=10), "label"),
@@ -103,6 +157,15 @@ def test_requests_the_model_cannot_run_name_their_field(sampler):
         (dict(image=torch.zeros(3, 16, 16), mask=torch.zeros(1, 8, 8)), "mask"),
         (dict(mask=torch.zeros(1, 16, 16)), "mask"),
         (dict(image=torch.zeros(3, 16, 16), strength=1.5), "strength"),
+        (dict(to_seed=3, image=torch.zeros(3, 16, 16)), "to_seed"),
+        (dict(to_label=2), "to_label"),
+        (dict(label=1, to_label=10), "to_label"),
+        (dict(prompt="a seven", to_prompt="a two"), "prompt"),
+        (dict(to_seed=3, n=2, at=0.5), "at"),
+        (dict(invert=True), "invert"),
+        (dict(invert=True, image=torch.zeros(3, 16, 16), sampler="dpm++"), "sampler"),
+        (dict(invert=True, image=torch.zeros(3, 16, 16), source_label=11), "source_label"),
+        (dict(invert=True, image=torch.zeros(3, 16, 16), source_prompt="a seven"), "source_prompt"),
     ]
     for fields, name in cases:
         with pytest.raises(ValueError, match=f"^{name}:"):
@@ -129,6 +192,14 @@ def test_saved_folder_and_pyfunc_sample_like_the_in_memory_model(parts, sampler,
     for encoded, want in zip(out["image"], expected):
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    # Interpolation: one row per image, each at its point of the path.
+    path = sampler.generate(label=6, n=3, seed=11, to_seed=30)
+    rows = pd.DataFrame({"label": [6] * 3, "seed": [11] * 3, "to_seed": [30] * 3, "at": [0.0, 0.5, 1.0]})
+    out = pyfunc.predict(rows)
+    assert list(out["seed"]) == [11, 11, 30]
+    for encoded, want in zip(out["image"], to_pil(path)):
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
+        assert np.abs(got.astype(int) - np.asarray(want).astype(int)).max() <= 1
 
     # A package written before the ldmflow namespace (its MLmodel names `serving.pyfunc`)
     # still loads through ldmflow, which reads the folder and never imports the loader.
@@ -145,7 +216,12 @@ def test_text_model_follows_its_prompt(tmp_path):
     sampler = Sampler(unet, vae, info)
     seven = sampler.generate(prompt="a handwritten seven", n=2, seed=0)
     torch.testing.assert_close(sampler.generate(prompt="a handwritten seven", n=2, seed=0), seven)
-    assert not torch.allclose(sampler.generate(prompt="a handwritten two", n=2, seed=0), seven)
+    two = sampler.generate(prompt="a handwritten two", n=2, seed=0)
+    assert not torch.allclose(two, seven)
+    # Interpolating prompts (same seed): the ends are each prompt's own image.
+    path = sampler.generate(prompt="a handwritten seven", to_prompt="a handwritten two", n=3, seed=0)
+    torch.testing.assert_close(path[0], seven[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(path[-1], two[0], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="^label:"):
         sampler.check(sampler.job(label=1))
 

@@ -103,6 +103,15 @@ def test_edit_and_inpaint(server):
     assert np.abs(pixels(unchanged["images"][0]) - pixels(image)).mean() < 40
     _, edited = call(server, "/v1/edit", {"image": image, "strength": 0.9, "label": 7, "seed": 1, "steps": 10})
     assert np.abs(pixels(edited["images"][0]) - pixels(unchanged["images"][0])).mean() > 1
+    # Inverted to its noise and drawn again under its own label: close to the reconstruction.
+    status, again = call(server, "/v1/edit", {"image": image, "mode": "invert", "source_label": 1, "label": 1,
+                                              "guidance": 1.0, "steps": 50})
+    assert status == 200, again
+    error = (pixels(again["images"][0]) - pixels(unchanged["images"][0])) / 127.5
+    assert 10 * np.log10(4 / max((error ** 2).mean(), 1e-12)) > 20  # PSNR in dB
+    _, other = call(server, "/v1/edit", {"image": image, "mode": "invert", "source_label": 1, "label": 7,
+                                         "guidance": 1.0, "steps": 50})
+    assert np.abs(pixels(other["images"][0]) - pixels(again["images"][0])).mean() > 1
 
     mask = np.zeros((16, 16), np.uint8)
     mask[:, 8:] = 255
@@ -112,6 +121,18 @@ def test_edit_and_inpaint(server):
     for result in filled["images"]:
         assert (pixels(result)[:, :8] == pixels(image)[:, :8]).all()  # the kept half, exactly
     assert np.abs(pixels(filled["images"][0])[:, 8:] - pixels(image)[:, 8:]).mean() > 1
+
+
+def test_interpolate_ends_at_each_seeds_image(server):
+    status, path = call(server, "/v1/interpolate", {"label": 3, "seed": 11, "to_seed": 40, "n": 4, "steps": 10,
+                                                    "sampler": "ddim"})
+    assert status == 200, path
+    assert path["seeds"] == [11, 11, 11, 40] and len(path["images"]) == 4
+    for seed, image in ((11, path["images"][0]), (40, path["images"][-1])):
+        _, alone = call(server, "/v1/generate", {"label": 3, "seed": seed, "steps": 10, "sampler": "ddim"})
+        assert np.abs(pixels(alone["images"][0]) - pixels(image)).max() <= 1
+    _, labels = call(server, "/v1/interpolate", {"label": 3, "to_label": 8, "seed": 11, "n": 3, "steps": 10})
+    assert len(labels["images"]) == 3
 
 
 def test_malformed_requests_get_4xx_naming_the_field(server):
@@ -137,6 +158,12 @@ def test_malformed_requests_get_4xx_naming_the_field(server):
         ("/v1/edit", {"image": b64(helpers.png(150, 150))}, None, 413, "image"),  # over max_image_bytes
         ("/v1/edit", {"image": b64(helpers.bomb_png(2000))}, None, 413, "image"),  # over max_image_pixels
         ("/v1/inpaint", {"image": png16}, None, 422, "mask"),
+        ("/v1/interpolate", {"label": 3}, None, 422, "to_seed"),
+        ("/v1/interpolate", {"label": 3, "to_label": 12}, None, 422, "to_label"),
+        ("/v1/interpolate", {"to_seed": -1}, None, 422, "to_seed"),
+        ("/v1/edit", {"image": png16, "mode": "rewind"}, None, 422, "mode"),
+        ("/v1/edit", {"image": png16, "source_label": 2}, None, 422, "source_label"),
+        ("/v1/edit", {"image": png16, "mode": "invert", "sampler": "dpm++"}, None, 422, "sampler"),
         ("/v1/inpaint", {"image": png16, "mask": b64(helpers.png(8, 8))}, None, 422, "mask"),
     ]
     for path, body, raw, status, field in cases:
