@@ -123,3 +123,17 @@ def scrape(targets: list[str], prefix: str = "ray_ldmflow_") -> dict[tuple, floa
                     key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k in kept)))
                     samples[key] = samples.get(key, 0.0) + sample.value
     return samples
+
+
+def encoder_at_work() -> int | None:
+    """The pid of a precompute encoder actor encoding a shard (Ray titles the process by its
+    actor and method: Ray Data's MapWorker running LatentEncoder), or None."""
+    from pathlib import Path
+
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::MapWorker(Map(LatentEncoder)).submit"):
+                return int(cmdline.parent.name)
+        except OSError:
+            continue
+    return None

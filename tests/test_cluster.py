@@ -321,17 +321,6 @@ def _read(env: dict[str, str], bucket: str, key: str) -> str:
     return _s3(env).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
 
-def _encoder_at_work() -> int | None:
-    """A precompute actor process encoding a shard (Ray titles it by class and method)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes().startswith(b"ray::MapWorker(Map(LatentEncoder)).submit"):
-                return int(cmdline.parent.name)
-        except OSError:
-            continue
-    return None
-
-
 def test_precompute_survives_the_loss_of_a_worker_node(stack, pipeline_run, tmp_path):
     """The pipeline's latents are the unbroken run. The same precompute again, to another
     prefix: the raylet of a node whose actor is encoding a shard is SIGKILLed and a
@@ -349,7 +338,7 @@ def test_precompute_survives_the_loss_of_a_worker_node(stack, pipeline_run, tmp_
                                    start_new_session=True)
         try:
             deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and process.poll() is None and (encoder := _encoder_at_work()) is None:
+            while time.monotonic() < deadline and process.poll() is None and (encoder := helpers.encoder_at_work()) is None:
                 time.sleep(0.02)
             assert process.poll() is None, (tmp_path / "precompute.log").read_text()[-4000:]
             raylet = int(Path(f"/proc/{encoder}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent

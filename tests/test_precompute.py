@@ -6,7 +6,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import torch
 from ldmflow.data import image_shards, latent_shards, shard_stream
 from ldmflow.data.precompute import Placement, PrecomputeConfig, placement, precompute
 from ldmflow.model import autoencoders, unets
+from tests import helpers
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +95,6 @@ def test_corrupt_input_shard_is_retried_then_reported(ray_local, digits16, tiny_
     assert "FAILED shard-000003.tar" in outcome.summary()
 
 
-def _encoder_at_work() -> int | None:
-    """The pid of an encoder actor encoding a shard (Ray titles the process by its task)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes().startswith(b"ray::MapWorker(Map(LatentEncoder)).submit"):
-                return int(cmdline.parent.name)
-        except OSError:
-            continue
-    return None
-
-
 def test_a_killed_encoder_is_replaced_and_its_shard_encoded_again(ray_local, digits16, tiny_autoencoder, tmp_path):
     folder, ref = tiny_autoencoder
     config = PrecomputeConfig(actors=1, batch_size=8)
@@ -114,7 +103,7 @@ def test_a_killed_encoder_is_replaced_and_its_shard_encoded_again(ray_local, dig
     def kill_the_first_encoder():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            if (pid := _encoder_at_work()) is not None:
+            if (pid := helpers.encoder_at_work()) is not None:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             time.sleep(0.01)
