@@ -114,8 +114,9 @@ def generators(jobs: list[Job]) -> list[torch.Generator]:
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation of ``a`` and ``b`` (same shape) at each ``t`` of (k,): (k, *shape).
 
-    Along the great circle through both, with the norm interpolated linearly; ``t`` 0 and 1
-    give ``a`` and ``b`` exactly; (anti)parallel inputs fall back to the straight line."""
+    Along the great circle through both (two Gaussian noises have nearly the same norm, which
+    every point keeps); ``t`` 0 and 1 give ``a`` and ``b`` exactly; (anti)parallel inputs
+    fall back to the straight line."""
     a64, b64 = a.double().flatten(), b.double().flatten()
     cosine = torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp_min(1e-12)
     omega = torch.arccos(cosine.clamp(-1, 1))
@@ -240,6 +241,8 @@ class Sampler:
             self._check_interpolation(job)
         if job.invert:
             self._check_inversion(job)
+        if job.at is not None and not job.interpolates:
+            raise ValueError("at: a point of an interpolation: give to_seed, to_label or to_prompt")
         if not 0 <= job.strength <= 1:
             raise ValueError("strength: must be in [0, 1]")
         side = self.info.resolution

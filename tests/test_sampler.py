@@ -162,6 +162,7 @@ def test_requests_the_model_cannot_run_name_their_field(sampler):
         (dict(label=1, to_label=10), "to_label"),
         (dict(prompt="a seven", to_prompt="a two"), "prompt"),
         (dict(to_seed=3, n=2, at=0.5), "at"),
+        (dict(at=0.5), "at"),
         (dict(invert=True), "invert"),
         (dict(invert=True, image=torch.zeros(3, 16, 16), sampler="dpm++"), "sampler"),
         (dict(invert=True, image=torch.zeros(3, 16, 16), source_label=11), "source_label"),
