@@ -56,7 +56,7 @@ class PrecomputeConfig:
 
     actors: Annotated[int, Field(
         ge=0, description="encoder actors; 0: one per GPU, or on CPU one per CPU less a quarter of them kept for "
-                          "decoding and writing; at most one per shard")] = configs.execution(0)
+                          "decoding and writing, at most one per core on a local instance; at most one per shard")] = configs.execution(0)
     threads: Annotated[int, Field(
         ge=0, description="torch threads per CPU encoder actor; 0: the machine's cores shared by the actors")] = \
         configs.execution(0)
@@ -264,7 +264,8 @@ def placement(requested: int, shards: int, cpus: float, gpus: float, cores: int,
     """GPU: one actor per GPU (or ``requested``), two decode tasks per actor (a guess, not yet
     measured on a GPU: a GPU encoder outruns one decoding core), a CPU each. CPU: a quarter of the CPUs (at
     most one) is kept for decoding and writing, so that the actors can never starve them,
-    and the rest shared by the actors; a CPU encoder is some thirty times slower than a
+    and the rest shared by the actors, one per core at most (``cores``: the machine's on a
+    local instance, where Ray advertises more logical CPUs than it has); a CPU encoder is some thirty times slower than a
     decoder (measured: 64-px digits, 7.5 s against 0.22 s a shard), so one decode task per
     four actors keeps them fed.
 
@@ -275,10 +276,12 @@ def placement(requested: int, shards: int, cpus: float, gpus: float, cores: int,
         count = max(1, min(requested or int(gpus) or 1, shards))
         return Placement(count, 1.0, 1.0, 2 * count, 1.0, 1)
     reserve = min(1.0, cpus / 4)
-    count = max(1, min(requested or math.floor(cpus - reserve), shards))
+    # One actor per core at most: a local Ray advertises more logical CPUs than the machine
+    # has cores, and each extra actor is an extra autoencoder import and load (about 11
+    # CPU-seconds on the development VM) competing with the others for the same cores.
+    count = max(1, min(requested or math.floor(min(cpus - reserve, cores)), shards))
     actor_cpus = min(1.0, (cpus - reserve) / count)
-    # Intra-op threads: the machine's cores shared by the actors (a local Ray advertises
-    # more logical CPUs than cores, so count real cores where known).
+    # Intra-op threads: the machine's cores shared by the actors.
     return Placement(count, actor_cpus, 0.0, math.ceil(count / 4), reserve / 2,
                      threads or max(1, int(min(cpus, cores)) // count))
 
@@ -373,11 +376,17 @@ def _encode_round(tasks: list[EncodeTask], autoencoder_dir: str | Path, config: 
     cluster.ensure_ray()
     gpu = cluster.use_gpu(config.use_gpu)
     resources = ray.cluster_resources()
-    place = placement(config.actors, len(tasks), resources.get("CPU", 1.0), resources.get("GPU", 0.0),
-                      os.cpu_count() or 1, gpu, config.threads)
+    cpus = resources.get("CPU", 1.0)
+    # The driver's cores are the workers' only on a local instance; a cluster's are its CPUs.
+    cores = int(cpus) if os.environ.get("RAY_ADDRESS") else os.cpu_count() or 1
+    place = placement(config.actors, len(tasks), cpus, resources.get("GPU", 0.0), cores, gpu, config.threads)
     files = {path.name: path.read_bytes() for path in Path(autoencoder_dir).iterdir() if path.is_file()}
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the stage's own bar counts shards
+    # Ray Data logs a warning, once per process, that its bars are off: that is intended.
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")
     context.print_on_execution_start = False
 
     rows = ray.data.from_items([{"task": task.to_json()} for task in tasks], override_num_blocks=len(tasks))
