@@ -163,6 +163,39 @@ def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):
     assert (tmp_path / "exported" / "model_index.json").exists() and (tmp_path / "exported" / "pipeline.py").exists()
 
 
+def test_sample_interpolates_and_edits_by_inversion(subprocess_env, tmp_path):
+    from PIL import Image
+
+    from tests.helpers import tiny_diffusion_model
+
+    model = tiny_diffusion_model(tmp_path / "model")
+    common = ["--label", "3", "--steps", "3", "--no-progress"]
+    for seed in (1, 2):
+        result = run(["sample", str(model), "--seed", str(seed), "--n", "1", *common, "--out", f"seed{seed}"],
+                     subprocess_env, tmp_path)
+        assert result.returncode == 0, result.stderr
+    result = run(["sample", str(model), "--seed", "1", "--interpolate-to", "2", "--n", "4", *common, "--out", "path"],
+                 subprocess_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "path").iterdir()) == [
+        "grid.png", "path-000.png", "path-001.png", "path-002.png", "path-003.png"]
+
+    def pixels(path: str) -> np.ndarray:
+        return np.asarray(Image.open(tmp_path / path))
+
+    # The path's ends are the two seeds' own images, drawn alone.
+    assert (pixels("path/path-000.png") == pixels("seed1/000001.png")).all()
+    assert (pixels("path/path-003.png") == pixels("seed2/000002.png")).all()
+    assert not (pixels("path/path-001.png") == pixels("path/path-000.png")).all()
+
+    result = run(["sample", str(model), "--init-image", "seed1/000001.png", "--invert", "--source-label", "3",
+                  "--label", "5", "--steps", "3", "--no-progress", "--out", "inverted"], subprocess_env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert pixels("inverted/000000.png").shape == pixels("seed1/000001.png").shape
+    result = run(["sample", str(model), "--invert", "--label", "5", "--out", "x"], subprocess_env, tmp_path)
+    assert result.returncode == 2 and "needs --init-image" in result.stderr
+
+
 def test_evaluate_promote_and_rollback_commands(digits_model, subprocess_env, tmp_path):
     """The registry commands against the session's MLflow (same LDMFLOW_HOME), as a user runs them."""
     from ldmflow.registry import models, tracking
