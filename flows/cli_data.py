@@ -124,6 +124,13 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="Latents per worker per micro-batch.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP ranks).")] = None,
     autoencoder: Annotated[Optional[str], typer.Option(help="Autoencoder URI (default: the one named by the latents).")] = None,
+    init_from: Annotated[Optional[str], typer.Option(
+        "--init-from", metavar="MODEL_URI",
+        help="Fine-tune: start from this model's EMA weights (same autoencoder, conditioning, preset and classes).")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(
+        "--lora-rank", metavar="R",
+        help="Train rank-R LoRA adapters on the UNet's attention and projection layers instead of every weight; "
+             "they are merged into the registered model.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress line (step, loss, steps/s, ETA).")] = True,
 ) -> None:
     """Train the denoising UNet on precomputed latents with Ray Train (DDP), EMA and checkpoints.
@@ -131,6 +138,8 @@ def train(
     Refuses latents made by another autoencoder than the configured one. Logs losses,
     learning rate, gradient norm and throughput to MLflow, a grid of samples decoded with
     the autoencoder, and the EMA model. Rerunning the same job resumes from its checkpoint.
+    With --init-from the run starts from a registered model's weights, with its own
+    learning-rate schedule, and the new version names it as ldmflow.parent_model.
     """
     from ldmflow.data.latent_shards import LineageError
     runtime.prefect_api()  # before Prefect is imported
@@ -140,7 +149,8 @@ def train(
     from ldmflow.training.train import DiffusionConfig
 
     stage_config = load_config(DiffusionConfig, config, "train",
-                                dict(steps=steps, batch_size=batch_size, workers=workers, autoencoder=autoencoder))
+                                dict(steps=steps, batch_size=batch_size, workers=workers, autoencoder=autoencoder,
+                                     init_from=init_from, lora_rank=lora_rank))
     try:
         trained = train_flow(latents_url, stage_config, progress)
     except (LineageError, ModelNotFound, AutoencoderError) as exc:

@@ -42,7 +42,7 @@ def evaluate(
 def promote(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     config: ConfigOption = None,
-    metric: Annotated[Optional[str], typer.Option(help="fd, kid or class_accuracy.")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="fd, kid, class_accuracy, prompt_accuracy or prompt_accuracy_unseen.")] = None,
     margin: Annotated[Optional[float], typer.Option(help="How much better the candidate must be.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Promote even if the candidate is not better.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress line (images drawn, images/s, ETA).")] = True,

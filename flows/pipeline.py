@@ -119,11 +119,12 @@ class PipelineOutcome:
 
 def source_fingerprint(source: str) -> str:
     """What the raw input is, cheaply: the sorted listing (names and sizes) of a folder or
-    prefix, a tar's size, or a built-in dataset's name. Listing once per run is the cost."""
+    prefix, a tar's size, or a built-in dataset's :func:`~ldmflow.data.builtin.fingerprint`.
+    Listing once per run is the cost."""
     from ldmflow.data import builtin
 
     if builtin.is_builtin(source):
-        return source
+        return builtin.fingerprint(source)
     if source.endswith(".tar"):
         return f"{source} {storage.size(source)}"
     digest = hashlib.sha256()
@@ -303,10 +304,15 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
         return runner.outcome
 
     # 4. train: latents → registered model version (alias candidate)
-    key = configs.key(spec.train, latents=latent_out["manifest_sha256"])
+    train_spec = spec.train
+    if train_spec.init_from.startswith("models:/"):  # a concrete parent: the key changes when an alias moves
+        from dataclasses import replace
+
+        train_spec = replace(train_spec, init_from=models.resolve_version(train_spec.init_from).uri)
+    key = configs.key(train_spec, latents=latent_out["manifest_sha256"])
 
     def train() -> dict:
-        train_config = spec.train
+        train_config = train_spec
         if "train" in force_set:  # a fresh run, not a resumption of the finished one
             from dataclasses import replace
 

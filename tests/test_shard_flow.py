@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldmflow.data import image_shards, shard_stream, storage
+from ldmflow.data import builtin, image_shards, shard_stream, storage
 from ldmflow.data.sharding import ShardConfig
 from ldmflow.flows import shard as shard_flow
 from tests import helpers
@@ -220,8 +220,13 @@ def test_builtin_digits(tmp_path):
     assert (manifest.num_inputs, len(manifest.shards)) == (1797, 2)
     assert manifest.num_inputs == manifest.num_samples + manifest.num_duplicates
     assert manifest.class_names == tuple("0123456789")
-    sample = next(iter(shard_stream.ShardStream(image_shards.shard_urls(str(tmp_path / "digits")), shuffle_buffer=0)))
-    assert sample.caption == "a handwritten digit zero" and sample.label == 0
+    samples = list(shard_stream.ShardStream(image_shards.shard_urls(str(tmp_path / "digits")), shuffle_buffer=0))
+    assert samples[0].caption == "zero, written by hand" and samples[0].label == 0
+    # Each digit is captioned in every training phrasing, words and numerals, never a held-out one.
+    for digit in range(10):
+        captions = {s.caption for s in samples if s.label == digit}
+        assert captions == {builtin.digit_caption(p, digit) for p in builtin.PHRASINGS}
+        assert not captions & set(builtin.held_out_prompts()[digit])
     assert 0.2 < manifest.stats["mean"][0] < 0.4
 
 

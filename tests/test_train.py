@@ -263,7 +263,7 @@ def test_text_conditioning_trains_and_samples_by_prompt(latent_set, bucket):
     stored = [storage.relative_to(e.url, f"{bucket}/checkpoints") for e in storage.list_prefix(f"{bucket}/checkpoints")]
     assert any(name.endswith("/unet.safetensors") for name in stored)
     grid = Image.open(trained.grid)
-    assert grid.size == (8 * 16, 10 * 16)  # a row per distinct caption ("a handwritten digit zero" …)
+    assert grid.size == (8 * 16, 10 * 16)  # a row per digit, each under one of its captions
     assert json.loads((trained.folder / "unet" / "config.json").read_text())["cross_attention_dim"] == unets.TEXT_DIM
     grids = [a.path for a in tracking.client().list_artifacts(trained.run_id, "samples")]
     assert grids == ["samples/step-0000003.png", "samples/step-0000006.png"]

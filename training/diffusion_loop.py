@@ -118,11 +118,22 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     scale_factor = float(loop_config["scale_factor"])
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    build = lambda: unets.build(config.preset, config.conditioning, latent_shape, num_classes)  # noqa: E731
-    model = build()
+    def build() -> torch.nn.Module:
+        unet = unets.build(config.preset, config.conditioning, latent_shape, num_classes)
+        return unets.add_lora(unet, config.lora_rank) if config.lora_rank else unet
+
+    model = unets.build(config.preset, config.conditioning, latent_shape, num_classes)
+    if loop_config.get("init_weights") is not None:  # fine-tuning: the parent's EMA weights
+        import ray
+        from safetensors.torch import load as load_safetensors
+
+        model.load_state_dict(load_safetensors(ray.get(loop_config["init_weights"])))
+    if config.lora_rank:
+        model = unets.add_lora(model, config.lora_rank)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     trained = parallel.prepare(model, ema, config.parallel, device, world)
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: diffusion.lr_factor(s, config.warmup_steps, config.steps, config.min_lr_factor))
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)

@@ -1,5 +1,6 @@
 """Sample quality: Fréchet distance, KID and class accuracy of a model's samples against the
-real images it was trained on, on fixed seeds.
+real images it was trained on, on fixed seeds; for a text model, how often a prompt's samples
+are its class, on the training captions and on phrasings never seen in training.
 
 The distances are torchmetrics' ``FrechetInceptionDistance`` and
 ``KernelInceptionDistance`` over features of :mod:`ldmflow.training.features`: Inception's
@@ -11,7 +12,8 @@ not comparable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import torch
@@ -21,10 +23,12 @@ from pydantic import Field
 from ldmflow import configs
 from ldmflow.errors import InputError
 from ldmflow.console import Progress
+from ldmflow.data import builtin
 from ldmflow.registry import models, tracking
 from ldmflow.training import features
 
-LOWER_IS_BETTER = {"fd": True, "kid": True, "class_accuracy": False}
+LOWER_IS_BETTER = {"fd": True, "kid": True, "class_accuracy": False, "prompt_accuracy": False,
+                   "prompt_accuracy_unseen": False}
 
 
 @configs.stage_config
@@ -46,6 +50,10 @@ class EvaluationConfig:
     inception_path: Annotated[str, Field(description="local TorchScript Inception file")] = ""
     kid_subset_size: Annotated[int, Field(ge=2, description="samples per KID subset")] = 100
     kid_subsets: Annotated[int, Field(ge=1, description="KID subsets averaged")] = 50
+    held_out_prompts: Annotated[dict[str, list[str]], Field(
+        description="text models on a labelled dataset: per class name, prompts no training caption uses, "
+                    "whose samples score `prompt_accuracy_unseen`; empty: a built-in source's held-out "
+                    "phrasings")] = field(default_factory=dict)
 
     def digest(self) -> str:
         """Identifies the evaluation: results with the same digest are comparable and reusable."""
@@ -54,7 +62,7 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class Evaluation:
-    metrics: dict[str, float]  # fd, kid, and class_accuracy for class models
+    metrics: dict[str, float]  # fd, kid; class_accuracy (class models); prompt_accuracy[_unseen] (text)
     features: str  # "inception" or "domain-classifier"
     num_samples: int
     num_reference: int
@@ -118,15 +126,45 @@ def draw(sampler, config: EvaluationConfig, captions: list[str],
     else:
         labels = [None] * n
     prompts = [captions[i % len(captions)] for i in range(n)] if info.conditioning == "text" else [None] * n
+    return _sample(sampler, config, labels, prompts, progress), labels
+
+
+def _sample(sampler, config: EvaluationConfig, labels: list[int | None], prompts: list[str | None],
+            progress: Progress | None, first_seed: int = 0) -> torch.Tensor:
+    """Image *i* under ``labels[i]`` or ``prompts[i]``, seed ``config.seed + first_seed + i``."""
     settings = dict(sampler=config.sampler or None, steps=config.steps or None, guidance=config.guidance or None)
     images = []
-    for start in range(0, n, config.batch_size):
-        jobs = [sampler.job(n=1, seed=config.seed + i, label=labels[i], prompt=prompts[i], **settings)
-                for i in range(start, min(n, start + config.batch_size))]
+    for start in range(0, len(labels), config.batch_size):
+        jobs = [sampler.job(n=1, seed=config.seed + first_seed + i, label=labels[i], prompt=prompts[i], **settings)
+                for i in range(start, min(len(labels), start + config.batch_size))]
         images.extend(sampler.run(jobs))
         if progress is not None:
             progress.advance(len(jobs))
-    return torch.cat(images), labels
+    return torch.cat(images)
+
+
+def held_out_prompts(config: EvaluationConfig, real: features.Reference) -> list[tuple[str, int]]:
+    """(prompt, class index) pairs for ``prompt_accuracy_unseen``: the configured ones, or a
+    built-in source's held-out phrasings; none for a dataset without class names."""
+    names = list(real.manifest.class_names or ())
+    if not names:
+        return []
+    if config.held_out_prompts:
+        unknown = sorted(set(config.held_out_prompts) - set(names))
+        if unknown:
+            raise InputError(f"evaluate.held_out_prompts: {', '.join(unknown)} not among the dataset's classes "
+                             f"({', '.join(names)})")
+        return [(prompt, names.index(name)) for name, prompts in config.held_out_prompts.items() for prompt in prompts]
+    if builtin.is_builtin(real.manifest.source):
+        return [(prompt, digit) for digit, prompts in builtin.held_out_prompts().items() for prompt in prompts]
+    return []
+
+
+def _by_class(images: torch.Tensor, labels: list[int]) -> dict[int, torch.Tensor]:
+    by_class: dict[int, list[torch.Tensor]] = {}
+    for image, label in zip(images, labels):
+        by_class.setdefault(label, []).append(image)
+    return {k: torch.stack(v) for k, v in by_class.items()}
 
 
 def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig(), *, progress: bool = False) -> Evaluation:
@@ -140,20 +178,34 @@ def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig(), *, p
     real = features.Reference.read(reference)
     classifier = features.classifier_for(real) if real.manifest.class_names else None
     extract = features.extractor(config.features, config.inception_path, real, classifier)
-    captions = real.captions(config.reference_samples) if sampler.info.conditioning == "text" else []
-    with Progress(f"evaluate {model_uri}", config.num_samples, "image", enabled=progress) as bar:
-        fake, labels = draw(sampler, config, captions, bar)
+    text = sampler.info.conditioning == "text"
+    captioned = real.captioned(config.reference_samples) if text else []
+    unseen = held_out_prompts(config, real) if text and classifier is not None else []
+    # Half as many images again, each held-out prompt as often as the others, on seeds of their own.
+    unseen_n = len(unseen) * math.ceil(config.num_samples / 2 / len(unseen)) if unseen else 0
+    with Progress(f"evaluate {model_uri}", config.num_samples + unseen_n, "image", enabled=progress) as bar:
+        fake, labels = draw(sampler, config, [caption for caption, _ in captioned], bar)
+        if unseen:
+            prompts = [unseen[i % len(unseen)] for i in range(unseen_n)]
+            fake_unseen = _sample(sampler, config, [None] * unseen_n, [p for p, _ in prompts], bar, config.num_samples)
+    real_size = (real.resolution, real.resolution)
     if fake.shape[-1] != real.resolution:
-        fake = F.interpolate(fake, size=(real.resolution, real.resolution), mode="bilinear", align_corners=False)
+        fake = F.interpolate(fake, size=real_size, mode="bilinear", align_corners=False)
     real_features = features.reference_features(extract, real, config.reference_samples, config.batch_size)
     fake_features = torch.cat([extract(chunk) for chunk in features.to_uint8(fake).split(config.batch_size)])
     metrics = distances(fake_features, real_features, kid_subset_size=config.kid_subset_size,
                         kid_subsets=config.kid_subsets, seed=config.seed)
     if classifier is not None and sampler.info.conditioning == "class":
-        by_class: dict[int, list[torch.Tensor]] = {}
-        for image, label in zip(fake, labels):
-            by_class.setdefault(label, []).append(image)
-        metrics["class_accuracy"] = features.class_accuracy(classifier, {k: torch.stack(v) for k, v in by_class.items()})
+        metrics["class_accuracy"] = features.class_accuracy(classifier, _by_class(fake, labels))
+    if classifier is not None and text and all(label >= 0 for _, label in captioned):
+        # The training phrasings: image i was drawn on reference caption i (cycled), whose label is known.
+        prompted = [captioned[i % len(captioned)][1] for i in range(len(fake))]
+        metrics["prompt_accuracy"] = features.class_accuracy(classifier, _by_class(fake, prompted))
+    if unseen:
+        if fake_unseen.shape[-1] != real.resolution:
+            fake_unseen = F.interpolate(fake_unseen, size=real_size, mode="bilinear", align_corners=False)
+        metrics["prompt_accuracy_unseen"] = features.class_accuracy(
+            classifier, _by_class(fake_unseen, [label for _, label in prompts]))
     result = Evaluation(metrics, extract.name, len(fake), len(real_features), reference, config.digest(), model_uri)
     if registered is not None:
         record(registered, result)

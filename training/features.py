@@ -65,12 +65,14 @@ class Reference:
             raise ValueError(f"{self.url}: no readable images to compare with")
         return torch.stack(images)
 
-    def captions(self, limit: int) -> list[str]:
-        """Up to ``limit`` captions, in shard order, without decoding the images."""
-        def caption(raw: dict) -> str:
-            return raw.get(image_shards.KEY_CAPTION, b"").decode("utf-8")
+    def captioned(self, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` (caption, label) pairs, in shard order, without decoding the images
+        (label -1 where a sample has none)."""
+        def caption(raw: dict) -> tuple[str, int]:
+            label = raw.get(image_shards.KEY_LABEL)
+            return raw.get(image_shards.KEY_CAPTION, b"").decode("utf-8"), int(label) if label is not None else -1
 
-        return [text for _, text in zip(range(limit), self.stream(decode=caption))]
+        return [pair for _, pair in zip(range(limit), self.stream(decode=caption))]
 
 
 class DomainClassifier(torch.nn.Module):

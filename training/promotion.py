@@ -31,8 +31,9 @@ DECISION_TAG = "ldmflow.promotion."
 class PromotionConfig:
     """Promotion: when a candidate takes the ``production`` alias."""
 
-    metric: Annotated[Literal["fd", "kid", "class_accuracy"], Field(
-        description="`fd`, `kid` or `class_accuracy`")] = "fd"
+    metric: Annotated[Literal["fd", "kid", "class_accuracy", "prompt_accuracy", "prompt_accuracy_unseen"], Field(
+        description="`fd`, `kid`, `class_accuracy` (class models), `prompt_accuracy` or `prompt_accuracy_unseen` "
+                    "(text models)")] = "fd"
     margin: Annotated[float, Field(
         ge=0, description="how much better the candidate must be, in the metric's units")] = 0.0
 

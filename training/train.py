@@ -28,6 +28,13 @@ class DiffusionConfig:
     with EMA and checkpoints."""
 
     preset: Annotated[Literal["tiny", "base"], Field(description="`tiny` or `base`")] = "tiny"
+    init_from: Annotated[str, Field(
+        description="fine-tune: start from this model's EMA weights (models:/NAME/VERSION, models:/NAME@ALIAS or a "
+                    "model folder), made with the latents' autoencoder and the same conditioning, preset and "
+                    "classes; empty: from scratch")] = ""
+    lora_rank: Annotated[int, Field(
+        ge=0, description="0: train every weight; R: train rank-R LoRA adapters (peft) on the UNet's attention and "
+                          "projection layers instead, merged into the registered model")] = 0
     conditioning: Annotated[Literal["class", "text", "none"], Field(description="`class`, `text` or `none`")] = "class"
     noise: Annotated[schedules.NoiseSchedule, Field(
         description="the noise schedule (table below)")] = field(default_factory=schedules.NoiseSchedule)
@@ -123,13 +130,18 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     if config.conditioning == "class" and not manifest.class_names:
         raise InputError(f"{latents_url}: class conditioning needs labelled data (the manifest has no class names); "
                          "train with conditioning: none, or shard images with labels")
+    if config.lora_rank and config.parallel == "fsdp":
+        raise InputError("train: lora_rank trains a few adapter weights beside frozen ones, which FSDP's flat "
+                         "shards do not keep apart here: use parallel: ddp (the adapters are small)")
+    parent = parent_model(config, manifest, vae_info) if config.init_from else None
     name = configs.run_name("diffusion", config, latents=manifest_sha)
     stored_text = manifest.text_encoder == unets.TEXT_ENCODER  # precompute stored the caption embeddings
     run_id = runs.start(config.experiment, name, config, tags={
         "ldmflow.stage": "diffusion", "ldmflow.latents": latents_url, "ldmflow.latent_manifest_sha256": manifest_sha,
         "ldmflow.autoencoder": manifest.autoencoder.uri, "ldmflow.autoencoder_sha256": vae_info.weights_sha256,
         **({"ldmflow.caption_embeddings": "stored" if stored_text else "encoded in training"}
-           if config.conditioning == "text" else {})})
+           if config.conditioning == "text" else {}),
+        **({"ldmflow.parent_model": parent.uri} if parent else {})})
 
     cluster.ensure_ray()
     autoencoder_files = None
@@ -146,6 +158,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         "class_names": list(manifest.class_names or ()), "scale_factor": vae_info.scale_factor,
         "run_id": run_id, "tracking_uri": tracking.tracking_uri(), "autoencoder_files": autoencoder_files,
         "prompts": prompts, "stored_text": stored_text, "shard_counts": [shard.num_samples for shard in manifest.shards],
+        "init_weights": parent.weights() if parent else None,
     }
     result = launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
                         max_failures=config.max_failures, storage_url=storage_path or config.checkpoint_storage or None,
@@ -153,13 +166,18 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
 
     num_classes = len(manifest.class_names or ())
     ema = unets.build(config.preset, config.conditioning, tuple(manifest.latent_shape), num_classes)
+    if config.lora_rank:
+        ema = unets.add_lora(ema, config.lora_rank)
     with result.checkpoint.as_directory() as folder:
         checkpoints.load_weights(folder, "ema", ema)
+    if config.lora_rank:
+        ema = unets.merge_lora(ema)
     ema.eval()
 
     out = state_dir() / "runs" / f"{name}-{run_id[:8]}"  # the grid and model, also in MLflow
     lineage = {"run_id": run_id, "latents": latents_url, "latent_manifest_sha256": manifest_sha,
-               "image_dataset": manifest.image_dataset, "image_manifest_sha256": manifest.image_manifest_sha256}
+               "image_dataset": manifest.image_dataset, "image_manifest_sha256": manifest.image_manifest_sha256,
+               **({"parent_model": parent.uri} if parent else {})}
     info = model_info(config, manifest.latent_shape, manifest.class_names, vae_info.scale_factor, vae,
                       autoencoder=vars(manifest.autoencoder), lineage=lineage)
     model_folder = out / "model"
@@ -182,6 +200,48 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     return TrainedDiffusion(model_folder, run_id, registered.uri, metrics, grid_path)
 
 
+@dataclass(frozen=True)
+class ParentModel:
+    """The model a fine-tuning run starts from."""
+
+    uri: str  # models:/NAME/VERSION (an alias resolved) or the folder
+    folder: Path
+
+    def weights(self):
+        """Its EMA UNet's safetensors bytes, in Ray's object store for the workers."""
+        import ray
+
+        return ray.put((self.folder / model_format.UNET / "diffusion_pytorch_model.safetensors").read_bytes())
+
+
+def parent_model(config: DiffusionConfig, manifest: latent_shards.LatentManifest,
+                 vae_info: autoencoders.AutoencoderInfo) -> ParentModel:
+    """The model ``config.init_from`` names, refused unless this run can start from it: made
+    with the autoencoder that made these latents (by weights), with the same conditioning,
+    preset, latent shape and (class models) classes."""
+    folder, registered = models.resolve(config.init_from)
+    folder = model_format.model_folder(folder)
+    info = model_format.read_info(folder)
+    where = f"init_from {config.init_from}"
+    if info.autoencoder.get("weights_sha256") != vae_info.weights_sha256:
+        raise latent_shards.LineageError(
+            f"{where}: the model was trained on latents of another autoencoder ({info.autoencoder.get('uri')}) than "
+            f"these latents' ({manifest.autoencoder.uri}); its weights would not match them: precompute the data "
+            f"with the model's autoencoder")
+    problems = []
+    if info.conditioning != config.conditioning:
+        problems.append(f"its conditioning is {info.conditioning!r}, this run's {config.conditioning!r}")
+    if info.config.get("preset") != config.preset:
+        problems.append(f"its preset is {info.config.get('preset')!r}, this run's {config.preset!r}")
+    if list(info.latent_shape) != list(manifest.latent_shape):
+        problems.append(f"its latents are {tuple(info.latent_shape)}, these {tuple(manifest.latent_shape)}")
+    if config.conditioning == "class" and list(info.class_names or ()) != list(manifest.class_names or ()):
+        problems.append(f"its classes are {info.class_names}, these latents' {list(manifest.class_names or ())}")
+    if problems:
+        raise InputError(f"{where}: cannot start from that model: {'; '.join(problems)}")
+    return ParentModel(registered.uri if registered else str(folder), folder)
+
+
 def model_info(config: DiffusionConfig, latent_shape, class_names, scale_factor: float, vae, *,
                autoencoder: dict, lineage: dict) -> model_format.ModelInfo:
     """What ``ldmflow.json`` says of a model trained with ``config``."""
@@ -202,6 +262,17 @@ def model_info(config: DiffusionConfig, latent_shape, class_names, scale_factor:
 
 
 def grid_prompts(urls: list[str], limit: int = 10) -> list[str]:
-    """Distinct captions of the first latent shard, sorted: the prompts of text-model grids."""
+    """The prompts of text-model grids, from the first latent shard: the first caption of each
+    label, in label order, where samples are labelled (a row per class however the captions
+    are phrased); otherwise its distinct captions, sorted."""
     stream = shard_stream.ShardStream(urls[:1], shuffle_buffer=0, decode=latent_shards.decode_latent)
-    return sorted({sample.caption for sample in stream if sample.caption})[:limit]
+    first_by_label: dict[int, str] = {}
+    captions: set[str] = set()
+    for sample in stream:
+        if sample.caption:
+            captions.add(sample.caption)
+            if sample.label >= 0:
+                first_by_label.setdefault(sample.label, sample.caption)
+    if first_by_label:
+        return [first_by_label[label] for label in sorted(first_by_label)][:limit]
+    return sorted(captions)[:limit]
