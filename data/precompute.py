@@ -260,12 +260,12 @@ class Placement:
 
 
 def placement(requested: int, shards: int, cpus: float, gpus: float, cores: int, gpu: bool,
-              threads: int = 0) -> Placement:
+              threads: int = 0, local: bool = False) -> Placement:
     """GPU: one actor per GPU (or ``requested``), two decode tasks per actor (a guess, not yet
     measured on a GPU: a GPU encoder outruns one decoding core), a CPU each. CPU: a quarter of the CPUs (at
     most one) is kept for decoding and writing, so that the actors can never starve them,
-    and the rest shared by the actors, one per core at most (``cores``: the machine's on a
-    local instance, where Ray advertises more logical CPUs than it has); a CPU encoder is some thirty times slower than a
+    and the rest shared by the actors, on a ``local`` instance (where Ray advertises more
+    logical CPUs than the machine has ``cores``) one per core at most; a CPU encoder is some thirty times slower than a
     decoder (measured: 64-px digits, 7.5 s against 0.22 s a shard), so one decode task per
     four actors keeps them fed.
 
@@ -279,7 +279,7 @@ def placement(requested: int, shards: int, cpus: float, gpus: float, cores: int,
     # One actor per core at most: a local Ray advertises more logical CPUs than the machine
     # has cores, and each extra actor is an extra autoencoder import and load (about 11
     # CPU-seconds on the development VM) competing with the others for the same cores.
-    count = max(1, min(requested or math.floor(min(cpus - reserve, cores)), shards))
+    count = max(1, min(requested or math.floor(min(cpus - reserve, cores) if local else cpus - reserve), shards))
     actor_cpus = min(1.0, (cpus - reserve) / count)
     # Intra-op threads: the machine's cores shared by the actors.
     return Placement(count, actor_cpus, 0.0, math.ceil(count / 4), reserve / 2,
@@ -376,10 +376,8 @@ def _encode_round(tasks: list[EncodeTask], autoencoder_dir: str | Path, config: 
     cluster.ensure_ray()
     gpu = cluster.use_gpu(config.use_gpu)
     resources = ray.cluster_resources()
-    cpus = resources.get("CPU", 1.0)
-    # The driver's cores are the workers' only on a local instance; a cluster's are its CPUs.
-    cores = int(cpus) if os.environ.get("RAY_ADDRESS") else os.cpu_count() or 1
-    place = placement(config.actors, len(tasks), cpus, resources.get("GPU", 0.0), cores, gpu, config.threads)
+    place = placement(config.actors, len(tasks), resources.get("CPU", 1.0), resources.get("GPU", 0.0),
+                      os.cpu_count() or 1, gpu, config.threads, local=not os.environ.get("RAY_ADDRESS"))
     files = {path.name: path.read_bytes() for path in Path(autoencoder_dir).iterdir() if path.is_file()}
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the stage's own bar counts shards

@@ -105,7 +105,10 @@ class TextEncoder:
         """(B, 1, 384) float32."""
         missing = sorted({c for c in captions if c and c not in self.cache})
         if missing:
-            vectors = self.model.encode(missing, convert_to_numpy=True, normalize_embeddings=True)
+            # One caption per forward: a batch pads its captions to the longest, and the
+            # padded shapes change the float rounding, so a caption's embedding would depend
+            # on which others shared its batch (a resumed precompute must write the same bytes).
+            vectors = self.model.encode(missing, batch_size=1, convert_to_numpy=True, normalize_embeddings=True)
             for caption, vector in zip(missing, vectors):
                 self.cache[caption] = torch.from_numpy(vector).float()
         zeros = torch.zeros(TEXT_DIM)

@@ -121,7 +121,9 @@ def test_a_killed_encoder_is_replaced_and_its_shard_encoded_again(ray_local, dig
 
 def test_placement_keeps_cpus_for_decoding_and_writing():
     # The local default: 4 logical CPUs on 2 cores, one CPU kept for the decode and write tasks.
-    assert placement(0, 8, cpus=4, gpus=0, cores=2, gpu=False) == Placement(2, 1.0, 0.0, 1, 0.5, 1)  # a core each
+    assert placement(0, 8, cpus=4, gpus=0, cores=2, gpu=False, local=True) == Placement(2, 1.0, 0.0, 1, 0.5, 1)
+    # On a cluster the CPUs Ray advertises are its nodes' (the driver's cores are not a bound).
+    assert placement(0, 8, cpus=4, gpus=0, cores=2, gpu=False) == Placement(3, 1.0, 0.0, 1, 0.5, 1)
     # Two 1-CPU nodes, two actors: three quarters of a CPU each, so one sits on each node
     # beside a decode task.
     assert placement(2, 8, cpus=2, gpus=0, cores=2, gpu=False) == Placement(2, 0.75, 0.0, 1, 0.25, 1)

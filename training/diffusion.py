@@ -96,11 +96,8 @@ def ema_decay(step: int, max_decay: float, warmup: int) -> float:
 
 @torch.no_grad()
 def ema_update(ema: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float) -> None:
-    """θ_ema ← decay · θ_ema + (1 − decay) · θ, in place, for the trained parameters: a frozen
-    one (LoRA's base weights) stays bit-equal to its source, which rounding would not keep."""
+    """θ_ema ← decay · θ_ema + (1 − decay) · θ, in place."""
     for e, p in zip(ema, params):
-        if not p.requires_grad:
-            continue
         e.mul_(decay).add_(p.detach().to(e.dtype), alpha=1.0 - decay)
 
 

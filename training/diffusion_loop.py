@@ -209,7 +209,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
-        diffusion.ema_update(ema.parameters(), trained.parameters(),
+        # The EMA follows the trained weights; a frozen one (LoRA's base) stays bit-equal to
+        # its source, which rounding in the update would not keep.
+        averaged = [(e, p) for e, p in zip(ema.parameters(), trained.parameters()) if p.requires_grad]
+        diffusion.ema_update([e for e, _ in averaged], [p for _, p in averaged],
                              diffusion.ema_decay(step, config.ema_decay, config.ema_warmup))
         step += 1
         if step % config.log_every == 0 or step == config.steps:
