@@ -22,7 +22,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -306,16 +306,12 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     # 4. train: latents → registered model version (alias candidate)
     train_spec = spec.train
     if train_spec.init_from.startswith("models:/"):  # a concrete parent: the key changes when an alias moves
-        from dataclasses import replace
-
         train_spec = replace(train_spec, init_from=models.resolve_version(train_spec.init_from).uri)
     key = configs.key(train_spec, latents=latent_out["manifest_sha256"])
 
     def train() -> dict:
         train_config = train_spec
         if "train" in force_set:  # a fresh run, not a resumption of the finished one
-            from dataclasses import replace
-
             checkpoints = train_config.checkpoint_storage or str(state_dir() / "ray_results")
             train_config = replace(train_config, checkpoint_storage=f"{checkpoints.rstrip('/')}/forced-{int(time.time())}")
         trained = train_flow(latent_out["latents"], train_config, progress)
