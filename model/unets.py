@@ -3,7 +3,8 @@
 ``class`` conditioning uses ``UNet2DModel`` with a class embedding (one extra class, the
 last, is the "no label" of classifier-free guidance); ``text`` conditioning uses
 ``UNet2DConditionModel`` with cross-attention over sentence embeddings (384-d, from the
-offline all-MiniLM-L6-v2 encoder); ``none`` is unconditional.
+offline all-MiniLM-L6-v2 encoder), pooled into the time embedding too; ``none`` is
+unconditional.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def build(preset: str, conditioning: str, latent_shape: tuple[int, int, int], nu
             up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
             cross_attention_dim=TEXT_DIM,
             attention_head_dim=8,
+            # The pooled prompt also joins the time embedding (as in DeepFloyd IF), so every
+            # ResNet block sees it, as a class UNet's blocks see the class: cross-attention
+            # over a single sentence vector is only an additive shift in the attention layers.
+            addition_embed_type="text",
+            addition_embed_type_num_heads=8,
             **sizes,
         )
     if conditioning == "class" and num_classes < 1:

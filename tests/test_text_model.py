@@ -13,7 +13,7 @@ def test_text_model_follows_seen_and_unseen_phrasings(digits_model, tmp_path):
     # The session's digits latents: their captions are the built-in phrasings, embedded by precompute.
     latents = model_format.read_info(digits_model.folder).lineage["latents"]
     trained = train(latents, DiffusionConfig(
-        conditioning="text", steps=300, batch_size=32, workers=1, lr=2e-3, warmup_steps=20, checkpoint_every=300,
+        conditioning="text", steps=600, batch_size=32, workers=1, lr=2e-3, warmup_steps=20, checkpoint_every=600,
         log_every=50, sample_steps=10, shuffle_buffer=100, experiment="test-text", model_name="test-digits-text"),
         storage_path=str(tmp_path / "ray"), progress=False)
     config = evaluation.EvaluationConfig(num_samples=100, reference_samples=400, steps=10, kid_subset_size=50)
@@ -22,10 +22,10 @@ def test_text_model_follows_seen_and_unseen_phrasings(digits_model, tmp_path):
         builtin.digit_caption(p, d) for p in builtin.PHRASINGS for d in range(10)}
 
     result = evaluation.evaluate(trained.model_uri, config)
-    # 300 steps at 16 px are a start (chance is 0.1; make run's sizes reach 0.87 and 0.86,
-    # docs/training.md): the model already follows words it was never trained on.
-    assert result.metrics["prompt_accuracy"] >= 0.2, result.metrics
-    assert result.metrics["prompt_accuracy_unseen"] >= 0.2, result.metrics
+    # A prompt's samples are mostly its digit, for phrasings seen in training and for words it
+    # never saw (chance is 0.1; measured 0.92 and 0.83 here, 0.87 and 0.86 at make run's sizes).
+    assert result.metrics["prompt_accuracy"] >= 0.6, result.metrics
+    assert result.metrics["prompt_accuracy_unseen"] >= 0.6, result.metrics
     assert "class_accuracy" not in result.metrics
     version = models.resolve_version(trained.model_uri)
     tags = tracking.client().get_model_version(version.name, version.version).tags
