@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/finetune.py
 
 clean:
 	rm -rf $(STATE) .pytest_cache
