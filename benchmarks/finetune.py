@@ -71,14 +71,11 @@ def main() -> None:
 
     cluster.ensure_ray()
     root = Path(tempfile.mkdtemp(prefix="ldmflow-bench-finetune-"))
-    shard = ShardConfig(resolution=args.resolution, shard_size=100)
     digits, mnist, joint = (str(root / name) for name in ("digits", "mnist", "joint"))
-    shard_flow.run("builtin:digits", digits, ShardConfig(resolution=args.resolution, shard_size=100, limit=args.digits),
-                   progress=False)
-    shard_flow.run("builtin:mnist", mnist, ShardConfig(resolution=args.resolution, shard_size=100, limit=args.mnist),
-                   progress=False)
     folders = export_class_folders(root / "joint-png", {"digits": args.digits, "mnist": args.mnist})
-    shard_flow.run(str(folders), joint, shard, progress=False)
+    for source, dest, limit in (("builtin:digits", digits, args.digits), ("builtin:mnist", mnist, args.mnist),
+                                (str(folders), joint, 0)):
+        shard_flow.run(source, dest, ShardConfig(resolution=args.resolution, shard_size=100, limit=limit), progress=False)
 
     ae = autoencoder.train(joint, autoencoder.AutoencoderConfig(
         steps=args.autoencoder_steps, batch_size=32, workers=1, lr=2e-3, warmup_steps=5,
