@@ -262,12 +262,12 @@ class Placement:
 def placement(requested: int, shards: int, cpus: float, gpus: float, cores: int, gpu: bool,
               threads: int = 0, local: bool = False) -> Placement:
     """GPU: one actor per GPU (or ``requested``), two decode tasks per actor (a guess, not yet
-    measured on a GPU: a GPU encoder outruns one decoding core), a CPU each. CPU: a quarter of the CPUs (at
-    most one) is kept for decoding and writing, so that the actors can never starve them,
-    and the rest shared by the actors, on a ``local`` instance (where Ray advertises more
-    logical CPUs than the machine has ``cores``) one per core at most; a CPU encoder is some thirty times slower than a
-    decoder (measured: 64-px digits, 7.5 s against 0.22 s a shard), so one decode task per
-    four actors keeps them fed.
+    measured on a GPU: a GPU encoder outruns one decoding core), a CPU each. CPU: a quarter
+    of the CPUs (at most one) is kept for decoding and writing, so that the actors can never
+    starve them, and the rest shared by the actors, on a ``local`` instance (where Ray
+    advertises more logical CPUs than the machine has ``cores``) one per core at most; a CPU
+    encoder is some thirty times slower than a decoder (measured: 64-px digits, 7.5 s against
+    0.22 s a shard), so one decode task per four actors keeps them fed.
 
     Every concurrent task is a worker process that imports torch (webdataset does) before
     its first shard, a few CPU-seconds each: more tasks than the encoders need would take

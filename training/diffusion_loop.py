@@ -167,6 +167,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if saved is not None and position["step"]:
         tracker.log(position["step"], resumed_from_step=position["step"])  # a restart, visible in MLflow
 
+    # The EMA follows the trained weights; a frozen one (LoRA's base) stays bit-equal to its
+    # source, which rounding in the update would not keep. Chosen once: the loop's hot path.
+    averaged = [(e, p) for e, p in zip(ema.parameters(), trained.parameters()) if p.requires_grad]
+    ema_targets, ema_sources = [e for e, _ in averaged], [p for _, p in averaged]
+
     step, bad_steps, skipped, micro = position["step"], position["bad_steps"], position["skipped"], 0
     window_started, window_samples, grad_norm = time.perf_counter(), 0, torch.tensor(0.0)
     wait = loop.DataWait()
@@ -209,11 +214,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
-        # The EMA follows the trained weights; a frozen one (LoRA's base) stays bit-equal to
-        # its source, which rounding in the update would not keep.
-        averaged = [(e, p) for e, p in zip(ema.parameters(), trained.parameters()) if p.requires_grad]
-        diffusion.ema_update([e for e, _ in averaged], [p for _, p in averaged],
-                             diffusion.ema_decay(step, config.ema_decay, config.ema_warmup))
+        diffusion.ema_update(ema_targets, ema_sources, diffusion.ema_decay(step, config.ema_decay, config.ema_warmup))
         step += 1
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - window_started
