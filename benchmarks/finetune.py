@@ -10,8 +10,12 @@ less noisy); the parent's own score on MNIST is measured too (one step at a vani
 learning rate). The goal (issue 16): the fine-tuned model at N reaches what scratch needs
 at least 3N for, a ratio ≥ 1.
 
+A fine-tuned run warms its learning rate up over ``--tune-warmup`` of its N steps (a half by
+default), then decays it; scratch warms up over 5. A short warm-up costs fine-tuning most
+of its head start (docs/training.md has the sweep).
+
 Usage: python benchmarks/finetune.py [--resolution 16] [--digits 400] [--mnist 1000]
-       [--autoencoder-steps 200] [--parent-steps 300] [--n 50 100] [--lr 1e-3]
+       [--autoencoder-steps 200] [--parent-steps 300] [--n 50 100] [--lr 1e-3] [--tune-warmup 0.5]
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def main() -> None:
     parser.add_argument("--parent-steps", type=int, default=300)
     parser.add_argument("--n", type=int, nargs="+", default=[50, 100], help="fine-tuning steps N (scratch runs 3N)")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of both fine-tuned and scratch runs")
+    parser.add_argument("--tune-warmup", type=float, default=0.5,
+                        help="fine-tuned runs' warm-up, as a share of their N steps")
     args = parser.parse_args()
 
     from ldmflow.data import cluster
@@ -98,7 +104,8 @@ def main() -> None:
     print(f"{'N':>5} {'score':>12} {'fine-tuned at N':>16} {'scratch at 3N':>14} {'ratio':>6}")
     for n in args.n:
         tuned = accuracies(train(f"{mnist}-latents", DiffusionConfig(
-            **run, steps=n, lr=args.lr, warmup_steps=5, checkpoint_every=n, init_from=parent.model_uri,
+            **run, steps=n, lr=args.lr, warmup_steps=max(1, round(args.tune_warmup * n)), checkpoint_every=n,
+            init_from=parent.model_uri,
             model_name="bench-finetuned"), progress=False))
         scratch = accuracies(train(f"{mnist}-latents", DiffusionConfig(
             **run, steps=3 * n, lr=args.lr, warmup_steps=5, checkpoint_every=3 * n,
