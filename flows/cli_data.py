@@ -126,7 +126,8 @@ def train(
     autoencoder: Annotated[Optional[str], typer.Option(help="Autoencoder URI (default: the one named by the latents).")] = None,
     init_from: Annotated[Optional[str], typer.Option(
         "--init-from", metavar="MODEL_URI",
-        help="Fine-tune: start from this model's EMA weights (same autoencoder, conditioning, preset and classes).")] = None,
+        help="Fine-tune: start from this model's EMA weights (same autoencoder, conditioning, preset and classes). "
+             "Give the run a warm-up of about half its steps (train.warmup_steps): docs/training.md.")] = None,
     lora_rank: Annotated[Optional[int], typer.Option(
         "--lora-rank", metavar="R",
         help="Train rank-R LoRA adapters on the UNet's attention and projection layers instead of every weight; "
