@@ -11,8 +11,8 @@ learning rate). The goal (issue 16): the fine-tuned model at N reaches what scra
 at least 3N for, a ratio ≥ 1.
 
 A fine-tuned run warms its learning rate up over ``--tune-warmup`` of its N steps (a half by
-default), then decays it; scratch warms up over 5. A short warm-up costs fine-tuning most
-of its head start (docs/training.md has the sweep).
+default), then decays it; scratch warms up over 5. Of the warm-ups measured, half the run
+kept the most of the parent's head start (docs/training.md has the sweep).
 
 Usage: python benchmarks/finetune.py [--resolution 16] [--digits 400] [--mnist 1000]
        [--autoencoder-steps 200] [--parent-steps 300] [--n 50 100] [--lr 1e-3] [--tune-warmup 0.5]
@@ -105,8 +105,7 @@ def main() -> None:
     for n in args.n:
         tuned = accuracies(train(f"{mnist}-latents", DiffusionConfig(
             **run, steps=n, lr=args.lr, warmup_steps=max(1, round(args.tune_warmup * n)), checkpoint_every=n,
-            init_from=parent.model_uri,
-            model_name="bench-finetuned"), progress=False))
+            init_from=parent.model_uri, model_name="bench-finetuned"), progress=False))
         scratch = accuracies(train(f"{mnist}-latents", DiffusionConfig(
             **run, steps=3 * n, lr=args.lr, warmup_steps=5, checkpoint_every=3 * n,
             model_name="bench-scratch"), progress=False))
