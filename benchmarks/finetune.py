@@ -32,6 +32,7 @@ os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
 from ldmflow.flows import runtime  # noqa: E402
 
 runtime.configure()
+runtime.prefect_api()  # the local API the CLI starts and keeps, not an ephemeral server per run
 
 
 def export_class_folders(root: Path, counts: dict[str, int]) -> Path:

@@ -30,6 +30,7 @@ os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
 from ldmflow.flows import runtime  # noqa: E402
 
 runtime.configure()
+runtime.prefect_api()  # the local API the CLI starts and keeps, not an ephemeral server per run
 
 
 def main() -> None:

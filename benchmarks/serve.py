@@ -38,6 +38,7 @@ os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
 from ldmflow.flows import runtime  # noqa: E402
 
 runtime.configure()
+runtime.prefect_api()  # the local API the CLI starts and keeps, not an ephemeral server per run
 
 
 def tiny_model(folder: Path, conditioning: str = "class", resolution: int = 32) -> Path:

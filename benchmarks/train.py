@@ -23,7 +23,6 @@ import dataclasses
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,35 +31,7 @@ os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
 from ldmflow.flows import runtime  # noqa: E402
 
 runtime.configure()
-
-
-def bare_loop(model, scheduler, config, batches, steps: int, encode=None) -> float:
-    """Latents (or images) per second of a plain loop: noise, predict, MSE, AdamW."""
-    import torch
-
-    from ldmflow.training import diffusion
-    from ldmflow.training.diffusion_loop import denoising_loss
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(0)
-    count, started = 0, None
-    for step in range(steps + 5):
-        if step == 5:
-            started, count = time.perf_counter(), 0
-        x, labels = batches[step % len(batches)]
-        if encode is not None:
-            with torch.no_grad():
-                x = encode(x)
-        noise = torch.randn(x.shape, generator=generator)
-        timesteps = torch.randint(0, config.noise.num_train_timesteps, (x.shape[0],), generator=generator)
-        labels = diffusion.drop_labels(labels, config.cond_dropout, 10, generator)
-        loss = denoising_loss(model, scheduler, x, noise, timesteps, {"class_labels": labels}, config, False)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        count += x.shape[0]
-    return count / (time.perf_counter() - started)
+runtime.prefect_api()  # the local API the CLI starts and keeps, not an ephemeral server per run
 
 
 def main() -> None:
@@ -80,6 +51,7 @@ def main() -> None:
     from ldmflow.flows import shard as shard_flow
     from ldmflow.model import autoencoders, schedules, unets
     from ldmflow.registry import tracking
+    from ldmflow.training import bare_loop
     from ldmflow.training.train import DiffusionConfig, train
 
     work = Path(tempfile.mkdtemp(prefix="ldmflow-bench-train-"))
@@ -115,11 +87,13 @@ def main() -> None:
     threads = torch.get_num_threads()
     rows = {}
     torch.set_num_threads(1)
-    rows["bare loop, 1 thread"] = bare_loop(fresh_unet(), scheduler, config, latent_batches, args.steps)
-    rows["bare loop, encoding images on the fly, 1 thread"] = bare_loop(
+    rows["bare loop, 1 thread"] = bare_loop.latents_per_second(fresh_unet(), scheduler, config, latent_batches,
+                                                               args.steps)
+    rows["bare loop, encoding images on the fly, 1 thread"] = bare_loop.latents_per_second(
         fresh_unet(), scheduler, config, image_batches, args.steps, encode=lambda x: vae.encode(x).latent_dist.sample())
     torch.set_num_threads(threads)
-    rows[f"bare loop, {threads} threads"] = bare_loop(fresh_unet(), scheduler, config, latent_batches, args.steps)
+    rows[f"bare loop, {threads} threads"] = bare_loop.latents_per_second(fresh_unet(), scheduler, config,
+                                                                         latent_batches, args.steps)
 
     waits = {}
     for run in args.runs:

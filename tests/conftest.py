@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,33 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = "ldmflow-test-secret"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# The suite's time is read against the machine's speed: the 1-thread bare training loop of
+# benchmarks/train.py, measured for a few seconds before the tests (LDMFLOW_SPEED_SECONDS=0: skip).
+REFERENCE_SPEED = 64.0  # latents/s of the slow 2-core VM the suite's budget is set for (25 minutes)
+_speed: dict[str, float] = {}
+
+
+def pytest_report_header(config):
+    seconds = float(os.environ.get("LDMFLOW_SPEED_SECONDS", "3"))
+    if seconds <= 0 or config.option.collectonly:
+        return None
+    from ldmflow.training import bare_loop
+
+    _speed["latents_per_s"] = bare_loop.machine_speed(seconds)
+    _speed["started"] = time.monotonic()
+    return (f"machine: {os.cpu_count()} cores, 1-thread bare training loop {_speed['latents_per_s']:.0f} latents/s "
+            f"(the suite's budget, 25 min, is for {REFERENCE_SPEED:.0f})")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if "latents_per_s" not in _speed:
+        return
+    elapsed = time.monotonic() - _speed["started"]
+    scaled = elapsed * _speed["latents_per_s"] / REFERENCE_SPEED
+    terminalreporter.write_line(f"suite: {elapsed / 60:.1f} min at {_speed['latents_per_s']:.0f} latents/s, "
+                                f"{scaled / 60:.1f} min scaled to {REFERENCE_SPEED:.0f} latents/s")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -113,18 +141,20 @@ def digits16(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def digits_model(ray_local, digits16, tmp_path_factory):
     """A small but trained model of the 16-px digits, registered as ``test-digits`` version 1:
-    autoencoder (Ray Train) → latents (Ray actors) → diffusion UNet (Ray Train). About a
-    minute; shared by the registry, evaluation and serving tests."""
+    autoencoder → latents (Ray Data's encoder actors) → diffusion UNet, both trainings in Ray
+    Train's local mode (``workers=0``: the loops' logic, not their distribution, which
+    test_train and test_cluster test). Shared by the registry, evaluation, serving, CLI,
+    fine-tuning and text-model tests."""
     from ldmflow.data.precompute import PrecomputeConfig
     from ldmflow.flows.precompute import precompute_flow
     from ldmflow.training import autoencoder
     from ldmflow.training.train import DiffusionConfig, train
 
     ae = autoencoder.train(digits16, autoencoder.AutoencoderConfig(
-        steps=80, batch_size=32, workers=1, lr=2e-3, warmup_steps=5, checkpoint_every=80, log_every=20,
+        steps=80, batch_size=32, workers=0, lr=2e-3, warmup_steps=5, checkpoint_every=80, log_every=20,
         scale_samples=128, model_name="test-digits-autoencoder", experiment="test-digits"), progress=False)
     latents = str(tmp_path_factory.mktemp("digits-model") / "latents")
     precompute_flow(digits16, latents, ae.model_uri, PrecomputeConfig(actors=1), progress=False)
     return train(latents, DiffusionConfig(
-        steps=300, batch_size=32, workers=1, lr=2e-3, warmup_steps=20, checkpoint_every=300, log_every=50,
+        steps=300, batch_size=32, workers=0, lr=2e-3, warmup_steps=20, checkpoint_every=300, log_every=50,
         sample_steps=10, shuffle_buffer=100, experiment="test-digits", model_name="test-digits"), progress=False)

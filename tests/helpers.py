@@ -137,3 +137,15 @@ def encoder_at_work() -> int | None:
         except OSError:
             continue
     return None
+
+
+def wait_until(condition, timeout: float, what: str, poll: float = 0.05) -> None:
+    """Return as soon as ``condition()`` holds; fail naming ``what`` if it does not within
+    ``timeout`` seconds (a test waits on what it needs, never for a guessed time)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)

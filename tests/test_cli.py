@@ -191,7 +191,23 @@ def test_sample_interpolates_and_edits_by_inversion(subprocess_env, tmp_path):
     result = run(["sample", str(model), "--init-image", "seed1/000001.png", "--invert", "--source-label", "3",
                   "--label", "5", "--steps", "3", "--no-progress", "--out", "inverted"], subprocess_env, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert pixels("inverted/000000.png").shape == pixels("seed1/000001.png").shape
+    # The edit is the inversion's: the same job in this process draws the same picture, and
+    # neither a plain sample nor an SDEdit of the image (--invert ignored) does.
+    from ldmflow.data import images
+    from ldmflow.model.grids import to_pil
+    from ldmflow.model.sampler import Sampler
+
+    sampler = Sampler.from_folder(model)
+    source = images.model_input(Image.open(tmp_path / "seed1/000001.png"), sampler.info.resolution)
+
+    def drawn(**fields) -> np.ndarray:
+        job = sampler.job(n=1, label=5, steps=3, seed=0, **fields)
+        return np.asarray(to_pil(sampler.run([job])[0])[0]).astype(int)
+
+    got = pixels("inverted/000000.png").astype(int)
+    assert np.abs(got - drawn(image=source, strength=1.0, invert=True, source_label=3)).max() <= 1
+    for other in (drawn(), drawn(image=source, strength=1.0)):
+        assert np.abs(got - other).mean() > 2
     result = run(["sample", str(model), "--invert", "--label", "5", "--out", "x"], subprocess_env, tmp_path)
     assert result.returncode == 2 and "needs --init-image" in result.stderr
 

@@ -14,8 +14,9 @@ from ldmflow.model import model_format
 from ldmflow.registry import models, tracking
 from ldmflow.training.train import DiffusionConfig, train
 
-# One setting for the fine-tuned and the from-scratch runs; only init_from and steps differ.
-RUN = dict(batch_size=32, workers=1, lr=5e-4, warmup_steps=5, log_every=5, sample_steps=10, shuffle_buffer=100,
+# One setting for the fine-tuned and the from-scratch runs; only init_from and steps differ. In Ray
+# Train's local mode: what is tested is where a run starts, not how it is distributed.
+RUN = dict(batch_size=32, workers=0, lr=5e-4, warmup_steps=5, log_every=5, sample_steps=10, shuffle_buffer=100,
            experiment="test-finetune", model_name="test-finetuned")
 N = 20
 

@@ -8,6 +8,7 @@ import time
 from ldmflow.console import Progress
 from ldmflow.registry import tracking
 from ldmflow.training.progress import TrainingProgress
+from tests import helpers
 
 
 def test_progress_follows_the_runs_metrics(monkeypatch):
@@ -18,16 +19,20 @@ def test_progress_follows_the_runs_metrics(monkeypatch):
     run_id = client.create_run(tracking.experiment_id("progress")).info.run_id
     out = io.StringIO()  # not a terminal: plain lines
 
+    def shown(text: str) -> bool:
+        return text in out.getvalue()
+
     def worker():  # what rank 0 logs: loss every 10 steps, a checkpoint at 20, a restart
+        helpers.wait_until(lambda: shown("train: starting the workers"), 30, "the line before the first step")
         for step in (10, 20, 30):
-            time.sleep(0.3)
             now = int(time.time() * 1000)
             metrics = [Metric("loss", 1.0 / step, now, step)]
             if step == 20:
                 metrics.append(Metric("checkpoint", 20, now, step))
             client.log_batch(run_id, metrics=metrics)
+            helpers.wait_until(lambda: shown(f"train: step {step}/100"), 30, f"the line of step {step}")
         client.log_batch(run_id, metrics=[Metric("resumed_from_step", 20, int(time.time() * 1000), 20)])
-        time.sleep(0.5)
+        helpers.wait_until(lambda: shown("resumed from step 20"), 30, "the restart on the line")
 
     with TrainingProgress(run_id, 100, "train", poll_seconds=0.1, stream=out):
         thread = threading.Thread(target=worker)

@@ -239,15 +239,15 @@ def test_promotion_reaches_the_server_without_a_failed_request(server, digits_mo
     threads = [threading.Thread(target=client_loop) for _ in range(3)]
     for thread in threads:
         thread.start()
+    def answered(version: str) -> int:
+        return sum(s == 200 and body["model"]["version"] == version for s, body in list(outcomes))
+
     try:
-        time.sleep(1.0)
+        helpers.wait_until(lambda: answered("1") >= 3, 60, "three answers of version 1")
         tracking.client().set_registered_model_alias(NAME, "production", new_version)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if any(s == 200 and body["model"]["version"] == new_version for s, body in outcomes[-5:]):
-                break
-            time.sleep(0.2)
-        time.sleep(1.0)  # and a little after the swap
+        helpers.wait_until(lambda: answered(new_version) >= 1, 60, f"the first answer of version {new_version}")
+        served = len(outcomes)
+        helpers.wait_until(lambda: len(outcomes) >= served + 3, 60, "three answers after the swap")
     finally:
         stop.set()
         for thread in threads:

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from ldmflow.data import storage
+from tests import helpers
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -90,23 +91,34 @@ def test_s3_errors_are_clear(s3_server):
 
 
 def test_s3_outage_is_retried_until_the_store_returns(s3_server, bucket):
-    """A store that goes away mid-run and comes back: the write still lands, once."""
+    """A store that goes away mid-run and comes back: the write's first attempt meets the
+    outage, the store returns only once the client has retried, and the write lands, once."""
     from moto.server import ThreadedMotoServer
 
     host, port = s3_server.get_host_and_port()
     s3_server.stop()
     restarted = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
+    attempts: list[float] = []  # each PutObject botocore sends, retries included
+
+    def count(**_) -> None:
+        attempts.append(time.monotonic())
+
+    events = storage.s3_client().meta.events  # this thread's client, the one the write uses
+    events.register("before-send.s3.PutObject", count)
 
     def come_back():
-        time.sleep(1.5)
+        helpers.wait_until(lambda: len(attempts) >= 2, 120, "a retry of the write")
         restarted.start()
 
     thread = threading.Thread(target=come_back)
     thread.start()
     try:
         storage.write_bytes(f"{bucket}/after-outage.bin", b"payload")
+        assert len(attempts) >= 2  # the first failed: the object is there because a retry was sent
         assert storage.read_bytes(f"{bucket}/after-outage.bin") == b"payload"
+        assert [e.url.rsplit("/", 1)[1] for e in storage.list_prefix(bucket)] == ["after-outage.bin"]
     finally:
+        events.unregister("before-send.s3.PutObject", count)
         thread.join()
         # The session fixture stops the original server object; move the new one into it.
         s3_server._server, s3_server._thread = restarted._server, restarted._thread

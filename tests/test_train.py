@@ -1,7 +1,7 @@
-"""Distributed diffusion training on Ray Train: DDP equivalence, exact resume after a killed
-worker, the lineage guard, and non-finite losses."""
+"""Diffusion training on Ray Train: DDP equivalence and exact resume after a killed worker (DDP
+and FSDP) on real workers; the lineage guard, non-finite losses and an unreadable latent set
+in Ray Train's local mode (the loop's logic, not its distribution)."""
 
-import json
 import shutil
 import sys
 import threading
@@ -16,7 +16,8 @@ from ldmflow.data import image_shards, latent_shards, shard_stream
 from ldmflow.data.precompute import PrecomputeConfig, precompute
 from ldmflow.model import autoencoders, schedules, unets
 from ldmflow.registry import tracking
-from ldmflow.training.diffusion_loop import denoising_loss
+from ldmflow.training.diffusion_loop import NonFiniteLoss, denoising_loss
+from ldmflow.training.loop import EmptyEpoch
 from ldmflow.training.train import DiffusionConfig, train
 
 TINY = dict(steps=200, batch_size=16, lr=1e-3, warmup_steps=10, checkpoint_every=20, log_every=1, sample_steps=5,
@@ -62,10 +63,19 @@ def latent_set(ray_local, digits_folder, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------
-# One DDP step on 2 workers with batch B == one step on 1 worker with batch 2B
+# One DDP step on 2 workers with batch B == one step in one process with batch 2B
 
 
 def _one_step_worker(loop_config):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as on a 1-CPU Ray worker: the same order of summation everywhere
+    try:
+        _one_step(loop_config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_step(loop_config):
     import ray.train
     import ray.train.torch
     from safetensors.torch import save_file
@@ -103,7 +113,7 @@ def test_ddp_step_equals_single_worker_double_batch(ray_local, tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     config = {"loss_weighting": "min_snr", "grad_clip": 0.5}
     weights = {}
-    for workers in (1, 2):
+    for workers in (0, 2):  # 0: Ray Train's local mode, the reference in this process
         out = str(tmp_path / f"weights-{workers}.safetensors")
         TorchTrainer(
             _one_step_worker,
@@ -114,10 +124,10 @@ def test_ddp_step_equals_single_worker_double_batch(ray_local, tmp_path):
         weights[workers] = load_file(out)
     torch.manual_seed(0)
     initial = unets.build("tiny", "class", (4, 4, 4), 10).state_dict()
-    moved = sum(not torch.equal(initial[k], weights[1][k]) for k in initial)
+    moved = sum(not torch.equal(initial[k], weights[0][k]) for k in initial)
     assert moved > len(initial) // 2
-    for key in weights[1]:
-        torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-4, atol=1e-5)
+    for key in weights[0]:
+        torch.testing.assert_close(weights[2][key], weights[0][key], rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,19 +178,26 @@ def train_killing_a_worker(dest: str, config: DiffusionConfig, storage_root: Pat
     return recovered
 
 
-def assert_resumed_exactly(recovered, unbroken) -> None:
-    """Every step's loss as the unbroken run's, the group restored from a recorded checkpoint."""
+def assert_resumed_exactly(recovered, unbroken, rel: float = 1e-5, abs: float = 1e-7) -> None:
+    """Every step's loss as the unbroken run's, the group restored from a recorded checkpoint,
+    and the model it registered the unbroken run's."""
     expected, got = loss_by_step(unbroken.run_id), loss_by_step(recovered.run_id)
     steps = KILL_RUN["steps"]
     assert sorted(got) == sorted(expected) == list(range(1, steps + 1))
     for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
+        assert got[step] == pytest.approx(expected[step], rel=rel, abs=abs), step
     # Steps past the checkpoint may or may not have been logged before the kill, so the count
     # of replayed losses proves nothing either way.
     resumed = tracking.client().get_metric_history(recovered.run_id, "resumed_from_step")
     assert resumed and all(0 < m.value < steps and m.value % TINY["checkpoint_every"] == 0 for m in resumed)
-    assert (recovered.folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    assert 0.0 <= recovered.metrics["class_accuracy"] <= 1.0
+    from safetensors.torch import load_file
+
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    ours, theirs = load_file(str(recovered.folder / weights)), load_file(str(unbroken.folder / weights))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=100 * rel, atol=100 * abs)
+    assert recovered.metrics["class_accuracy"] == pytest.approx(unbroken.metrics["class_accuracy"], abs=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -197,22 +214,19 @@ def test_killed_worker_is_replaced_and_resumes_exactly(latent_set, unbroken_ddp,
 
 
 def test_fsdp_trains_as_ddp_and_resumes_exactly_from_sharded_checkpoints(latent_set, unbroken_ddp, tmp_path):
+    """FSDP with a worker killed: every rank wrote its own part of each checkpoint, the group
+    resumed from them, and every step's loss is the unbroken DDP run's (the same sums,
+    reduced in another order: a resume that lost the data position, an RNG state or the
+    optimizer's state would be off by far more)."""
     dest, _ = latent_set
-    config = DiffusionConfig(**KILL_RUN, parallel="fsdp", experiment="fsdp")
-    sharded = train(dest, config, storage_path=str(tmp_path / "a"), progress=False)
-    ddp_losses, fsdp_losses = loss_by_step(unbroken_ddp.run_id), loss_by_step(sharded.run_id)
-    assert sorted(fsdp_losses) == sorted(ddp_losses)
-    for step in ddp_losses:  # the same sums, reduced in another order
-        assert fsdp_losses[step] == pytest.approx(ddp_losses[step], rel=1e-3, abs=1e-5), step
-    saved = [folder for folder in (tmp_path / "a").glob("*/checkpoint_*") if folder.is_dir()]
+    recovered = train_killing_a_worker(dest, DiffusionConfig(**KILL_RUN, parallel="fsdp", experiment="fsdp-killed"),
+                                       tmp_path / "b")
+    assert_resumed_exactly(recovered, unbroken_ddp, rel=1e-3, abs=1e-5)
+    saved = [folder for folder in (tmp_path / "b").glob("*/checkpoint_*") if folder.is_dir()]
     assert len(saved) == 2  # the newest two are kept
     for checkpoint in saved:  # each rank wrote its own part
         assert len(list((checkpoint / "sharded").glob("*.safetensors"))) == 2
         assert not (checkpoint / "unet.safetensors").exists()
-
-    recovered = train_killing_a_worker(dest, DiffusionConfig(**KILL_RUN, parallel="fsdp", experiment="fsdp-killed"),
-                                       tmp_path / "b")
-    assert_resumed_exactly(recovered, sharded)
 
 
 def test_lineage_guard_refuses_another_autoencoder(latent_set, tmp_path):
@@ -237,7 +251,8 @@ def poisoned_copy(dest: str, target: Path, names: list[str]) -> Path:
 def test_non_finite_losses_are_skipped_and_counted(latent_set, tmp_path):
     dest, _ = latent_set
     poisoned = poisoned_copy(dest, tmp_path / "poisoned", ["shard-000000.tar"])
-    config = DiffusionConfig(**{**TINY, "steps": 20}, grad_accum=2, max_bad_steps=50, sample_every=10, experiment="nan")
+    config = DiffusionConfig(**{**TINY, "steps": 20}, workers=0, grad_accum=2, max_bad_steps=50, sample_every=10,
+                             experiment="nan")
     trained = train(str(poisoned), config, storage_path=str(tmp_path / "ray"), progress=False)
     skipped = tracking.client().get_metric_history(trained.run_id, "skipped_nonfinite_steps")
     assert skipped and max(m.value for m in skipped) >= 1
@@ -249,50 +264,25 @@ def test_non_finite_losses_are_skipped_and_counted(latent_set, tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
-def test_text_conditioning_trains_and_samples_by_prompt(latent_set, bucket):
-    """Cross-attention over the offline sentence encoder's embeddings of the captions, with
-    Ray Train's checkpoints on the S3 server."""
-    from PIL import Image
-
-    from ldmflow.data import storage
-
-    dest, _ = latent_set
-    config = DiffusionConfig(**{**TINY, "steps": 6, "checkpoint_every": 3, "sample_every": 3}, conditioning="text",
-                             workers=1, experiment="text", checkpoint_storage=f"{bucket}/checkpoints")
-    trained = train(dest, config, progress=False)
-    stored = [storage.relative_to(e.url, f"{bucket}/checkpoints") for e in storage.list_prefix(f"{bucket}/checkpoints")]
-    assert any(name.endswith("/unet.safetensors") for name in stored)
-    grid = Image.open(trained.grid)
-    assert grid.size == (8 * 16, 10 * 16)  # a row per digit, each under one of its captions
-    assert json.loads((trained.folder / "unet" / "config.json").read_text())["cross_attention_dim"] == unets.TEXT_DIM
-    grids = [a.path for a in tracking.client().list_artifacts(trained.run_id, "samples")]
-    assert grids == ["samples/step-0000003.png", "samples/step-0000006.png"]
-    assert "class_accuracy" not in trained.metrics
-    # Precompute stored the captions' embeddings: the workers never ran the text encoder.
-    assert tracking.client().get_run(trained.run_id).data.tags["ldmflow.caption_embeddings"] == "stored"
-
-
 def test_too_many_non_finite_losses_stop_instead_of_corrupting(latent_set, tmp_path):
-    """Every latent NaN: after max_bad_steps the workers fail and, with no restarts allowed,
-    the run fails clearly instead of training on. (A restart would restore the last
-    checkpoint: test_killed_worker_is_replaced_and_resumes_exactly.)"""
-    import ray.train
-
+    """Every latent NaN: after max_bad_steps the loop fails and the run fails clearly, marked
+    FAILED, instead of training on. (On workers a restart would restore the last checkpoint:
+    test_killed_worker_is_replaced_and_resumes_exactly.)"""
     dest, _ = latent_set
     poisoned = poisoned_copy(dest, tmp_path / "all-nan", [f"shard-{i:06d}.tar" for i in range(8)])
-    config = DiffusionConfig(**{**TINY, "steps": 10}, max_bad_steps=2, max_failures=0, experiment="all-nan")
-    with pytest.raises(ray.train.TrainingFailedError, match="consecutive non-finite losses"):
-        train(str(poisoned), config, storage_path=str(tmp_path / "ray"), progress=False)
+    config = DiffusionConfig(**{**TINY, "steps": 10}, workers=0, max_bad_steps=2, experiment="all-nan")
+    with pytest.raises(NonFiniteLoss, match="2 consecutive non-finite losses at step 0"):
+        train(str(poisoned), config, progress=False)
+    runs = tracking.client().search_runs([tracking.experiment_id("all-nan")])
+    assert [run.info.status for run in runs] == ["FAILED"]
 
 
 def test_unreadable_latent_set_fails_instead_of_spinning(latent_set, tmp_path):
-    import ray.train
-
     dest, _ = latent_set
     broken = tmp_path / "gone"
     shutil.copytree(dest, broken)
     for shard in broken.glob("shard-*.tar"):
         shard.unlink()
-    config = DiffusionConfig(**{**TINY, "steps": 5}, max_failures=0, experiment="gone")
-    with pytest.raises(ray.train.TrainingFailedError, match="read no batch in epoch 0"):
-        train(str(broken), config, storage_path=str(tmp_path / "ray"), progress=False)
+    config = DiffusionConfig(**{**TINY, "steps": 5}, workers=0, experiment="gone")
+    with pytest.raises(EmptyEpoch, match="read no batch in epoch 0"):
+        train(str(broken), config, progress=False)

@@ -40,7 +40,8 @@ class AutoencoderConfig:
     disc_weight: Annotated[float, Field(
         ge=0, description="weight of the adversarial term; 0 disables the discriminator")] = 0.0
     disc_start: Annotated[int, Field(ge=0, description="step at which the discriminator starts")] = 200
-    workers: Annotated[int, Field(ge=1, description="Ray Train workers (DDP ranks)")] = 2
+    workers: Annotated[int, Field(ge=0, description="Ray Train workers (DDP ranks); 0: Ray Train's local mode, the "
+                                                    "loop in this process (no worker actors to start, no recovery)")] = 2
     use_gpu: Annotated[Literal["auto", "true", "false"], Field(description="`auto`, `true` or `false`")] = "auto"
     mixed_precision: Annotated[precision.MixedPrecision, Field(
         description="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
@@ -116,14 +117,12 @@ def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None =
 
     loop_config = {"config": configs.to_dict(config), "shard_urls": urls, "resolution": resolution,
                    "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
-    result = launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
-                        max_failures=config.max_failures,
-                        storage_url=storage_path or config.checkpoint_storage or None, run_id=run_id,
-                        label="autoencoder", progress=progress)
-
-    vae = autoencoders.build(config.preset, resolution)
-    with result.checkpoint.as_directory() as folder:
-        checkpoints.load_weights(folder, "vae", vae)
+    with launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
+                    max_failures=config.max_failures,
+                    storage_url=storage_path or config.checkpoint_storage or None, run_id=run_id,
+                    label="autoencoder", progress=progress) as checkpoint:
+        vae = autoencoders.build(config.preset, resolution)
+        checkpoints.load_weights(checkpoint, "vae", vae)
     vae.eval()
     factor = autoencoders.downsample_factor(vae)
     scale = measure_scale_factor(vae, urls, config)

@@ -4,24 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ldmflow.data import cluster
 from ldmflow.registry import tracking
 from ldmflow.state import state_dir
-from ldmflow.training import runs
+from ldmflow.training import loop, runs
 from ldmflow.training.progress import TrainingProgress
 
 
+@contextlib.contextmanager
 def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, workers: int, use_gpu: str,
-        max_failures: int, storage_url: str | None, run_id: str, label: str, progress: bool = True):
-    """Run ``worker`` on ``workers`` Ray Train workers (DDP) and return Ray Train's result.
+        max_failures: int, storage_url: str | None, run_id: str, label: str, progress: bool = True) -> Iterator[str]:
+    """Run ``worker`` on ``workers`` Ray Train workers (DDP) and yield the local folder of
+    the run's last checkpoint.
 
     The run is named ``name`` under ``storage_url`` (default: the state folder), so the same
     job run again resumes from its last checkpoint; ``max_failures`` worker failures are
     recovered from that checkpoint. A failure marks the MLflow run FAILED and propagates.
     With ``progress``, a line ``LABEL: step …`` follows the run (:mod:`.progress`).
+
+    ``workers=0`` is Ray Train's local mode: ``worker`` runs in this process as rank 0 of 1,
+    with the same ``ray.train`` API but no worker actors to start (seconds saved on every
+    run), no checkpoint storage and so no recovery or resumption; its checkpoints are local
+    folders, each removed when the next is reported and the last once the caller is done.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -29,9 +37,9 @@ def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: st
     cluster.ensure_ray()
     path, filesystem = cluster.checkpoint_storage(storage_url or str(state_dir() / "ray_results"))
     trainer = TorchTrainer(
-        functools.partial(_flushing_metrics, worker),
+        functools.partial(_flushing_metrics, worker, in_process=workers == 0),
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu(use_gpu)),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=workers > 0 and cluster.use_gpu(use_gpu)),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=path,
@@ -43,19 +51,29 @@ def fit(worker: Callable[[dict], None], loop_config: dict[str, Any], *, name: st
     )
     try:
         with TrainingProgress(run_id, loop_config["config"]["steps"], label, enabled=progress):
-            return trainer.fit()
+            result = trainer.fit()
     except Exception:
         tracking.client().set_terminated(run_id, status="FAILED")
         raise
+    try:
+        with result.checkpoint.as_directory() as folder:
+            yield folder
+    finally:
+        if workers == 0:  # the loop's own folder: nothing else holds it
+            shutil.rmtree(result.checkpoint.path, ignore_errors=True)
 
 
-def _flushing_metrics(worker: Callable[[dict], None], loop_config: dict[str, Any]) -> None:
+def _flushing_metrics(worker: Callable[[dict], None], loop_config: dict[str, Any], in_process: bool = False) -> None:
     """``worker(loop_config)``, then the metrics it queued written, however it ends (a
-    failure to write them never hides the worker's own error)."""
+    failure to write them never hides the worker's own error). ``in_process``: Ray Train's
+    local mode (:func:`ldmflow.training.loop.report` keeps one checkpoint folder)."""
+    loop.keep_only_the_last_checkpoint(in_process)
     try:
         worker(loop_config)
     except BaseException:
         with contextlib.suppress(Exception):
             runs.flush()
         raise
+    finally:
+        loop.keep_only_the_last_checkpoint(False)
     runs.flush()

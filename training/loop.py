@@ -9,6 +9,7 @@ and the optimizer steps.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -146,6 +147,16 @@ def restore(load: Callable[[str], dict[str, Any]]) -> dict[str, Any] | None:
         return load(folder)
 
 
+_in_process = {"on": False, "last": None}  # Ray Train's local mode: the loop's last checkpoint folder
+
+
+def keep_only_the_last_checkpoint(on: bool) -> None:
+    """In Ray Train's local mode nothing uploads a reported checkpoint and removes its folder:
+    :func:`report` then removes the one before (the last is removed by
+    :func:`ldmflow.training.launch.fit` once read)."""
+    _in_process.update(on=on, last=None)
+
+
 def report(metrics: dict[str, Any], rank: int, write: Callable[[str], None], every_rank: bool = False) -> None:
     """Report ``metrics`` with a checkpoint that rank 0 writes with ``write(folder)``; the other
     ranks report the metrics alone (Ray Train keeps rank 0's files). With ``every_rank``
@@ -166,3 +177,7 @@ def report(metrics: dict[str, Any], rank: int, write: Callable[[str], None], eve
         write(folder)
         saved = ray.train.Checkpoint.from_directory(folder)
     ray.train.report(metrics, checkpoint=saved, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+    if _in_process["on"] and saved is not None:
+        if _in_process["last"]:
+            shutil.rmtree(_in_process["last"], ignore_errors=True)
+        _in_process["last"] = folder

@@ -57,7 +57,9 @@ class DiffusionConfig:
         ge=1, description="EMA decay is min(`ema_decay`, (1 + n) / (`ema_warmup` + n))")] = 10
     mixed_precision: Annotated[precision.MixedPrecision, Field(
         description="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
-    workers: Annotated[int, Field(ge=1, description="Ray Train workers (data-parallel ranks)")] = 2
+    workers: Annotated[int, Field(ge=0, description="Ray Train workers (data-parallel ranks); 0: Ray Train's local "
+                                                    "mode, the loop in this process (no worker actors to start, no "
+                                                    "recovery)")] = 2
     parallel: Annotated[Literal["ddp", "fsdp"], Field(
         description="`ddp` (every rank holds the whole UNet) or `fsdp` (each holds 1/`workers` of its weights, "
                     "gradients and optimizer state); a run resumes from either kind of checkpoint")] = configs.execution("ddp")
@@ -160,16 +162,14 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         "prompts": prompts, "stored_text": stored_text, "shard_counts": [shard.num_samples for shard in manifest.shards],
         "init_weights": parent.weights() if parent else None,
     }
-    result = launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
-                        max_failures=config.max_failures, storage_url=storage_path or config.checkpoint_storage or None,
-                        run_id=run_id, label="train", progress=progress)
-
-    num_classes = len(manifest.class_names or ())
-    ema = unets.build(config.preset, config.conditioning, tuple(manifest.latent_shape), num_classes)
-    if config.lora_rank:
-        ema = unets.add_lora(ema, config.lora_rank)
-    with result.checkpoint.as_directory() as folder:
-        checkpoints.load_weights(folder, "ema", ema)
+    with launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
+                    max_failures=config.max_failures, storage_url=storage_path or config.checkpoint_storage or None,
+                    run_id=run_id, label="train", progress=progress) as checkpoint:
+        num_classes = len(manifest.class_names or ())
+        ema = unets.build(config.preset, config.conditioning, tuple(manifest.latent_shape), num_classes)
+        if config.lora_rank:
+            ema = unets.add_lora(ema, config.lora_rank)
+        checkpoints.load_weights(checkpoint, "ema", ema)
     if config.lora_rank:
         ema = unets.merge_lora(ema)
     ema.eval()
