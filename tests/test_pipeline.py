@@ -16,7 +16,7 @@ CLI = [sys.executable, "-m", "ldmflow.flows.cli"]
 
 CONFIG = """\
 shard: {{resolution: 16, shard_size: 100, limit: 300}}
-autoencoder: {{steps: 30, batch_size: 32, workers: 1, checkpoint_every: 30, log_every: 10, scale_samples: 64,
+autoencoder: {{steps: 30, batch_size: 32, workers: 0, checkpoint_every: 30, log_every: 10, scale_samples: 64,
               model_name: pipe-autoencoder, experiment: pipe}}
 precompute: {{actors: 1}}
 train: {{steps: 60, batch_size: 32, workers: 1, checkpoint_every: 20, log_every: 10, sample_steps: 5,
