@@ -63,7 +63,7 @@ def train_autoencoder(
     preset: Annotated[Optional[str], typer.Option(help="Model size: tiny (CPU) or base (f=8, 256 px).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per worker per step.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP ranks).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP ranks); 0: the loop in this process (Ray Train's local mode).")] = None,
     model_name: Annotated[Optional[str], typer.Option(help="Registered model name in MLflow.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress line (step, loss, steps/s, ETA).")] = True,
 ) -> None:
@@ -122,7 +122,7 @@ def train(
     config: ConfigOption = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Latents per worker per micro-batch.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP ranks).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray Train workers (DDP ranks); 0: the loop in this process (Ray Train's local mode).")] = None,
     autoencoder: Annotated[Optional[str], typer.Option(help="Autoencoder URI (default: the one named by the latents).")] = None,
     init_from: Annotated[Optional[str], typer.Option(
         "--init-from", metavar="MODEL_URI",

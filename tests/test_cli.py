@@ -52,7 +52,7 @@ def test_commands_share_one_local_prefect_api_that_stops_when_idle(subprocess_en
     background and the next one uses it; it stops once nobody has used it for a while."""
     state = tmp_path / "state"
     env = {key: value for key, value in subprocess_env.items() if key != "PREFECT_API_URL"}
-    env.update(LDMFLOW_HOME=str(state), PREFECT_HOME=str(state / "prefect"), LDMFLOW_LOCAL_API_IDLE_SECONDS="20")
+    env.update(LDMFLOW_HOME=str(state), PREFECT_HOME=str(state / "prefect"), LDMFLOW_LOCAL_API_IDLE_SECONDS="10")
     servers = []
     try:
         for out in ("one", "two"):

@@ -63,7 +63,7 @@ def machine_speed(seconds: float = 3.0, batch_size: int = 64) -> float:
                     torch.randint(0, 10, (batch_size,), generator=generator)) for _ in range(4)]
         torch.manual_seed(0)
         config = DiffusionConfig()
-        return latents_per_second(unets.build("tiny", "class", (4, 8, 8), 10), schedules.training_scheduler(config.noise),
-                                  config, batches, 0, seconds=seconds)
+        model = unets.build("tiny", "class", (4, 8, 8), 10)
+        return latents_per_second(model, schedules.training_scheduler(config.noise), config, batches, 0, seconds=seconds)
     finally:
         torch.set_num_threads(threads)
