@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/finetune.py
+	$(PY) benchmarks/startup.py
 
 clean:
 	rm -rf $(STATE) .pytest_cache

@@ -25,6 +25,7 @@ Usage: python benchmarks/startup.py [--only train sample ...]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -82,25 +83,17 @@ def probe_train(clock: Clock, data: dict) -> dict[str, float]:
     from diffusers import AutoencoderKL, UNet2DModel  # noqa: F401 - diffusers imports these lazily
 
     from ldmflow.data import cluster
-    from ldmflow.registry import tracking
     from ldmflow.training.train import DiffusionConfig, train
 
     clock.mark("imports (torch, diffusers, Ray Train, MLflow)")
     cluster.ensure_ray()
     clock.mark("Ray started")
-    client = tracking.client()
     for workers, loaders in ((0, 0), (0, 1), (1, 1), (2, 1)):
-        called = time.time()
-        trained = train(data["latents"], DiffusionConfig(
-            steps=2, batch_size=16, workers=workers, loader_workers=loaders, log_every=1, checkpoint_every=2,
-            sample_steps=2, experiment="startup", model_name=f"startup-{workers}-{loaders}"), progress=False)
-        returned = time.time()
-        created = client.get_run(trained.run_id).info.start_time / 1000
-        losses = sorted(m.timestamp / 1000 for m in client.get_metric_history(trained.run_id, "loss"))
-        where = f"{workers} Ray Train worker(s), {loaders} loader process(es)"
-        clock.phases[f"{where}: driver before the loop"] = created - called
-        clock.phases[f"{where}: run created -> first step"] = losses[0] - created
-        clock.phases[f"{where}: last step -> registered"] = returned - losses[-1]
+        config = DiffusionConfig(steps=2, batch_size=16, workers=workers, loader_workers=loaders, log_every=1,
+                                 checkpoint_every=2, sample_steps=2, experiment="startup",
+                                 model_name=f"startup-{workers}-{loaders}")
+        time_fit(clock, f"{workers} Ray Train worker(s), {loaders} loader process(es)",
+                 functools.partial(train, data["latents"], config, progress=False))
     return clock.phases
 
 
@@ -109,26 +102,35 @@ def probe_autoencoder(clock: Clock, data: dict) -> dict[str, float]:
     from diffusers import AutoencoderKL  # noqa: F401
 
     from ldmflow.data import cluster
-    from ldmflow.registry import tracking
     from ldmflow.training import autoencoder
 
     clock.mark("imports (torch, diffusers, Ray Train, MLflow)")
     cluster.ensure_ray()
     clock.mark("Ray started")
-    client = tracking.client()
     for workers in (0, 1, 2):
-        called = time.time()
-        trained = autoencoder.train(data["images"], autoencoder.AutoencoderConfig(
-            steps=2, batch_size=16, workers=workers, log_every=1, checkpoint_every=2, scale_samples=32,
-            experiment="startup", model_name=f"startup-autoencoder-{workers}"), progress=False)
-        returned = time.time()
-        created = client.get_run(trained.run_id).info.start_time / 1000
-        losses = sorted(m.timestamp / 1000 for m in client.get_metric_history(trained.run_id, "loss"))
-        where = f"{workers} Ray Train worker(s)"
-        clock.phases[f"{where}: driver before the loop"] = created - called
-        clock.phases[f"{where}: run created -> first step"] = losses[0] - created
-        clock.phases[f"{where}: last step -> registered"] = returned - losses[-1]
+        config = autoencoder.AutoencoderConfig(steps=2, batch_size=16, workers=workers, log_every=1,
+                                               checkpoint_every=2, scale_samples=32, experiment="startup",
+                                               model_name=f"startup-autoencoder-{workers}")
+        time_fit(clock, f"{workers} Ray Train worker(s)",
+                 functools.partial(autoencoder.train, data["images"], config, progress=False))
     return clock.phases
+
+
+def time_fit(clock: Clock, where: str, fit) -> None:
+    """Phases of one training stage's call ``fit()`` (its result names the MLflow run): the driver's
+    work up to the run's creation, from there to the first logged loss, and from the last
+    loss to the call's return."""
+    from ldmflow.registry import tracking
+
+    called = time.time()
+    run_id = fit().run_id
+    returned = time.time()
+    client = tracking.client()
+    created = client.get_run(run_id).info.start_time / 1000
+    losses = sorted(m.timestamp / 1000 for m in client.get_metric_history(run_id, "loss"))
+    clock.phases[f"{where}: driver before the loop"] = created - called
+    clock.phases[f"{where}: run created -> first step"] = losses[0] - created
+    clock.phases[f"{where}: last step -> registered"] = returned - losses[-1]
 
 
 def probe_precompute(clock: Clock, data: dict) -> dict[str, float]:

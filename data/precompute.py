@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -41,7 +42,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from ldmflow import configs
+from ldmflow import configs, console
 from ldmflow.console import Progress
 from ldmflow.data import cluster, image_shards, latent_shards, shard_stream, storage
 from ldmflow.data.images import decode_rgb
@@ -386,6 +387,10 @@ def _encode_round(tasks: list[EncodeTask], autoencoder_dir: str | Path, config: 
 
     log_once("ray_data_progress_manager_disabled")
     context.print_on_execution_start = False
+    if console.quiet():  # its INFO lines ("execution finished in …") stay in its log file
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.WARNING)
 
     rows = ray.data.from_items([{"task": task.to_json()} for task in tasks], override_num_blocks=len(tasks))
     with warnings.catch_warnings():

@@ -248,12 +248,21 @@ def poisoned_copy(dest: str, target: Path, names: list[str]) -> Path:
     return target
 
 
+def local_checkpoints() -> set[Path]:
+    """The checkpoint folders a loop in this process has written and not removed."""
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("ldmflow-checkpoint-*"))
+
+
 def test_non_finite_losses_are_skipped_and_counted(latent_set, tmp_path):
     dest, _ = latent_set
     poisoned = poisoned_copy(dest, tmp_path / "poisoned", ["shard-000000.tar"])
     config = DiffusionConfig(**{**TINY, "steps": 20}, workers=0, grad_accum=2, max_bad_steps=50, sample_every=10,
                              experiment="nan")
+    before = local_checkpoints()
     trained = train(str(poisoned), config, storage_path=str(tmp_path / "ray"), progress=False)
+    assert local_checkpoints() <= before  # local mode: each checkpoint folder removed once superseded or read
     skipped = tracking.client().get_metric_history(trained.run_id, "skipped_nonfinite_steps")
     assert skipped and max(m.value for m in skipped) >= 1
     grids = [a.path for a in tracking.client().list_artifacts(trained.run_id, "samples")]
@@ -271,8 +280,10 @@ def test_too_many_non_finite_losses_stop_instead_of_corrupting(latent_set, tmp_p
     dest, _ = latent_set
     poisoned = poisoned_copy(dest, tmp_path / "all-nan", [f"shard-{i:06d}.tar" for i in range(8)])
     config = DiffusionConfig(**{**TINY, "steps": 10}, workers=0, max_bad_steps=2, experiment="all-nan")
+    before = local_checkpoints()
     with pytest.raises(NonFiniteLoss, match="2 consecutive non-finite losses at step 0"):
         train(str(poisoned), config, progress=False)
+    assert local_checkpoints() <= before
     runs = tracking.client().search_runs([tracking.experiment_id("all-nan")])
     assert [run.info.status for run in runs] == ["FAILED"]
 

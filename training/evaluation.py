@@ -13,6 +13,7 @@ not comparable.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -100,7 +101,9 @@ def distances(fake: torch.Tensor, real: torch.Tensor, *, kid_subset_size: int = 
         raise InputError("evaluate: KID needs at least two samples in each set (num_samples, reference_samples, "
                          "kid_subset_size)")
     fid = FrechetInceptionDistance(feature=given)
-    kid = KernelInceptionDistance(feature=given, subsets=kid_subsets, subset_size=size)
+    with warnings.catch_warnings():  # that it keeps every feature: the sets here are small and bounded
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer", category=UserWarning)
+        kid = KernelInceptionDistance(feature=given, subsets=kid_subsets, subset_size=size)
     for metric in (fid, kid):
         metric.update(real.double(), real=True)
         metric.update(fake.double(), real=False)

@@ -71,9 +71,9 @@ def _flushing_metrics(worker: Callable[[dict], None], loop_config: dict[str, Any
     try:
         worker(loop_config)
     except BaseException:
+        loop.keep_only_the_last_checkpoint(False, discard_last=True)
         with contextlib.suppress(Exception):
             runs.flush()
         raise
-    finally:
-        loop.keep_only_the_last_checkpoint(False)
+    loop.keep_only_the_last_checkpoint(False)
     runs.flush()

@@ -150,10 +150,13 @@ def restore(load: Callable[[str], dict[str, Any]]) -> dict[str, Any] | None:
 _in_process = {"on": False, "last": None}  # Ray Train's local mode: the loop's last checkpoint folder
 
 
-def keep_only_the_last_checkpoint(on: bool) -> None:
+def keep_only_the_last_checkpoint(on: bool, discard_last: bool = False) -> None:
     """In Ray Train's local mode nothing uploads a reported checkpoint and removes its folder:
     :func:`report` then removes the one before (the last is removed by
-    :func:`ldmflow.training.launch.fit` once read)."""
+    :func:`ldmflow.training.launch.fit` once read, or here with ``discard_last``: a loop that
+    failed, whose checkpoint nobody will read)."""
+    if discard_last and _in_process["last"]:
+        shutil.rmtree(_in_process["last"], ignore_errors=True)
     _in_process.update(on=on, last=None)
 
 
