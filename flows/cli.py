@@ -54,21 +54,20 @@ def run_pipeline(
     from AWS_ENDPOINT_URL, RAY_ADDRESS, PREFECT_API_URL and MLFLOW_TRACKING_URI.
     """
     from ldmflow import configs
-    from ldmflow.flows.settings import load_endpoints
+    from ldmflow.flows.settings import STAGES, load_endpoints
 
+    for option, names in (("--force", force or []), ("--stage", stage or [])):  # usage errors before any server starts
+        unknown = sorted(set(names) - set(STAGES))
+        if unknown:
+            raise typer.BadParameter(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}",
+                                     param_hint=option)
     try:
         load_endpoints(config).apply()  # before Prefect is imported
     except configs.ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
     runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows import pipeline
-    from ldmflow.flows.settings import STAGES
 
-    for option, names in (("--force", force or []), ("--stage", stage or [])):
-        unknown = sorted(set(names) - set(STAGES))
-        if unknown:
-            raise typer.BadParameter(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}",
-                                     param_hint=option)
     stages = list(stage or [])
     if serve:
         stages = [*(stages or load_spec_stages(config)), "serve"]

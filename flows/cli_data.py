@@ -37,8 +37,6 @@ def shard_images(
     from ldmflow.data import storage
     from ldmflow.data.sharding import ShardConfig
     from ldmflow.data.sources import SourceError
-    runtime.prefect_api()  # before Prefect is imported
-    from ldmflow.flows import shard
 
     overrides = dict(
         resolution=resolution,
@@ -49,7 +47,10 @@ def shard_images(
         limit=limit,
         workers=workers,
     )
-    stage_config = load_config(ShardConfig, config, "shard", overrides)
+    stage_config = load_config(ShardConfig, config, "shard", overrides)  # a usage error before any server starts
+    runtime.prefect_api()  # before Prefect is imported
+    from ldmflow.flows import shard
+
     try:
         outcome = shard.run(storage.absolute(source), storage.absolute(dest), stage_config, progress=progress)
     except (SourceError, storage.StorageError) as exc:
@@ -73,12 +74,13 @@ def train_autoencoder(
     config; logs losses, held-out PSNR against a bilinear baseline at the same latent grid,
     and a picture of originals beside reconstructions. Rerunning resumes from checkpoints.
     """
-    runtime.prefect_api()  # before Prefect is imported
-    from ldmflow.flows.autoencoder import train_autoencoder_flow
     from ldmflow.training.autoencoder import AutoencoderConfig
 
     stage_config = load_config(AutoencoderConfig, config, "autoencoder",
                                 dict(preset=preset, steps=steps, batch_size=batch_size, workers=workers, model_name=model_name))
+    runtime.prefect_api()  # before Prefect is imported
+    from ldmflow.flows.autoencoder import train_autoencoder_flow
+
     trained = train_autoencoder_flow(shards_url, stage_config, progress)
     typer.echo(trained.summary())
 
@@ -103,11 +105,12 @@ def precompute(
     summary, and the command exits 1.
     """
     from ldmflow.data.precompute import PrecomputeConfig
+
+    stage_config = load_config(PrecomputeConfig, config, "precompute", dict(actors=actors, threads=threads, batch_size=batch_size))
     runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows.precompute import precompute_flow
     from ldmflow.registry.models import ModelNotFound
 
-    stage_config = load_config(PrecomputeConfig, config, "precompute", dict(actors=actors, threads=threads, batch_size=batch_size))
     try:
         outcome = precompute_flow(shards_url, dest, autoencoder, stage_config, progress)
     except ModelNotFound as exc:
@@ -143,15 +146,16 @@ def train(
     learning-rate schedule, and the new version names it as ldmflow.parent_model.
     """
     from ldmflow.data.latent_shards import LineageError
-    runtime.prefect_api()  # before Prefect is imported
-    from ldmflow.flows.train import train_flow
-    from ldmflow.model.autoencoders import AutoencoderError
-    from ldmflow.registry.models import ModelNotFound
     from ldmflow.training.train import DiffusionConfig
 
     stage_config = load_config(DiffusionConfig, config, "train",
                                 dict(steps=steps, batch_size=batch_size, workers=workers, autoencoder=autoencoder,
                                      init_from=init_from, lora_rank=lora_rank))
+    runtime.prefect_api()  # before Prefect is imported
+    from ldmflow.flows.train import train_flow
+    from ldmflow.model.autoencoders import AutoencoderError
+    from ldmflow.registry.models import ModelNotFound
+
     try:
         trained = train_flow(latents_url, stage_config, progress)
     except (LineageError, ModelNotFound, AutoencoderError) as exc:

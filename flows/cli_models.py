@@ -25,13 +25,14 @@ def evaluate(
     classifier trained on the real images; the output says which. Scores of a registered
     version are recorded as its tags.
     """
-    runtime.prefect_api()  # before Prefect is imported
-    from ldmflow.flows.promote import evaluate_flow
-    from ldmflow.registry.models import ModelNotFound
     from ldmflow.training.evaluation import EvaluationConfig
 
     stage_config = load_config(EvaluationConfig, config, "evaluate",
                                 dict(num_samples=num_samples, features=features, inception_path=inception_path))
+    runtime.prefect_api()  # before Prefect is imported
+    from ldmflow.flows.promote import evaluate_flow
+    from ldmflow.registry.models import ModelNotFound
+
     try:
         result = evaluate_flow(model_uri, stage_config, progress)
     except ModelNotFound as exc:
@@ -52,15 +53,16 @@ def promote(
     Both versions are evaluated on the same fixed seeds (recorded scores are reused); the
     decision and both scores become tags of the candidate. Refusing is not an error (exit 0).
     """
-    runtime.prefect_api()  # before Prefect is imported
-    from ldmflow.flows.promote import promote_flow
-    from ldmflow.registry.aliases import RegistryError
-    from ldmflow.registry.models import ModelNotFound
     from ldmflow.training.evaluation import EvaluationConfig
     from ldmflow.training.promotion import PromotionConfig
 
     promotion = load_config(PromotionConfig, config, "promote", dict(metric=metric, margin=margin))
     evaluation = load_config(EvaluationConfig, config, "evaluate", {})
+    runtime.prefect_api()  # before Prefect is imported
+    from ldmflow.flows.promote import promote_flow
+    from ldmflow.registry.aliases import RegistryError
+    from ldmflow.registry.models import ModelNotFound
+
     try:
         decision = promote_flow(name, promotion, evaluation, force, progress=progress)
     except (RegistryError, ModelNotFound) as exc:

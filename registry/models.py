@@ -77,13 +77,13 @@ def resolve(uri: str, dest: str | None = None) -> tuple[Path, RegisteredVersion 
     ``uri`` is ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``,
     ``runs:/RUN_ID/PATH`` or a local folder.
     """
-    import mlflow.artifacts
-
-    if not uri.startswith(("models:/", "runs:/")):
+    if not uri.startswith(("models:/", "runs:/")):  # a folder: no MLflow import (a second of start-up)
         path = Path(uri)
         if not path.is_dir():
             raise ModelNotFound(f"{uri}: no such model folder")
         return path, None
+    import mlflow.artifacts
+
     registered = None
     source = uri
     if uri.startswith("models:/"):

@@ -107,10 +107,13 @@ def test_every_expected_failure_is_one_line(subprocess_env, tmp_path):
         (["train", "nowhere"], subprocess_env, 1, "nowhere/manifest.json: no manifest"),
         (["evaluate", "models:/nope/3"], subprocess_env, 1, "models:/nope/3: not in the model registry"),
         (["rollback", "nope"], subprocess_env, 1, "nope: no registered model of that name"),
-        (["shard", "builtin:digits", "out", "--config", "missing.yaml"], subprocess_env, 2, "missing.yaml: cannot read it"),
-        (["shard", "builtin:digits", "out", "--resolution", "0"], subprocess_env, 2,
+        # Usage errors, with no Prefect API anywhere: answered before one is started.
+        (["shard", "builtin:digits", "out", "--config", "missing.yaml"], no_server, 2, "missing.yaml: cannot read it"),
+        (["shard", "builtin:digits", "out", "--resolution", "0"], no_server, 2,
          "Invalid value for --resolution: resolution: Input should be greater than or equal to 1"),
-        (["shard", "builtin:digits", "out", "--config", str(typo)], subprocess_env, 2, "unknown section(s) shrad"),
+        (["shard", "builtin:digits", "out", "--config", str(typo)], no_server, 2, "unknown section(s) shrad"),
+        (["train", "latents", "--steps", "0"], no_server, 2, "Invalid value for --steps"),
+        (["pipeline", "--stage", "sharding"], no_server, 2, "unknown stage(s) sharding"),
         (["shard", "unusable", "out", "--no-progress"], subprocess_env, 1,
          "no usable image among 2 inputs (1 not an image, 1 empty file)"),
         (["deploy", "--file", str(ROOT / "prefect.yaml")], no_server, 1, "no Prefect server"),
@@ -123,6 +126,7 @@ def test_every_expected_failure_is_one_line(subprocess_env, tmp_path):
         assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: "), \
             (args, result.stderr[-3000:])
         assert message in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "prefect" / "local-api.json").exists()  # no local API was started for them
     # The report of the unusable folder is written all the same.
     assert len(image_shards.read_jsonl(str(tmp_path / "out" / image_shards.REJECTS))) == 2
 
