@@ -36,19 +36,23 @@ def assign_shards(
 ) -> tuple[list[int], tuple[int, int] | None]:
     """Which shards one reader (a rank's dataloader worker) reads this epoch.
 
-    Shards are reshuffled each epoch from ``(seed, epoch)`` and dealt round-robin to the
-    ``world_size * num_workers`` readers, so readers get disjoint sets that together cover
-    every shard. When there are fewer shards than readers, every reader reads every shard
-    and keeps one sample in ``n``: the second value is then ``(index, n)``, else ``None``.
+    Shards are reshuffled each epoch from ``(seed, epoch)``, dealt round-robin to the ranks
+    (so ranks' shard counts differ by at most one: no rank waits on another holding twice its
+    share), then each rank's share round-robin to its loader workers. Together the readers
+    cover every sample once. A rank with fewer shards than workers has each worker read the
+    rank's whole share and keep one sample in ``num_workers``; with fewer shards than ranks,
+    every reader reads every shard and keeps one sample in ``world_size * num_workers``. The
+    second value is then that ``(index, n)``, else ``None``.
     """
     order = list(range(num_shards))
     if shuffle:
         random.Random(f"{seed}:{epoch}").shuffle(order)
-    readers = world_size * num_workers
-    reader = rank * num_workers + worker
-    if num_shards >= readers:
-        return order[reader::readers], None
-    return order, (reader, readers)
+    if num_shards < world_size:
+        return order, (rank * num_workers + worker, world_size * num_workers)
+    share = order[rank::world_size]
+    if len(share) < num_workers:
+        return share, (worker, num_workers)
+    return share[worker::num_workers], None
 
 
 def is_held_out(key: str, fraction: float) -> bool:

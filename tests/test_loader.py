@@ -25,24 +25,35 @@ def make_shards(root: str, num_shards: int, per_shard: int) -> list[str]:
     return urls
 
 
-@pytest.mark.parametrize("num_shards", [1, 3, 8, 13])
-def test_assign_shards_disjoint_and_covering(num_shards):
-    world, workers = 2, 3
+@pytest.mark.parametrize("num_shards", [1, 3, 5, 8, 13, 16])
+def test_assign_shards_covers_every_sample_once_with_balanced_ranks(num_shards):
+    """2 ranks × 3 loader workers: each sample of each epoch read by exactly one reader, and
+    the ranks' shard counts differ by at most one."""
+    world, workers, per_shard = 2, 3, 5
     for epoch in range(3):
-        seen = []
+        read, shards_of_rank = [], []
         for rank in range(world):
+            shards = set()
             for worker in range(workers):
                 indices, split = shard_stream.assign_shards(
                     num_shards, rank=rank, world_size=world, worker=worker, num_workers=workers, epoch=epoch, seed=7
                 )
-                if num_shards >= world * workers:
-                    assert split is None
-                    seen.extend(indices)
-                else:  # fewer shards than readers: split by sample instead
-                    assert split == (rank * workers + worker, world * workers)
-                    assert sorted(indices) == list(range(num_shards))
-        if num_shards >= world * workers:
-            assert sorted(seen) == list(range(num_shards))
+                stream = [shard * per_shard + i for shard in indices for i in range(per_shard)]
+                if split is not None:
+                    stream = [sample for position, sample in enumerate(stream) if position % split[1] == split[0]]
+                read += stream
+                shards |= set(indices)
+            shards_of_rank.append(len(shards))
+        assert sorted(read) == list(range(num_shards * per_shard))
+        assert max(shards_of_rank) - min(shards_of_rank) <= 1, shards_of_rank
+
+
+def test_assign_shards_balances_ranks_at_scale():
+    """1,000 shards over 64 ranks × 8 loader workers: 15 or 16 shards a rank (round-robin over
+    all 512 readers would give some ranks 16 and others 8)."""
+    counts = [sum(len(shard_stream.assign_shards(1000, rank=rank, world_size=64, worker=worker, num_workers=8)[0])
+                  for worker in range(8)) for rank in range(64)]
+    assert sum(counts) == 1000 and set(counts) == {15, 16}
 
 
 def test_assign_shards_reshuffles_each_epoch():
