@@ -28,6 +28,14 @@ def tiny_autoencoder(tmp_path_factory):
     return folder, ref
 
 
+@pytest.fixture(scope="module")
+def unbroken(ray_local, digits16, tiny_autoencoder, tmp_path_factory):
+    """One plain precompute (1 actor, batches of 8): what the killed runs below must equal."""
+    folder, ref = tiny_autoencoder
+    dest = tmp_path_factory.mktemp("unbroken") / "latents"
+    return precompute(digits16, str(dest), folder, ref, PrecomputeConfig(actors=1, batch_size=8), progress=False), dest
+
+
 def read_latents(dest):
     manifest = latent_shards.read_manifest(dest)
     stream = shard_stream.ShardStream(latent_shards.shard_urls(dest, manifest), shuffle_buffer=0, decode=latent_shards.decode_latent)
@@ -95,7 +103,8 @@ def test_corrupt_input_shard_is_retried_then_reported(ray_local, digits16, tiny_
     assert "FAILED shard-000003.tar" in outcome.summary()
 
 
-def test_a_killed_encoder_is_replaced_and_its_shard_encoded_again(ray_local, digits16, tiny_autoencoder, tmp_path):
+def test_a_killed_encoder_is_replaced_and_its_shard_encoded_again(ray_local, digits16, tiny_autoencoder, unbroken,
+                                                                  tmp_path):
     folder, ref = tiny_autoencoder
     config = PrecomputeConfig(actors=1, batch_size=8)
     killed = []
@@ -113,10 +122,10 @@ def test_a_killed_encoder_is_replaced_and_its_shard_encoded_again(ray_local, dig
     outcome = precompute(digits16, str(tmp_path / "killed"), folder, ref, config, progress=False)
     killer.join()
     assert killed, "no encoder was seen at work"
-    unbroken = precompute(digits16, str(tmp_path / "unbroken"), folder, ref, config, progress=False)
-    assert outcome.manifest == unbroken.manifest and not outcome.manifest.failed_shards
+    expected, expected_dest = unbroken
+    assert outcome.manifest == expected.manifest and not outcome.manifest.failed_shards
     written = sorted(p.name for p in (tmp_path / "killed").iterdir())
-    assert written == sorted(p.name for p in (tmp_path / "unbroken").iterdir())  # no half-written leftovers
+    assert written == sorted(p.name for p in expected_dest.iterdir())  # no half-written leftovers
 
 
 def test_placement_keeps_cpus_for_decoding_and_writing():
@@ -132,10 +141,12 @@ def test_placement_keeps_cpus_for_decoding_and_writing():
     assert placement(0, 8, cpus=32, gpus=4, cores=32, gpu=True) == Placement(4, 1.0, 1.0, 8, 1.0, 1)
 
 
-def test_corrupt_latent_shard_and_manifest_are_clear(ray_local, digits16, tiny_autoencoder, tmp_path):
-    folder, ref = tiny_autoencoder
+def test_corrupt_latent_shard_and_manifest_are_clear(digits16, tiny_autoencoder, unbroken, tmp_path):
+    import shutil
+
+    folder, _ = tiny_autoencoder
     dest = tmp_path / "lat"
-    precompute(digits16, str(dest), folder, ref, PrecomputeConfig(actors=1), progress=False)
+    shutil.copytree(unbroken[1], dest)
     victim = dest / "shard-000001.tar"
     import tarfile
 
@@ -155,8 +166,9 @@ def test_corrupt_latent_shard_and_manifest_are_clear(ray_local, digits16, tiny_a
         precompute(digits16, str(dest), folder, latent_shards.AutoencoderRef("x", "1" * 64, 1.0), PrecomputeConfig(), progress=False)
 
 
-def test_kill_and_rerun_gives_the_unbroken_manifest(ray_local, digits16, tiny_autoencoder, tmp_path, subprocess_env):
-    folder, ref = tiny_autoencoder
+def test_kill_and_rerun_gives_the_unbroken_manifest(ray_local, digits16, tiny_autoencoder, unbroken, tmp_path,
+                                                   subprocess_env):
+    folder, _ = tiny_autoencoder
     dest = tmp_path / "killed"
     # Join the session's Ray instead of starting one that the kill would orphan.
     env = subprocess_env | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
@@ -174,8 +186,7 @@ def test_kill_and_rerun_gives_the_unbroken_manifest(ray_local, digits16, tiny_au
     result = subprocess.run(cli, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "already complete" in result.stdout
-    reference = precompute(digits16, str(tmp_path / "reference"), folder, ref, PrecomputeConfig(actors=1, batch_size=8), progress=False)
-    assert latent_shards.read_manifest(str(dest)) == reference.manifest
+    assert latent_shards.read_manifest(str(dest)) == unbroken[0].manifest
 
 
 def test_relative_paths_reach_the_actors(ray_local, digits16, tiny_autoencoder, tmp_path, monkeypatch):
