@@ -32,6 +32,8 @@ def configure(explicit_state_dir: str | None = None, verbose: bool = False) -> P
         os.environ["PREFECT_LOGGING_LEVEL"] = "CRITICAL"
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "🏃 View run …" per run
+        os.environ.setdefault("MLFLOW_PRINT_MODEL_URLS_ON_CREATION", "false")
     return folder
 
 
