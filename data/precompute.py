@@ -19,10 +19,12 @@ run again in another round, up to ``max_attempts`` rounds, and are then listed i
 manifest's ``failed_shards``. An encoder actor that dies (its node lost, killed) is
 restarted by Ray and its shard retried (``max_attempts - 1`` times).
 
-Resumable: a shard whose part record (``_parts/shard-i.json``) matches its digest (input
-shard sha256, autoencoder weights sha256, moments, format) is skipped; the manifest is
-written last, from the records, so a killed and rerun job ends with the manifest of an
-unbroken one.
+Resumable: a shard's part record is named by its digest (input shard sha256, autoencoder
+weights sha256, the config's identity, format): ``_parts/shard-i.DIGEST.json``. One listing
+of the output finds every shard that is done, with no request per shard; their figures come
+from the previous manifest when it was written with the same identity (an unchanged rerun),
+else from their records (a run killed before its manifest). The manifest is written last,
+so a killed and rerun job ends with the manifest of an unbroken one.
 """
 
 from __future__ import annotations
@@ -218,7 +220,8 @@ def write_latent_shard(row: dict[str, Any]) -> dict[str, Any]:
         info = latent_shards.LatentShardInfo(task.shard, written.num_samples, written.bytes, written.sha256,
                                              task.shard, task.image_sha256)
         part = {"digest": task.digest, "shard": asdict(info)}
-        storage.write_text(part_url(storage.dirname(task.output_url), task.shard), json.dumps(part, sort_keys=True) + "\n")
+        storage.write_text(part_url(storage.dirname(task.output_url), task.shard, task.digest),
+                           json.dumps(part, sort_keys=True) + "\n")
         return {"task": row["task"], "error": "", "info": json.dumps(asdict(info))}
     except Exception as exc:
         return _failed(row, exc, info="")
@@ -234,18 +237,59 @@ def task_digest(image_sha256: str, weights_sha256: str, config: PrecomputeConfig
                        format=[latent_shards.FORMAT_NAME, latent_shards.FORMAT_VERSION])
 
 
-def part_url(dest: str, shard: str) -> str:
-    return storage.join(dest, PARTS, shard.replace(".tar", ".json"))
+def part_url(dest: str, shard: str, digest: str) -> str:
+    """The part record of ``shard`` as encoded under ``digest``: a listing says which are done."""
+    return storage.join(dest, PARTS, f"{shard.removesuffix('.tar')}.{digest}.json")
 
 
-def _completed(dest: str, task: EncodeTask) -> latent_shards.LatentShardInfo | None:
+def _read_part(url: str, task: EncodeTask) -> latent_shards.LatentShardInfo | None:
     try:
-        body = json.loads(storage.read_text(part_url(dest, task.shard)))
+        body = json.loads(storage.read_text(url))
     except (storage.NotFound, json.JSONDecodeError):
         return None
-    if body.get("digest") != task.digest or not storage.exists(task.output_url):
-        return None
-    return latent_shards.LatentShardInfo(**body["shard"])
+    return latent_shards.LatentShardInfo(**body["shard"]) if body.get("digest") == task.digest else None
+
+
+def _previous_shards(dest: str, weights_sha256: str, config: PrecomputeConfig) -> dict[str, latent_shards.LatentShardInfo]:
+    """The shards of the manifest already at ``dest`` when it was written by this job's
+    identity (autoencoder weights, config), by name; else none."""
+    try:
+        previous = latent_shards.read_manifest(dest)
+        same = (previous.autoencoder.weights_sha256 == weights_sha256 and configs.identity(
+            configs.from_dict(PrecomputeConfig, previous.config)) == configs.identity(config))
+    except (image_shards.ManifestError, configs.ConfigError, storage.StorageError, TypeError, ValueError):
+        return {}
+    return {info.source_shard: info for info in previous.shards} if same else {}
+
+
+def _find_done(dest: str, tasks: list[EncodeTask], weights_sha256: str,
+               config: PrecomputeConfig) -> dict[int, latent_shards.LatentShardInfo]:
+    """The tasks whose latent shard is complete, from one listing of ``dest``: its tar and the
+    part record of its digest are both there. Part records of another digest (an earlier
+    config or autoencoder, or the digest-less names of older versions) are removed for the shards
+    still to do, before any is written again, so a record never vouches for another run's tar."""
+    try:
+        listed = {entry.url for entry in storage.list_prefix(dest)}
+    except storage.NotFound:
+        return {}
+    previous = _previous_shards(dest, weights_sha256, config) if image_shards.manifest_url(dest) in listed else {}
+    parts_of: dict[str, list[str]] = {}
+    for url in listed:
+        if storage.dirname(url) == storage.join(dest, PARTS):
+            parts_of.setdefault(storage.basename(url).split(".", 1)[0], []).append(url)
+    done = {}
+    for task in tasks:
+        record = part_url(dest, task.shard, task.digest)
+        if task.output_url in listed and record in listed:
+            info = previous.get(task.shard)
+            if info is None or info.source_sha256 != task.image_sha256:
+                info = _read_part(record, task)  # finished by a run that was killed before its manifest
+            if info is not None:
+                done[task.index] = info
+                continue
+        for stale in parts_of.get(task.shard.removesuffix(".tar"), []):
+            storage.delete(stale)
+    return done
 
 
 @dataclass(frozen=True)
@@ -333,11 +377,7 @@ def precompute(
         EncodeTask(i, url, shard.sha256, storage.join(dest, shard.url), task_digest(shard.sha256, info.weights_sha256, config))
         for i, (url, shard) in enumerate(zip(image_shards.shard_urls(image_dataset, image_manifest), image_manifest.shards))
     ]
-    results: dict[int, latent_shards.LatentShardInfo] = {}
-    for task in tasks:
-        done = _completed(dest, task)
-        if done is not None:
-            results[task.index] = done
+    results = _find_done(dest, tasks, info.weights_sha256, config)
     skipped = len(results)
     todo = [task for task in tasks if task.index not in results]
     failures: dict[int, str] = {}
@@ -397,15 +437,18 @@ def _encode_round(tasks: list[EncodeTask], autoencoder_dir: str | Path, config: 
         # Ray Data has no named parameter for an actor's task retries yet: max_task_retries
         # travels in ray_remote_args, which it marks as deprecated.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        reach = cluster.storage_runtime_env()  # the driver's S3 endpoint, whatever the nodes were started with
         dataset = (
-            rows.map(decode_shard, compute=ray.data.TaskPoolStrategy(size=place.tasks), num_cpus=place.task_cpus)
+            rows.map(decode_shard, compute=ray.data.TaskPoolStrategy(size=place.tasks), num_cpus=place.task_cpus,
+                     **reach and {"runtime_env": reach})
             .map(LatentEncoder, compute=ray.data.ActorPoolStrategy(size=place.actors), num_cpus=place.actor_cpus,
-                 num_gpus=place.actor_gpus, max_task_retries=config.max_attempts - 1,
+                 num_gpus=place.actor_gpus, max_task_retries=config.max_attempts - 1, **reach and {"runtime_env": reach},
                  fn_constructor_kwargs=dict(files=ray.put(files), batch_size=config.batch_size, moments=config.moments,
                                             use_gpu=gpu, threads=place.threads,
                                             caption_embeddings=config.caption_embeddings,
                                             mixed_precision=config.mixed_precision))
-            .map(write_latent_shard, compute=ray.data.TaskPoolStrategy(size=place.tasks), num_cpus=place.task_cpus)
+            .map(write_latent_shard, compute=ray.data.TaskPoolStrategy(size=place.tasks), num_cpus=place.task_cpus,
+                 **reach and {"runtime_env": reach})
         )
     errors: dict[int, str] = {}
     try:

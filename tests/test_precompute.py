@@ -189,6 +189,51 @@ def test_kill_and_rerun_gives_the_unbroken_manifest(ray_local, digits16, tiny_au
     assert latent_shards.read_manifest(str(dest)) == unbroken[0].manifest
 
 
+def test_a_rerun_finds_what_is_done_in_one_listing(ray_local, digits16, tiny_autoencoder, bucket):
+    """On S3: an unchanged rerun lists the output once and reads only the previous manifest
+    (no request per shard); after a run killed before its manifest, the part records are
+    read; another identity (here the stored moments) encodes every shard again and leaves
+    no record of the old one beside the new."""
+    from ldmflow.data import storage
+
+    folder, ref = tiny_autoencoder
+    dest = f"{bucket}/latents"
+    first = precompute(digits16, dest, folder, ref, PrecomputeConfig(actors=1), progress=False)
+
+    def requests_of(run) -> tuple[object, list[str]]:
+        sent = []
+
+        def count(event_name: str, **_) -> None:
+            sent.append(event_name.rsplit(".", 1)[1])
+
+        events = storage.s3_client().meta.events  # this thread's client: the driver's requests
+        events.register("before-send.s3", count)
+        try:
+            return run(), sent
+        finally:
+            events.unregister("before-send.s3", count)
+
+    rerun, sent = requests_of(lambda: precompute(digits16, dest, folder, ref, PrecomputeConfig(actors=1, batch_size=7),
+                                                 progress=False))
+    assert (rerun.written, rerun.skipped) == (0, 8) and rerun.manifest.shards == first.manifest.shards, rerun.summary()
+    assert sorted(sent) == ["GetObject", "ListObjectsV2", "PutObject"], sent  # the old manifest, the listing, the new
+
+    storage.delete(f"{dest}/manifest.json")  # as a run killed before writing it leaves the folder
+    resumed, sent = requests_of(lambda: precompute(digits16, dest, folder, ref, PrecomputeConfig(actors=1),
+                                                   progress=False))
+    assert (resumed.written, resumed.skipped) == (0, 8) and resumed.manifest == first.manifest
+    assert sent.count("GetObject") == 8 and "HeadObject" not in sent  # each part record, once
+
+    def records() -> set[str]:
+        return {entry.url.rsplit("/", 1)[1] for entry in storage.list_prefix(f"{dest}/_parts")}
+
+    before = records()
+    other = precompute(digits16, dest, folder, ref, PrecomputeConfig(actors=1, moments="mean"), progress=False)
+    assert (other.written, other.skipped) == (8, 0)
+    after = records()
+    assert len(after) == 8 and len({name.split(".")[0] for name in after}) == 8 and not after & before, after
+
+
 def test_relative_paths_reach_the_actors(ray_local, digits16, tiny_autoencoder, tmp_path, monkeypatch):
     """Ray actors run in another working directory: relative local paths are made absolute."""
     import os
