@@ -150,6 +150,26 @@ def test_reference_features_are_computed_once_per_dataset_and_extractor(digits16
         features.reference_features(extract, reference, 30, batch_size=16)  # another limit: not cached
 
 
+def test_the_reference_set_is_drawn_at_random_from_every_shard(digits16):
+    """Not the first N in shard order (for class folders sorted by name, the first classes):
+    a seeded draw over the whole dataset, read from only the shards it picked."""
+    from ldmflow.data import image_shards, shard_stream
+
+    reference = features.Reference.read(digits16)
+    picks = reference.picks(40, seed=0)
+    assert sum(len(p) for p in picks.values()) == 40 and len(picks) >= 6  # 8 shards of 50
+    assert reference.picks(40, seed=0) == picks and reference.picks(40, seed=1) != picks
+    assert sum(len(p) for p in reference.picks(10_000, seed=0).values()) == 400  # a smaller dataset: all of it
+    everything = list(shard_stream.ShardStream(image_shards.shard_urls(digits16), shuffle_buffer=0))
+    by_position = {(i // 50, i % 50): sample for i, sample in enumerate(everything)}
+    expected = [by_position[shard, position] for shard in sorted(picks) for position in sorted(picks[shard])]
+    images = reference.images(40, seed=0)
+    assert torch.equal(images, torch.stack([torch.from_numpy(sample.image) for sample in expected]))
+    assert [sample.key for sample in expected] != [sample.key for sample in everything[:40]]
+    captions = reference.captioned(40, seed=0)
+    assert captions == [(sample.caption, sample.label) for sample in expected]
+
+
 def test_evaluate_records_scores_on_the_model_version(digits_model, tmp_path):
     result = evaluation.evaluate(digits_model.model_uri, EVAL)
     assert result.features == "domain-classifier"

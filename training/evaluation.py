@@ -37,10 +37,12 @@ class EvaluationConfig:
     """Evaluation: FD, KID and class accuracy of a model's samples on fixed seeds."""
 
     num_samples: Annotated[int, Field(ge=1, description="generated images")] = 500
-    reference_samples: Annotated[int, Field(ge=1, description="real images read (at most)")] = 2000
+    reference_samples: Annotated[int, Field(
+        ge=1, description="real images, drawn at random (seeded by `seed`) from every shard of the reference; "
+                          "all of a smaller dataset")] = 2000
     reference: Annotated[str, Field(
         description="image dataset to compare with; empty: the one the model was trained on")] = ""
-    seed: Annotated[int, Field(description="image *i* is drawn with seed + i")] = 0
+    seed: Annotated[int, Field(description="image *i* is drawn with seed + i; the real images are drawn from it too")] = 0
     sampler: Annotated[str, Field(description="empty: the model's default")] = ""
     steps: Annotated[int, Field(ge=0, description="0: the model's default")] = 0
     guidance: Annotated[float, Field(ge=0, description="0: the model's default")] = 0.0
@@ -57,8 +59,9 @@ class EvaluationConfig:
                     "phrasings")] = field(default_factory=dict)
 
     def digest(self) -> str:
-        """Identifies the evaluation: results with the same digest are comparable and reusable."""
-        return configs.key(self)
+        """Identifies the evaluation: results with the same digest are comparable and reusable
+        (``reference``: how the real images are drawn; scores of first-N references differ)."""
+        return configs.key(self, reference="random")
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig(), *, p
     classifier = features.classifier_for(real) if real.manifest.class_names else None
     extract = features.extractor(config.features, config.inception_path, real, classifier)
     text = sampler.info.conditioning == "text"
-    captioned = real.captioned(config.reference_samples) if text else []
+    captioned = real.captioned(config.reference_samples, config.seed) if text else []
     unseen = held_out_prompts(config, real) if text and classifier is not None else []
     # Half as many images again, each held-out prompt as often as the others, on seeds of their own.
     unseen_n = len(unseen) * math.ceil(config.num_samples / 2 / len(unseen)) if unseen else 0
@@ -194,7 +197,7 @@ def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig(), *, p
     real_size = (real.resolution, real.resolution)
     if fake.shape[-1] != real.resolution:
         fake = F.interpolate(fake, size=real_size, mode="bilinear", align_corners=False)
-    real_features = features.reference_features(extract, real, config.reference_samples, config.batch_size)
+    real_features = features.reference_features(extract, real, config.reference_samples, config.batch_size, config.seed)
     fake_features = torch.cat([extract(chunk) for chunk in features.to_uint8(fake).split(config.batch_size)])
     metrics = distances(fake_features, real_features, kid_subset_size=config.kid_subset_size,
                         kid_subsets=config.kid_subsets, seed=config.seed)

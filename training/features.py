@@ -16,8 +16,11 @@ Images become uint8 once (:func:`to_uint8`), as a saved PNG would, before either
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,8 @@ from ldmflow.data import image_shards, shard_stream
 from ldmflow.errors import InputError
 from ldmflow.model import meta
 from ldmflow.state import state_dir
+
+CLASSIFIER_SAMPLES = 20_000  # the domain classifier's training set, at most: memory stays bounded
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -54,25 +59,51 @@ class Reference:
     def resolution(self) -> int:
         return int(self.manifest.config["resolution"])
 
-    def stream(self, **kwargs) -> shard_stream.ShardStream:
-        """Its samples in shard order (no shuffling)."""
-        return shard_stream.ShardStream(image_shards.shard_urls(self.url, self.manifest), shuffle_buffer=0, **kwargs)
+    def picks(self, limit: int, seed: int) -> dict[int, set[int]]:
+        """``limit`` samples drawn at random from the whole dataset, every shard alike (all of
+        them when it holds no more): shard index → positions in that shard. Seeded, so the
+        same ``(limit, seed)`` draws the same samples; nothing is read to draw them."""
+        counts = [shard.num_samples for shard in self.manifest.shards]
+        total = sum(counts)
+        drawn = range(total) if limit >= total else random.Random(f"reference:{seed}").sample(range(total), limit)
+        starts = [0]
+        for count in counts[:-1]:
+            starts.append(starts[-1] + count)
+        picked: dict[int, set[int]] = {}
+        for index in drawn:
+            shard = bisect.bisect_right(starts, index) - 1
+            picked.setdefault(shard, set()).add(index - starts[shard])
+        return picked
 
-    def images(self, limit: int) -> torch.Tensor:
-        """Up to ``limit`` images (N, 3, H, W) in [−1, 1], in shard order."""
-        images = [torch.from_numpy(sample.image) for _, sample in zip(range(limit), self.stream())]
+    def drawn(self, limit: int, seed: int, decode: Callable[[dict], object]) -> list:
+        """The drawn samples (:meth:`picks`) through ``decode``, in shard order; only their
+        shards are read, only they are decoded, and one that cannot be is skipped."""
+        urls = image_shards.shard_urls(self.url, self.manifest)
+        skips, found = shard_stream.SkipCounter(), []
+        for shard, positions in sorted(self.picks(limit, seed).items()):
+            for position, raw in enumerate(shard_stream.iter_raw_samples([urls[shard]], skips)):
+                if position in positions:
+                    try:
+                        found.append(decode(raw))
+                    except ValueError as exc:
+                        skips(exc)
+        return found
+
+    def images(self, limit: int, seed: int = 0) -> torch.Tensor:
+        """Up to ``limit`` images (N, 3, H, W) in [−1, 1], drawn at random from every shard."""
+        images = [torch.from_numpy(sample.image) for sample in self.drawn(limit, seed, image_shards.decode_sample)]
         if not images:
             raise ValueError(f"{self.url}: no readable images to compare with")
         return torch.stack(images)
 
-    def captioned(self, limit: int) -> list[tuple[str, int]]:
-        """Up to ``limit`` (caption, label) pairs, in shard order, without decoding the images
-        (label -1 where a sample has none)."""
+    def captioned(self, limit: int, seed: int = 0) -> list[tuple[str, int]]:
+        """Up to ``limit`` (caption, label) pairs drawn as :meth:`images` draws, without
+        decoding an image (label -1 where a sample has none)."""
         def caption(raw: dict) -> tuple[str, int]:
             label = raw.get(image_shards.KEY_LABEL)
             return raw.get(image_shards.KEY_CAPTION, b"").decode("utf-8"), int(label) if label is not None else -1
 
-        return [pair for _, pair in zip(range(limit), self.stream(decode=caption))]
+        return self.drawn(limit, seed, caption)
 
 
 class DomainClassifier(torch.nn.Module):
@@ -94,12 +125,14 @@ class DomainClassifier(torch.nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(reference: Reference, epochs: int = 8, seed: int = 0) -> tuple[DomainClassifier, float]:
-    """Train on every labelled image of ``reference``; returns the model and its accuracy on a
-    held-out tenth (by key) after training on the rest."""
+def train_classifier(reference: Reference, epochs: int = 8, seed: int = 0,
+                     limit: int = CLASSIFIER_SAMPLES) -> tuple[DomainClassifier, float]:
+    """Train on the labelled images among ``limit`` drawn from ``reference`` (all of a smaller
+    dataset); returns the model and its accuracy on a held-out tenth (by key) after training
+    on the rest."""
     if not reference.manifest.class_names:
         raise InputError(f"{reference.url}: a domain classifier needs labelled data")
-    samples = [s for s in reference.stream() if s.label >= 0]
+    samples = [s for s in reference.drawn(limit, seed, image_shards.decode_sample) if s.label >= 0]
     held = [shard_stream.is_held_out(s.key, 0.1) for s in samples]
     x = torch.stack([torch.from_numpy(s.image) for s in samples])
     y = torch.tensor([s.label for s in samples])
@@ -128,7 +161,8 @@ def classifier_for(reference: Reference) -> DomainClassifier:
     (keyed by the dataset manifest's hash; weights as safetensors)."""
     from safetensors.torch import load_file, save_file
 
-    folder = state_dir() / "classifiers" / reference.key
+    folder = state_dir() / "classifiers" / (reference.key if reference.manifest.num_samples <= CLASSIFIER_SAMPLES
+                                            else f"{reference.key}-{CLASSIFIER_SAMPLES}")
     model = DomainClassifier(len(reference.manifest.class_names or ()))
     if (folder / "classifier.safetensors").exists():
         model.load_state_dict(load_file(folder / "classifier.safetensors"))
@@ -202,17 +236,17 @@ def extractor(features: str, inception_path: str, reference: Reference, classifi
     return DomainFeatures(classifier, reference.key)
 
 
-def reference_features(extract, reference: Reference, limit: int, batch_size: int) -> torch.Tensor:
-    """(N, D) features of the first ``limit`` images of ``reference`` (N ≤ ``limit``): computed
-    once per (dataset manifest, extractor, limit), then read from the state folder
-    (safetensors) without decoding a single image again."""
+def reference_features(extract, reference: Reference, limit: int, batch_size: int, seed: int = 0) -> torch.Tensor:
+    """(N, D) features of ``limit`` images drawn at random from every shard of ``reference``
+    (N ≤ ``limit``): computed once per (dataset manifest, extractor, limit, seed), then read
+    from the state folder (safetensors) without decoding a single image again."""
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha256(f"{reference.key} {extract.identity()} {limit}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{reference.key} {extract.identity()} {limit} random:{seed}".encode()).hexdigest()[:16]
     path = state_dir() / "reference-features" / f"{key}.safetensors"
     if path.exists():
         return load_file(path)["features"]
-    images = to_uint8(reference.images(limit))
+    images = to_uint8(reference.images(limit, seed))
     features = torch.cat([extract(chunk) for chunk in images.split(batch_size)])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"features": features.contiguous()}, path)
