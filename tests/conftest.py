@@ -28,8 +28,6 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPO
 os.environ["AWS_ACCESS_KEY_ID"] = "ldmflow-test"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "ldmflow-test-secret"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
-# Ray exports metrics every 10 s by default; the metrics tests wait on that cadence.
-os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 
 ROOT = Path(__file__).resolve().parents[1]
 
