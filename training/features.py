@@ -81,7 +81,10 @@ class Reference:
         urls = image_shards.shard_urls(self.url, self.manifest)
         skips, found = shard_stream.SkipCounter(), []
         for shard, positions in sorted(self.picks(limit, seed).items()):
+            last = max(positions)
             for position, raw in enumerate(shard_stream.iter_raw_samples([urls[shard]], skips)):
+                if position > last:  # the rest of the shard holds none of them
+                    break
                 if position in positions:
                     try:
                         found.append(decode(raw))
