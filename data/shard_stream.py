@@ -5,6 +5,7 @@ shuffle buffer, skipping and counting what is corrupt.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import logging
@@ -53,6 +54,106 @@ def assign_shards(
     if len(share) < num_workers:
         return share, (worker, num_workers)
     return share[worker::num_workers], None
+
+
+Unit = tuple[int, "tuple[int, ...] | None"]
+"""Part of a reader's pass: a shard's index, and which of its samples (by number in the shard,
+ascending) the pass reads; None: all of them."""
+
+
+def reader_pass(
+    num_shards: int,
+    counts: Sequence[int] | None,
+    *,
+    rank: int,
+    world_size: int,
+    reader: int,
+    readers: int,
+    epoch: int,
+    seed: int,
+    shuffle: bool,
+) -> tuple[list[Unit] | None, random.Random]:
+    """What one reader reads in ``epoch``, as units (:func:`assign_shards`), and the shuffle
+    buffer's random stream. Where readers outnumber shards the units pick every n-th sample,
+    which needs the shards' sample ``counts``; without them the units are None."""
+    indices, split = assign_shards(num_shards, rank=rank, world_size=world_size, worker=reader, num_workers=readers,
+                                   epoch=epoch, seed=seed, shuffle=shuffle)
+    rng = random.Random(f"{seed}:{epoch}:{rank}:{reader}")
+    if split is None:
+        return [(i, None) for i in indices], rng
+    if counts is None:
+        return None, rng
+    index, n = split
+    units, offset = [], 0
+    for i in indices:
+        first = (index - offset) % n
+        picks = tuple(range(first, counts[i], n))
+        if picks:
+            units.append((i, picks))
+        offset += counts[i]
+    return units, rng
+
+
+def unit_sizes(units: Sequence[Unit], counts: Sequence[int]) -> list[int]:
+    return [counts[shard] if picks is None else len(picks) for shard, picks in units]
+
+
+def unseen(units: Sequence[Unit], counts: Sequence[int], kept: Sequence[int], taken: int) -> list[Unit]:
+    """The samples of a pass over ``units`` not yet out of its shuffle buffer, as units: those
+    from number ``taken`` on, and the ones ``kept`` in the buffer (:func:`replay_shuffle`)."""
+    kept = sorted(kept)
+    left, start = [], 0
+    for (shard, picks), size in zip(units, unit_sizes(units, counts)):
+        end = start + size
+        if start >= taken:
+            left.append((shard, picks))
+        else:
+            held = kept[bisect.bisect_left(kept, start):bisect.bisect_left(kept, min(end, taken))]
+            local = [i - start for i in held] + list(range(max(taken - start, 0), size))
+            if local:
+                left.append((shard, tuple(local) if picks is None else tuple(picks[j] for j in local)))
+        start = end
+    return left
+
+
+def remainder(saved: Sequence[dict[str, Any]], num_shards: int, counts: Sequence[int], *, seed: int,
+              shuffle_buffer: int) -> tuple[int, list[Unit]]:
+    """The epoch an interrupted run was in, and every sample of it that no reader had yet
+    taken out of its shuffle buffer, from each rank's saved position (``{"epoch",
+    "readers", "units"?}``, as :func:`ldmflow.training.loop.batches` yields them).
+
+    The epoch is the earliest any rank was in: ranks whose share is smaller begin the next
+    epoch first, and what they read of it is read again. Nothing is opened: each reader's
+    buffer is replayed on sample numbers."""
+    epoch = min(p["epoch"] for p in saved)
+    left: list[Unit] = []
+    for rank, position in enumerate(saved):
+        if position["epoch"] != epoch:
+            continue  # this rank had read all of its share
+        readers = len(position["readers"])
+        for reader, skip in enumerate(position["readers"]):
+            units, rng = reader_pass(num_shards, counts, rank=rank, world_size=len(saved), reader=reader,
+                                     readers=readers, epoch=epoch, seed=seed, shuffle=shuffle_buffer > 1)
+            if "units" in position:
+                units, rng = as_units(position["units"][reader]), rest_rng(seed, epoch, rank, reader)
+            kept, taken, _ = replay_shuffle(sum(unit_sizes(units, counts)), shuffle_buffer, rng, skip)
+            left.extend(unseen(units, counts, kept, taken))
+    return epoch, left
+
+
+def deal(units: Sequence[Unit], *, rank: int, world_size: int, reader: int, readers: int) -> list[Unit]:
+    """One reader's share of ``units``: dealt to the ranks first, then to each rank's readers."""
+    return list(units[rank::world_size][reader::readers])
+
+
+def as_units(saved: Iterable[Sequence[Any]]) -> list[Unit]:
+    """Units as a checkpoint's JSON holds them."""
+    return [(int(shard), None if picks is None else tuple(int(i) for i in picks)) for shard, picks in saved]
+
+
+def rest_rng(seed: int, epoch: int, rank: int, reader: int) -> random.Random:
+    """The shuffle buffer's random stream of a pass over an interrupted epoch's remainder."""
+    return random.Random(f"{seed}:{epoch}:{rank}:{reader}:rest")
 
 
 def is_held_out(key: str, fraction: float) -> bool:
@@ -124,18 +225,23 @@ def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random, buffer:
     yield from buffer
 
 
-def replay_shuffle(total: int, buffer_size: int, rng: random.Random, skip: int) -> tuple[list[int], int] | None:
+def replay_shuffle(total: int, buffer_size: int, rng: random.Random, skip: int) -> tuple[list[int], int, bool]:
     """Where :func:`shuffled` over ``total`` items stands once it has yielded ``skip``, worked
-    out from the item indices alone: the indices in its buffer (in buffer order) and the
-    index of the next item it takes in, ``rng`` advanced as the pass advanced it. None when
-    the pass would have been draining its buffer by then (the last ``buffer_size`` items of
-    a stream), which this does not replay."""
+    out from the item indices alone: the indices still to come out of its buffer (in buffer
+    order), the index of the next item it takes in, ``rng`` advanced as the pass advanced
+    it, and whether the pass was by then draining its buffer (after its last item: the
+    buffer's remaining indices are then in the order they come out)."""
+    if buffer_size <= 1:
+        return [], min(skip, total), False
     buffer = list(range(min(buffer_size, total)))
     taken, yielded = len(buffer), 0
     while yielded < skip and taken < total:
         buffer[rng.randrange(buffer_size)] = taken
         taken, yielded = taken + 1, yielded + 1
-    return (buffer, taken) if yielded == skip else None
+    if yielded == skip and len(buffer) == buffer_size:
+        return buffer, taken, False
+    rng.shuffle(buffer)
+    return buffer[skip - yielded:], taken, True
 
 
 def _torch_worker() -> tuple[int, int]:
@@ -150,8 +256,11 @@ class ShardStream(torch.utils.data.IterableDataset):
     shards assigned to this rank and dataloader worker for the current ``epoch``, through a
     shuffle buffer, and skips (and counts in ``skips``) a sample or shard that is corrupt.
     Call :meth:`set_epoch` before each epoch to reshuffle. ``keep(key)`` selects samples
-    (for example :func:`is_held_out` or its negation). ``counts``, each shard's number of
-    samples (from its manifest), lets a resumed reader skip whole shards unopened.
+    (for example :func:`is_held_out` or its negation), after the shuffle buffer. ``counts``,
+    each shard's number of samples (from its manifest), lets a resumed reader skip whole
+    shards unopened. ``rest``, ``(epoch, units of each reader)``, is that epoch's
+    remainder, dealt to this rank when a run resumes on another number of ranks or readers
+    (:func:`remainder`).
     """
 
     def __init__(
@@ -177,6 +286,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.decode = decode
         self.keep = keep
         self.epoch = 0
+        self.rest: tuple[int, list[Any]] | None = None
         self.skips = SkipCounter()
 
     def set_epoch(self, epoch: int) -> None:
@@ -190,41 +300,52 @@ class ShardStream(torch.utils.data.IterableDataset):
     def read(self, reader: int, readers: int, skip: int = 0) -> Iterator[tuple[int, Any]]:
         """``(position, decoded sample)`` for reader ``reader`` of this rank's ``readers`` this epoch.
 
-        ``position`` counts the samples out of the shuffle buffer so far, corrupt ones
-        included; the first ``skip`` are passed over without being decoded, which is how a
-        resumed run gets back to where it was without the cost of what it had trained on.
-        With the shards' sample ``counts`` known (and no ``keep`` filter or sample split),
-        the shuffle buffer is replayed on sample indices instead (:func:`replay_shuffle`):
-        only the shards holding samples still in the buffer are read again, the others
-        already taken are not opened, so a resume costs about the same at any step.
+        ``position`` counts the samples out of the shuffle buffer so far, corrupt ones and
+        ones ``keep`` refuses included; the first ``skip`` are passed over without being
+        decoded, which is how a resumed run gets back to where it was without the cost of
+        what it had trained on. With the shards' sample ``counts`` known, the shuffle buffer
+        is replayed on sample numbers instead (:func:`replay_shuffle`): only the shards
+        holding samples still in the buffer, or not yet taken in, are opened, so a resume
+        costs about the same at any position of the epoch, its last buffer included.
         """
-        indices, sample_split = assign_shards(
-            len(self.urls),
-            rank=self.rank,
-            world_size=self.world_size,
-            worker=reader,
-            num_workers=readers,
-            epoch=self.epoch,
-            seed=self.seed,
-            shuffle=self.shuffle_buffer > 1,
-        )
-        urls = [self.urls[i] for i in indices]
-        rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{reader}")
-        if skip and self.counts is not None and self.keep is None and sample_split is None and self.shuffle_buffer > 1:
-            counts = [self.counts[i] for i in indices]
-            where = replay_shuffle(sum(counts), self.shuffle_buffer, rng, skip)
-            if where is not None:
-                yield from self._decoded(enumerate(self._resumed(urls, counts, *where, rng), start=skip + 1))
-                return
-            rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{reader}")  # replay from the start
-        raw = iter_raw_samples(urls, self.skips)
-        if self.keep is not None:
-            raw = (sample for sample in raw if self.keep(sample["__key__"]))
-        if sample_split is not None:
-            split, splits = sample_split
-            raw = (sample for i, sample in enumerate(raw) if i % splits == split)
-        numbered = enumerate(shuffled(raw, self.shuffle_buffer, rng), start=1)
-        yield from self._decoded((position, sample) for position, sample in numbered if position > skip)
+        units, rng = self.reader_pass(reader, readers)
+        if units is None:  # readers outnumber shards and the counts are unknown: split as read
+            indices, (split, splits) = assign_shards(len(self.urls), rank=self.rank, world_size=self.world_size,
+                                                     worker=reader, num_workers=readers, epoch=self.epoch,
+                                                     seed=self.seed, shuffle=self.shuffle_buffer > 1)
+            raw = iter_raw_samples([self.urls[i] for i in indices], self.skips)
+            numbered = enumerate(shuffled((s for i, s in enumerate(raw) if i % splits == split),
+                                          self.shuffle_buffer, rng), start=1)
+        elif skip and self.counts is not None:
+            kept, taken, draining = replay_shuffle(sum(unit_sizes(units, self.counts)), self.shuffle_buffer, rng, skip)
+            numbered = enumerate(self._resumed(units, kept, taken, draining, rng), start=skip + 1)
+        else:
+            numbered = enumerate(shuffled(self._samples(units), self.shuffle_buffer, rng), start=1)
+        keep = self.keep
+        yield from self._decoded((position, sample) for position, sample in numbered
+                                 if position > skip and (keep is None or keep(sample["__key__"])))
+
+    def reader_pass(self, reader: int, readers: int) -> tuple[list[Unit] | None, random.Random]:
+        """This epoch's units for reader ``reader`` and its shuffle buffer's random stream:
+        the remainder dealt to it where this epoch is an interrupted one resumed
+        (:attr:`rest`), else its share (:func:`reader_pass`)."""
+        if self.rest is not None and self.rest[0] == self.epoch:
+            return as_units(self.rest[1][reader]), rest_rng(self.seed, self.epoch, self.rank, reader)
+        return reader_pass(len(self.urls), self.counts, rank=self.rank, world_size=self.world_size, reader=reader,
+                           readers=readers, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle_buffer > 1)
+
+    def _samples(self, units: Iterable[Unit]) -> Iterator[dict[str, Any]]:
+        """The raw samples of ``units``, in order."""
+        for unit in units:
+            yield from self._unit_samples(unit)
+
+    def _unit_samples(self, unit: Unit, upto: int | None = None) -> Iterator[dict[str, Any]]:
+        """One unit's raw samples, in order; with ``upto``, only its first ``upto``."""
+        shard, picks = unit
+        raw = iter_raw_samples([self.urls[shard]], self.skips)
+        if picks is not None:
+            raw = _picked(raw, picks)
+        yield from raw if upto is None else itertools.islice(raw, upto)
 
     def _decoded(self, numbered: Iterable[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, Any]]:
         """``(position, raw sample)`` pairs decoded; an undecodable sample skipped and counted."""
@@ -234,30 +355,52 @@ class ShardStream(torch.utils.data.IterableDataset):
             except ValueError as exc:
                 self.skips(exc)
 
-    def _resumed(self, urls: list[str], counts: list[int], kept: list[int], taken: int,
+    def _resumed(self, units: list[Unit], kept: list[int], taken: int, draining: bool,
                  rng: random.Random) -> Iterator[dict[str, Any]]:
-        """The rest of a shuffled pass whose buffer holds samples ``kept`` (indices into the
-        concatenated shards) and whose next sample is number ``taken``: the kept ones are
-        read back, the shards before ``taken`` that hold none of them are not opened."""
-        wanted, found = set(kept), {}
+        """The rest of a shuffled pass over ``units`` whose buffer holds samples ``kept``
+        (numbers in the pass) and whose next sample is number ``taken``: the kept ones are
+        read back, the units before ``taken`` that hold none of them are not opened."""
+        held, found = sorted(kept), {}
+        wanted_numbers = set(held)
 
         def rest() -> Iterator[dict[str, Any]]:
             start = 0
-            for url, count in zip(urls, counts):
-                end = start + count
-                if end > taken or any(start <= i < end for i in wanted):
-                    for i, sample in enumerate(iter_raw_samples([url], self.skips), start=start):
-                        if i >= taken:
-                            yield sample
-                        elif i in wanted:
-                            found[i] = sample
+            for unit, size in zip(units, unit_sizes(units, self.counts)):
+                end = start + size
+                wanted = held[bisect.bisect_left(held, start):bisect.bisect_left(held, end)]
+                if end > taken:
+                    samples = self._unit_samples(unit)
+                elif wanted:
+                    samples = self._unit_samples(unit, upto=wanted[-1] - start + 1)
+                else:
+                    samples = iter(())
+                for i, sample in enumerate(samples, start=start):
+                    if i >= taken:
+                        yield sample
+                    elif i in wanted_numbers:
+                        found[i] = sample
                 start = end
 
         after = rest()
         following = next(after, None)  # every kept sample lies before it, so all are found by now
         buffer = [found[i] for i in kept if i in found]
+        if draining:
+            yield from buffer
+            return
         items = after if following is None else itertools.chain([following], after)
         yield from shuffled(items, self.shuffle_buffer, rng, buffer)
+
+
+def _picked(raw: Iterator[dict[str, Any]], picks: Sequence[int]) -> Iterator[dict[str, Any]]:
+    """The samples of ``raw`` numbered ``picks`` (ascending), the shard read no further."""
+    if not picks:
+        return
+    wanted = set(picks)
+    for i, sample in enumerate(raw):
+        if i in wanted:
+            yield sample
+        if i >= picks[-1]:
+            return
 
 
 @dataclass

@@ -61,11 +61,12 @@ The column *kind* says what a field is to the pipeline's caching and resumption:
 
 The borderline cases, and why they fall where they do:
 
-- Training `workers` is identity. The global batch is `batch_size × workers ×
-  grad_accum`, and the ranks split the shards among themselves, so another worker count
-  takes different optimizer steps on different batches: another model. To scale out
-  without changing the model, keep the product constant (halve `batch_size` when doubling
-  `workers`); that is still a new run, because the data each step sees changes.
+- Training `workers` and `loader_workers` are execution, the one exception: the global
+  batch is `batch_size × workers × grad_accum`, so another worker count takes different
+  steps, but a run must keep its progress when a node is lost or the reservation changes.
+  A run resumed on another number of workers is the same run: it goes on at its step, the
+  interrupted epoch's unread samples dealt to the new ranks, with the new global batch. A
+  finished stage is not trained again for a new `workers` alone (`--force train` does).
 - Training `use_gpu` and `mixed_precision` are identity: on a GPU, `mixed_precision: auto`
   is bf16 autocast, a different computation from fp32 on a CPU.
 - Precompute `batch_size` and `use_gpu` are execution: the encoder sees each image on its

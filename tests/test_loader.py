@@ -1,5 +1,6 @@
 """Reading shards: rank/worker splits, shuffling, corrupt samples skipped and counted."""
 
+import itertools
 import random
 
 import numpy as np
@@ -163,19 +164,135 @@ def test_a_resumed_loader_continues_exactly_where_it_stopped(tmp_path, workers, 
         assert [keys for _, keys in resumed] == [keys for _, keys in unbroken[stop:]], stop
 
 
-def test_a_resume_with_other_ranks_or_readers_starts_the_next_epoch(tmp_path):
+def test_a_resume_with_other_ranks_or_readers_and_no_counts_starts_the_next_epoch(tmp_path):
     from ldmflow.training import loop
 
     urls = make_shards(str(tmp_path), 6, 10)
     saved = [read_batches(urls, 2, count=17)[-1][0]]  # in epoch 1, two readers
     assert saved[0]["epoch"] == 1
-    assert loop.rank_start(saved, 0, 1, 2) == saved[0]
+    stream = shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5)
+    assert loop.rank_start(stream, saved, 2) == saved[0]
     fresh = {"epoch": 2, "readers": [0], "first": 0}
-    assert loop.rank_start(saved, 1, 2, 1) == fresh  # another number of ranks: shards dealt anew
-    assert loop.resume_position(saved[0], 1, 4) == fresh  # another number of readers
+    assert loop.rank_start(stream, saved, 1) == fresh  # another number of readers, no sample counts
+    assert loop.rank_start(shard_stream.ShardStream(urls, rank=1, world_size=2), saved, 1) == fresh
     unbroken = read_batches(urls, 0, count=40)
     first_of_epoch_2 = next(keys for position, keys in unbroken if position["epoch"] == 2)
     assert read_batches(urls, 0, start=fresh, count=1)[0][1] == first_of_epoch_2
+
+
+def uneven_shards(root: str, num_shards: int = 13) -> tuple[list[str], list[int]]:
+    """Shards of 3 to 9 samples, numbered across them: their URLs and sample counts."""
+    from PIL import Image
+
+    from tests import helpers
+
+    urls, counts, index = [], [], 0
+    image = helpers.encode(Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)))
+    for s in range(num_shards):
+        count = 3 + (s * 5) % 7
+        samples = [image_shards.Sample(image_shards.sample_key(index + i), image, "png", {}) for i in range(count)]
+        urls.append(image_shards.write_shard(storage.join(root, image_shards.shard_name(s)), samples).url)
+        counts.append(count)
+        index += count
+    return urls, counts
+
+
+def interrupted(urls, counts, world: int, readers: int, reads: int, **stream_args) -> tuple[list[dict], list[str]]:
+    """Every rank's saved position after each of its readers took ``reads - reader`` samples
+    of epoch 0 (or all it had), and the keys they took."""
+    saved, seen = [], []
+    for rank in range(world):
+        stream = shard_stream.ShardStream(urls, rank=rank, world_size=world, counts=counts, **stream_args)
+        positions = []
+        for reader in range(readers):
+            position = 0
+            for position, sample in itertools.islice(stream.read(reader, readers), max(reads - reader, 0)):
+                seen.append(sample.key)
+            positions.append(position)
+        saved.append({"epoch": 0, "readers": positions, "first": 0})
+    return saved, seen
+
+
+def resumed_keys(urls, counts, saved, world: int, readers: int, **stream_args) -> list[str]:
+    """The keys every rank of ``world`` × ``readers`` reads of the epoch ``saved`` was in."""
+    from ldmflow.training import loop
+
+    keys = []
+    for rank in range(world):
+        stream = shard_stream.ShardStream(urls, rank=rank, world_size=world, counts=counts, **stream_args)
+        start = loop.rank_start(stream, saved, readers)
+        assert start["epoch"] == 0 and start["readers"] == [0] * readers
+        stream.rest = (0, start["units"])
+        for reader in range(readers):
+            keys.extend(sample.key for _, sample in stream.read(reader, readers))
+    return keys
+
+
+@pytest.mark.parametrize("before, after", [((2, 3), (1, 1)), ((1, 1), (2, 2)), ((2, 2), (3, 1)), ((1, 2), (4, 3))])
+@pytest.mark.parametrize("reads", [0, 4, 11, 100])
+def test_a_resume_on_other_ranks_reads_each_unseen_sample_of_the_epoch_once(tmp_path, before, after, reads):
+    urls, counts = uneven_shards(str(tmp_path))
+    args = dict(shuffle_buffer=6, seed=2)
+    saved, seen = interrupted(urls, counts, *before, reads, **args)
+    rest = resumed_keys(urls, counts, saved, *after, **args)
+    assert len(rest) == len(set(rest)) and not set(rest) & set(seen)
+    assert sorted(seen + rest) == [image_shards.sample_key(i) for i in range(sum(counts))]
+
+
+def test_a_remainder_resumed_again_on_other_ranks_still_reads_each_sample_once(tmp_path):
+    """2 ranks → 3 (interrupted again in the remainder, its position with its units) → 1."""
+    from ldmflow.training import loop
+
+    urls, counts = uneven_shards(str(tmp_path))
+    args = dict(shuffle_buffer=6, seed=2)
+    saved, seen = interrupted(urls, counts, 2, 2, 9, **args)
+    again = []
+    for rank in range(3):
+        stream = shard_stream.ShardStream(urls, rank=rank, world_size=3, counts=counts, **args)
+        start = loop.rank_start(stream, saved, 1)
+        stream.rest = (0, start["units"])
+        position = 0
+        for position, sample in itertools.islice(stream.read(0, 1), 5):
+            seen.append(sample.key)
+        again.append({**start, "readers": [position]})
+    rest = resumed_keys(urls, counts, again, 1, 1, **args)
+    assert len(rest) == len(set(rest)) and not set(rest) & set(seen)
+    assert sorted(seen + rest) == [image_shards.sample_key(i) for i in range(sum(counts))]
+
+
+def test_the_training_loop_resumes_two_ranks_on_one_through_its_loader_workers(tmp_path):
+    """Through loop.batches, with two loader workers that must get the remainder's units:
+    every sample of the interrupted epoch read once, its positions carrying the units, and
+    a resume from one of those positions going on exactly."""
+    from ldmflow.training import loop
+
+    urls, counts = uneven_shards(str(tmp_path))
+    seen, saved = [], []
+    for rank in range(2):
+        stream = shard_stream.ShardStream(urls, rank=rank, world_size=2, shuffle_buffer=6, seed=5, counts=counts)
+        batched, loader = loop.loader(stream, 4, shard_stream.collate, workers=0, prefetch=2)
+        got = list(itertools.islice(loop.batches(batched, loader, rank, None), 2 + rank))
+        seen.extend(key for _, batch in got for key in keys_of(batch))
+        saved.append(got[-1][0])
+
+    def epoch_zero(start, count=None):
+        stream = shard_stream.ShardStream(urls, shuffle_buffer=6, seed=5, counts=counts)
+        batched, loader = loop.loader(stream, 2, shard_stream.collate, workers=2, prefetch=2)
+        got = []
+        for position, batch in loop.batches(batched, loader, 0, start):
+            if position["epoch"] > 0 or len(got) == count:
+                return got
+            got.append((position, keys_of(batch)))
+
+    start = loop.rank_start(shard_stream.ShardStream(urls, shuffle_buffer=6, seed=5, counts=counts), saved, 2)
+    rest = epoch_zero(start)
+    keys = [key for _, batch in rest for key in batch]
+    assert all("units" in position for position, _ in rest)
+    assert len(keys) == len(set(keys)) and not set(keys) & set(seen)
+    dropped = sum(counts) - len(seen) - len(keys)  # each reader's last partial batch (drop_last)
+    assert 0 <= dropped <= 2
+    again = epoch_zero(rest[2][0])
+    assert [batch for _, batch in again] == [batch for _, batch in rest[3:]]
 
 
 def counting_decoder():
@@ -232,12 +349,36 @@ def test_replaying_the_shuffle_buffer_leaves_the_shards_already_consumed_unopene
 
 
 def test_replay_shuffle_stands_where_the_pass_stood():
-    for total, size, skip in ((100, 8, 30), (50, 10, 40), (1000, 100, 900)):
-        replayed_rng, rng = random.Random(3), random.Random(3)
-        buffer, taken = shard_stream.replay_shuffle(total, size, replayed_rng, skip)
-        continued = list(shard_stream.shuffled(range(taken, total), size, replayed_rng, buffer))
-        assert continued == list(shard_stream.shuffled(range(total), size, rng))[skip:]
-    assert shard_stream.replay_shuffle(20, 8, random.Random(0), 15) is None  # draining the buffer: not replayed
+    """At every position of a pass, the buffer's last one included (where it drains)."""
+    for total, size in ((100, 8), (50, 10), (7, 10), (30, 1)):
+        everything = list(shard_stream.shuffled(range(total), size, random.Random(3)))
+        for skip in range(total + 1):
+            rng = random.Random(3)
+            kept, taken, draining = shard_stream.replay_shuffle(total, size, rng, skip)
+            continued = kept if draining else list(shard_stream.shuffled(range(taken, total), size, rng, kept))
+            assert continued == everything[skip:], (total, size, skip)
+
+
+@pytest.mark.parametrize("held_out", [0.0, 0.2])
+def test_a_resume_anywhere_in_the_epoch_opens_only_the_shards_its_buffer_needs(tmp_path, monkeypatch, held_out):
+    """200 shards, one reader: at 10%, 50%, 90% and 99.9% of its epoch (with or without the
+    autoencoder's held-out filter) the resumed pass opens at most 10 shards before its first
+    sample, and goes on exactly as the unbroken pass."""
+    urls = make_shards(str(tmp_path), 200, 5)
+    keep = (lambda key: not shard_stream.is_held_out(key, held_out)) if held_out else None
+    stream = shard_stream.ShardStream(urls, shuffle_buffer=16, seed=1, counts=[5] * 200, keep=keep)
+    everything = [(position, sample.key) for position, sample in stream.read(0, 1)]
+    opened = []
+    real_open = storage.open_read
+    monkeypatch.setattr(storage, "open_read", lambda url: opened.append(url) or real_open(url))
+    for fraction in (0.1, 0.5, 0.9, 0.999):
+        skip = int(1000 * fraction)
+        opened.clear()
+        rest = stream.read(0, 1, skip=skip)
+        first = next(rest, None)
+        assert len(opened) <= 10, (fraction, len(opened))
+        got = [(position, sample.key) for position, sample in ([first] if first else []) + list(rest)]
+        assert got == [(position, key) for position, key in everything if position > skip], fraction
 
 
 def test_empty_epoch_names_what_the_readers_skipped(tmp_path):

@@ -229,6 +229,26 @@ def test_fsdp_trains_as_ddp_and_resumes_exactly_from_sharded_checkpoints(latent_
         assert not (checkpoint / "unet.safetensors").exists()
 
 
+def test_a_run_checkpointed_on_two_ranks_resumes_on_one_at_its_step(latent_set, tmp_path):
+    """Elastic: a 2-worker run stopped after a checkpoint (a worker killed, no failure
+    allowed) is the same job on 1 worker: found by its name, resumed at its step, the
+    interrupted epoch's unread latents dealt to the one rank (each read once: test_loader)."""
+    from dataclasses import replace
+
+    dest, _ = latent_set
+    config = DiffusionConfig(**KILL_RUN, max_failures=0, experiment="elastic")
+    with pytest.raises(Exception, match="(?i)fail|died|exit"):
+        train_killing_a_worker(dest, config, tmp_path / "b")
+    resumed = train(dest, replace(config, workers=1), storage_path=str(tmp_path / "b"), progress=False)
+    client = tracking.client()
+    runs = client.search_runs([client.get_run(resumed.run_id).info.experiment_id])
+    assert {run.info.run_name for run in runs} == {client.get_run(resumed.run_id).info.run_name}  # one job
+    restarts = [m.value for m in client.get_metric_history(resumed.run_id, "resumed_from_step")]
+    assert len(restarts) == 1 and restarts[0] % TINY["checkpoint_every"] == 0 and 0 < restarts[0] < KILL_RUN["steps"]
+    assert sorted(loss_by_step(resumed.run_id)) == list(range(int(restarts[0]) + 1, KILL_RUN["steps"] + 1))
+    assert (resumed.folder / "unet/diffusion_pytorch_model.safetensors").exists()
+
+
 def test_lineage_guard_refuses_another_autoencoder(latent_set, tmp_path):
     dest, _ = latent_set
     save_tiny_autoencoder(tmp_path / "other", seed=1)

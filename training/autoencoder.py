@@ -40,8 +40,10 @@ class AutoencoderConfig:
     disc_weight: Annotated[float, Field(
         ge=0, description="weight of the adversarial term; 0 disables the discriminator")] = 0.0
     disc_start: Annotated[int, Field(ge=0, description="step at which the discriminator starts")] = 200
-    workers: Annotated[int, Field(ge=0, description="Ray Train workers (DDP ranks); 0: Ray Train's local mode, the "
-                                                    "loop in this process (no worker actors to start, no recovery)")] = 2
+    workers: Annotated[int, Field(ge=0, description=(
+        "Ray Train workers (DDP ranks); 0: Ray Train's local mode, the loop in this process (no worker actors to "
+        "start, no recovery). A run resumes on another number, at its step, with the interrupted epoch's unread "
+        "images dealt anew"))] = configs.execution(2)
     use_gpu: Annotated[Literal["auto", "true", "false"], Field(description="`auto`, `true` or `false`")] = "auto"
     mixed_precision: Annotated[precision.MixedPrecision, Field(
         description="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
@@ -59,7 +61,7 @@ class AutoencoderConfig:
     shuffle_buffer: Annotated[int, Field(ge=0, description="samples in each reader's shuffle buffer")] = 500
     loader_workers: Annotated[int, Field(
         ge=0, description="DataLoader worker processes per rank, each reading its share of the rank's shards "
-                          "ahead of the step; 0: read between steps in the training process")] = 1
+                          "ahead of the step; 0: read between steps in the training process")] = configs.execution(1)
     prefetch_batches: Annotated[int, Field(
         ge=1, description="batches each loader worker keeps ready")] = configs.execution(4)
     experiment: Annotated[str, Field(description="MLflow experiment")] = configs.execution("ldmflow-autoencoder")
@@ -116,6 +118,7 @@ def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None =
     client.log_param(run_id, "resolution", resolution)
 
     loop_config = {"config": configs.to_dict(config), "shard_urls": urls, "resolution": resolution,
+                   "shard_counts": [shard.num_samples for shard in manifest.shards],
                    "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
     with launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
                     max_failures=config.max_failures,

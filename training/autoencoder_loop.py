@@ -88,12 +88,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     modules = {"vae": vae} | ({"disc": disc} if disc else {})
     optimizers = {"vae": opt_g} | ({"disc": opt_d} if opt_d else {})
 
-    step, data_start = 0, None
+    step = 0
     torch.manual_seed(config.seed * 1000 + rank)  # posterior-sampling noise differs by rank
     state = loop.restore(lambda folder: checkpoints.load(folder, modules=modules, optimizers=optimizers))
     if state is not None:
         step = state["step"]
-        data_start = _rank_position(state, rank, world, max(1, config.loader_workers))
 
     # DDP syncs the autoencoder's gradients through forward; the discriminator is stepped
     # on its own, so its gradients are averaged by hand (it starts identical on every rank).
@@ -108,9 +107,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         shuffle_buffer=config.shuffle_buffer,
         seed=config.seed,
         keep=lambda key: not shard_stream.is_held_out(key, config.held_out),
+        counts=loop_config.get("shard_counts"),
     )
     batched, loader = loop.loader(stream, config.batch_size, shard_stream.collate, workers=config.loader_workers,
                                   prefetch=config.prefetch_batches)
+    data_start = _rank_position(state, stream, max(1, config.loader_workers)) if state is not None else None
     tracker = runs.RankZeroTracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
     pixels = 3 * loop_config["resolution"] ** 2
     window: list[float] = []
@@ -174,12 +175,12 @@ def _gather(read: dict[str, Any], world: int) -> list[dict[str, Any]]:
     return positions
 
 
-def _rank_position(state: dict[str, Any], rank: int, world: int, readers: int) -> dict[str, Any]:
-    """This rank's saved data position; with another number of ranks, the next epoch's start
-    (checkpoints of an older ldmflow: every rank's epoch and batch count)."""
+def _rank_position(state: dict[str, Any], stream: shard_stream.ShardStream, readers: int) -> dict[str, Any]:
+    """This rank's data position in a checkpoint's ``state`` (:func:`loop.rank_start`;
+    checkpoints of an older ldmflow: every rank's epoch and batch count)."""
     if "data" not in state:
         return {"epoch": state["epoch"], "batches_in_epoch": state["batches_in_epoch"]}
-    return loop.rank_start(state["data"], rank, world, readers)
+    return loop.rank_start(stream, state["data"], readers)
 
 
 class _EncodeDecode(torch.nn.Module):

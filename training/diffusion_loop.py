@@ -139,7 +139,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
     position: dict[str, Any] = {"step": 0, "bad_steps": 0, "skipped": 0}
     readers = max(1, config.loader_workers)
-    data_start = None
+    saved_data = None
     training_state = dict(modules={"unet": trained, "ema": ema}, optimizers={"optimizer": (trained, optimizer)},
                           schedules={"lr_schedule": lr_schedule})
 
@@ -153,8 +153,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if saved is not None:
         positions = saved["position"]
         position.update(positions[rank] if len(positions) == world else {"step": saved["step"]})
-        # Older checkpoints keep the data position among the rank's own fields.
-        data_start = loop.rank_start([p.get("data", p) for p in positions], rank, world, readers)
+        saved_data = [p.get("data", p) for p in positions]  # older checkpoints: among the rank's own fields
 
     scheduler = schedules.training_scheduler(config.noise)
     embed = caption_embeddings(config, loop_config.get("stored_text", False), device)
@@ -163,6 +162,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                                       decode=latent_shards.decode_latent, counts=loop_config.get("shard_counts"))
     batched, loader = loop.loader(stream, config.batch_size, collate_latents, workers=config.loader_workers,
                                   prefetch=config.prefetch_batches)
+    data_start = loop.rank_start(stream, saved_data, readers) if saved_data else None
     tracker = GridTracker(loop_config, rank)
     if saved is not None and position["step"]:
         tracker.log(position["step"], resumed_from_step=position["step"])  # a restart, visible in MLflow

@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from ldmflow import configs
+from ldmflow.data import shard_stream
 from ldmflow.data.shard_stream import BatchStream, ShardStream
 from ldmflow.errors import LdmflowError
 from ldmflow.training import runs
@@ -77,21 +78,27 @@ class DataWait:
 
 def batches(batched: BatchStream, loader, rank: int, start: dict[str, Any] | None,
             wait: DataWait | None = None) -> Iterator[tuple[dict[str, Any], Any]]:
-    """``(position, batch)`` for ever, from ``start`` (a position a checkpoint recorded).
+    """``(position, batch)`` for ever, from ``start`` (a position a checkpoint recorded, or
+    :func:`rank_start`'s).
 
     A position is ``{"epoch", "readers", "first"}``: the epoch, how far each of the rank's
-    readers (loader workers) has read in it, and which of them the loader asks next. Each
-    epoch reshuffles the shards; on resumption every reader passes over what it had read
-    without decoding it, and the loader goes on in the same order, so the run sees exactly
-    the batches it would have seen without the interruption. An epoch without a single
-    batch raises :class:`EmptyEpoch` naming what the readers skipped. Time spent waiting for
-    a batch is added to ``wait``.
+    readers (loader workers) has read in it, and which of them the loader asks next; in an
+    interrupted epoch resumed on other ranks or readers, also ``"units"``, what each reader
+    reads of the epoch's remainder. Each epoch reshuffles the shards; on resumption every
+    reader passes over what it had read without decoding it, and the loader goes on in the
+    same order, so the run sees exactly the batches it would have seen without the
+    interruption. An epoch without a single batch raises :class:`EmptyEpoch` naming what
+    the readers skipped. Time spent waiting for a batch is added to ``wait``.
     """
     readers = batched.readers
     position = resume_position(start, readers, batched.batch_size)
+    if "units" in position:  # before the loader's workers start: they hold a copy of the stream
+        batched.stream.rest = (position["epoch"], position["units"])
+    rest = batched.stream.rest
     while True:
         epoch, positions, first = position["epoch"], list(position["readers"]), position["first"]
-        resumed = any(positions)
+        units = {"units": rest[1]} if rest is not None and rest[0] == epoch else {}
+        resumed = any(positions) or bool(units)
         batched.set_epoch(epoch, positions, first)
         got, skipped, errors = False, 0, []
         iterator = iter(loader)
@@ -107,7 +114,7 @@ def batches(batched: BatchStream, loader, rank: int, start: dict[str, Any] | Non
                 continue
             got = True
             positions[item.reader] = item.position
-            yield {"epoch": epoch, "readers": list(positions), "first": (item.reader + 1) % readers}, item.data
+            yield {"epoch": epoch, "readers": list(positions), "first": (item.reader + 1) % readers, **units}, item.data
         if not got and not resumed:
             raise EmptyEpoch(f"rank {rank} read no batch in epoch {epoch}: {skipped} samples or shards skipped "
                              f"({'; '.join(errors[:3])})")
@@ -122,18 +129,33 @@ def resume_position(saved: dict[str, Any] | None, readers: int, batch_size: int)
     if not saved:
         return start
     if len(saved.get("readers", ())) == readers:
-        return {"epoch": saved["epoch"], "readers": list(saved["readers"]), "first": saved.get("first", 0)}
+        return {"epoch": saved["epoch"], "readers": list(saved["readers"]), "first": saved.get("first", 0),
+                **({"units": saved["units"]} if "units" in saved else {})}
     if "batches_in_epoch" in saved and readers == 1:
         return {"epoch": saved["epoch"], "readers": [saved["batches_in_epoch"] * batch_size], "first": 0}
     return {**start, "epoch": saved["epoch"] + 1}
 
 
-def rank_start(positions: Sequence[dict[str, Any]], rank: int, world: int, readers: int) -> dict[str, Any]:
-    """This rank's data position among every rank's saved ``positions``. With another number
-    of ranks the shards are dealt anew, so every rank starts the epoch after the saved one."""
-    if len(positions) == world:
-        return positions[rank]
-    return {"epoch": positions[0]["epoch"] + 1, "readers": [0] * readers, "first": 0}
+def rank_start(stream: ShardStream, saved: Sequence[dict[str, Any]], readers: int) -> dict[str, Any]:
+    """This rank's data position among every rank's ``saved`` positions (a checkpoint's).
+
+    On the ranks and readers that saved them, its own. On another number of either (a run
+    resumed after losing a node, or on a larger reservation) the interrupted epoch's
+    remainder is dealt anew (:func:`ldmflow.data.shard_stream.remainder`), so each of its
+    samples not yet taken out of a shuffle buffer is read once; where the shards' sample
+    counts are unknown, every rank starts the next epoch instead.
+    """
+    world, rank = stream.world_size, stream.rank
+    if len(saved) == world and len(saved[rank].get("readers", ())) == readers:
+        return saved[rank]
+    if stream.counts is None or any("readers" not in position for position in saved):
+        return {"epoch": max(position["epoch"] for position in saved) + 1, "readers": [0] * readers, "first": 0}
+    epoch, left = shard_stream.remainder(saved, len(stream.urls), stream.counts, seed=stream.seed,
+                                         shuffle_buffer=stream.shuffle_buffer)
+    units = [[[shard, None if picks is None else list(picks)]
+              for shard, picks in shard_stream.deal(left, rank=rank, world_size=world, reader=reader, readers=readers)]
+             for reader in range(readers)]
+    return {"epoch": epoch, "readers": [0] * readers, "first": 0, "units": units}
 
 
 def restore(load: Callable[[str], dict[str, Any]]) -> dict[str, Any] | None:

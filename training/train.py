@@ -57,9 +57,10 @@ class DiffusionConfig:
         ge=1, description="EMA decay is min(`ema_decay`, (1 + n) / (`ema_warmup` + n))")] = 10
     mixed_precision: Annotated[precision.MixedPrecision, Field(
         description="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
-    workers: Annotated[int, Field(ge=0, description="Ray Train workers (data-parallel ranks); 0: Ray Train's local "
-                                                    "mode, the loop in this process (no worker actors to start, no "
-                                                    "recovery)")] = 2
+    workers: Annotated[int, Field(ge=0, description=(
+        "Ray Train workers (data-parallel ranks; the global batch is `workers × batch_size`); 0: Ray Train's local "
+        "mode, the loop in this process (no worker actors to start, no recovery). A run resumes on another number, "
+        "at its step, with the interrupted epoch's unread latents dealt anew"))] = configs.execution(2)
     parallel: Annotated[Literal["ddp", "fsdp"], Field(
         description="`ddp` (every rank holds the whole UNet) or `fsdp` (each holds 1/`workers` of its weights, "
                     "gradients and optimizer state); a run resumes from either kind of checkpoint")] = configs.execution("ddp")
@@ -79,7 +80,7 @@ class DiffusionConfig:
     shuffle_buffer: Annotated[int, Field(ge=0, description="latents in each reader's shuffle buffer")] = 1000
     loader_workers: Annotated[int, Field(
         ge=0, description="DataLoader worker processes per rank, each reading its share of the rank's shards "
-                          "ahead of the step; 0: read between steps in the training process")] = 1
+                          "ahead of the step; 0: read between steps in the training process")] = configs.execution(1)
     prefetch_batches: Annotated[int, Field(
         ge=1, description="batches each loader worker keeps ready")] = configs.execution(4)
     autoencoder: Annotated[str, Field(
