@@ -124,7 +124,8 @@ def remainder(saved: Sequence[dict[str, Any]], num_shards: int, counts: Sequence
 
     The epoch is the earliest any rank was in: ranks whose share is smaller begin the next
     epoch first, and what they read of it is read again. Nothing is opened: each reader's
-    buffer is replayed on sample numbers."""
+    buffer is replayed on sample numbers, which costs one random draw per sample read so far
+    in the epoch, on every rank (about a second per 2M samples)."""
     epoch = min(p["epoch"] for p in saved)
     left: list[Unit] = []
     for rank, position in enumerate(saved):
@@ -132,10 +133,11 @@ def remainder(saved: Sequence[dict[str, Any]], num_shards: int, counts: Sequence
             continue  # this rank had read all of its share
         readers = len(position["readers"])
         for reader, skip in enumerate(position["readers"]):
-            units, rng = reader_pass(num_shards, counts, rank=rank, world_size=len(saved), reader=reader,
-                                     readers=readers, epoch=epoch, seed=seed, shuffle=shuffle_buffer > 1)
-            if "units" in position:
+            if "units" in position:  # the rank was reading an earlier remainder
                 units, rng = as_units(position["units"][reader]), rest_rng(seed, epoch, rank, reader)
+            else:
+                units, rng = reader_pass(num_shards, counts, rank=rank, world_size=len(saved), reader=reader,
+                                         readers=readers, epoch=epoch, seed=seed, shuffle=shuffle_buffer > 1)
             kept, taken, _ = replay_shuffle(sum(unit_sizes(units, counts)), shuffle_buffer, rng, skip)
             left.extend(unseen(units, counts, kept, taken))
     return epoch, left
