@@ -49,9 +49,10 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def sample_key(index: int) -> str:
-    """The key of the input at ``index`` in a dataset's sorted input list."""
-    return f"{index:09d}"
+def sample_key(shard: int, position: int) -> str:
+    """The key of the ``position``-th input of shard ``shard``: stable while that shard's
+    inputs are (an input added to another shard moves no key)."""
+    return f"{shard:06d}{position:06d}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,6 +163,12 @@ class ImageManifest:
     shards: tuple[ShardInfo, ...]
     class_names: tuple[str, ...] | None
     stats: dict[str, list[float]]  # per-channel "mean" and "std" of pixels in [0, 1]
+    # What the shards were made from: a key of the source's listing and the config's identity
+    # (equal keys: a rerun has nothing to do), and each chunk's range as (first source, shard),
+    # sorted, the first from "": a rerun deals its inputs into the same ranges, so an input
+    # added or removed changes one shard only.
+    input_key: str = ""
+    ranges: tuple[tuple[str, str], ...] = ()
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 
@@ -188,6 +195,8 @@ class ImageManifest:
             "stats": self.stats,
             "config": self.config,
             "shards": [vars(shard) for shard in self.shards],
+            "input_key": self.input_key,
+            "ranges": [list(r) for r in self.ranges],
         }
         return json.dumps(body, indent=2, sort_keys=False) + "\n"
 
@@ -205,6 +214,8 @@ class ImageManifest:
                 shards=tuple(ShardInfo(**shard) for shard in body["shards"]),
                 class_names=tuple(body["class_names"]) if body["class_names"] is not None else None,
                 stats=body["stats"],
+                input_key=body.get("input_key", ""),
+                ranges=tuple((str(start), str(shard)) for start, shard in body.get("ranges", [])),
             )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"{where}: missing or malformed field: {exc}") from exc

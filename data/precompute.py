@@ -263,15 +263,17 @@ def _previous_shards(dest: str, weights_sha256: str, config: PrecomputeConfig) -
 
 
 def _find_done(dest: str, tasks: list[EncodeTask], weights_sha256: str,
-               config: PrecomputeConfig) -> dict[int, latent_shards.LatentShardInfo]:
+               config: PrecomputeConfig) -> tuple[dict[int, latent_shards.LatentShardInfo], list[str]]:
     """The tasks whose latent shard is complete, from one listing of ``dest``: its tar and the
     part record of its digest are both there. Part records of another digest (an earlier
     config or autoencoder, or the digest-less names of older versions) are removed for the shards
-    still to do, before any is written again, so a record never vouches for another run's tar."""
+    still to do, before any is written again, so a record never vouches for another run's tar.
+    Also what the listing holds of image shards no longer in the input (an input that
+    grew or shrank was sharded anew): removed once the new manifest is written."""
     try:
         listed = {entry.url for entry in storage.list_prefix(dest)}
     except storage.NotFound:
-        return {}
+        return {}, []
     previous = _previous_shards(dest, weights_sha256, config) if image_shards.manifest_url(dest) in listed else {}
     parts_of: dict[str, list[str]] = {}
     for url in listed:
@@ -289,7 +291,11 @@ def _find_done(dest: str, tasks: list[EncodeTask], weights_sha256: str,
                 continue
         for stale in parts_of.get(task.shard.removesuffix(".tar"), []):
             storage.delete(stale)
-    return done
+    current = {task.shard.removesuffix(".tar") for task in tasks}
+    gone = [url for name, urls in parts_of.items() if name not in current for url in urls]
+    gone += [url for url in listed if storage.dirname(url) == dest.rstrip("/") and storage.basename(url).startswith("shard-")
+             and storage.basename(url).removesuffix(".tar") not in current]
+    return done, gone
 
 
 @dataclass(frozen=True)
@@ -377,7 +383,7 @@ def precompute(
         EncodeTask(i, url, shard.sha256, storage.join(dest, shard.url), task_digest(shard.sha256, info.weights_sha256, config))
         for i, (url, shard) in enumerate(zip(image_shards.shard_urls(image_dataset, image_manifest), image_manifest.shards))
     ]
-    results = _find_done(dest, tasks, info.weights_sha256, config)
+    results, gone = _find_done(dest, tasks, info.weights_sha256, config)
     skipped = len(results)
     todo = [task for task in tasks if task.index not in results]
     failures: dict[int, str] = {}
@@ -405,6 +411,8 @@ def precompute(
         text_encoder=unets.TEXT_ENCODER if config.caption_embeddings else None,
     )
     storage.write_text(image_shards.manifest_url(dest), manifest.to_json())
+    for url in gone:
+        storage.delete(url)
     return PrecomputeOutcome(manifest, dest, len(tasks) - skipped - len(failures), skipped, time.perf_counter() - started)
 
 

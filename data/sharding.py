@@ -4,25 +4,38 @@ Three steps, each an importable function that the Prefect flow in ``flows/shard.
 as a task:
 
 1. :func:`plan` lists the source once, finds exact duplicates (same bytes: only inputs
-   whose sizes collide are hashed), and deals the unique inputs into chunks of
-   ``shard_size`` in sorted order. Chunk *i* becomes ``shard-i.tar``.
+   whose sizes collide are compared, by S3's content ETag where every one of them has it,
+   else by sha256), and deals the unique inputs into chunks. A fresh output is cut into
+   chunks of ``shard_size`` in sorted order; a rerun deals the inputs into the *ranges* its
+   previous manifest recorded (each chunk's first source), so an input added or removed
+   changes the one chunk whose range holds it. A chunk grown past twice ``shard_size`` is
+   split, the new pieces taking new shard numbers; an emptied one is dropped.
 2. :func:`write_chunk` fetches, validates and preprocesses one chunk and writes its shard
-   atomically, then a small part record (``_parts/shard-i.json``: rejects, statistics,
-   the shard's hash, and a digest of the chunk's inputs and config). A chunk whose part
-   record matches its digest is already done and is skipped, which is what makes a killed
-   run resumable.
+   atomically, then a small part record, named by the chunk's digest (its inputs as
+   listed, with their version tags, and the config's identity):
+   ``_parts/shard-i.DIGEST.json`` holds rejects, statistics and the shard's hash. One
+   listing of the output says which chunks are done, which is what makes a killed run
+   resumable and a rerun cost what changed.
 3. :func:`finalize` gathers the part records into ``rejects.jsonl``,
-   ``duplicates.jsonl`` and, last, ``manifest.json``.
+   ``duplicates.jsonl`` and, last, ``manifest.json``, then removes shards and records the
+   plan no longer has.
 
-The same inputs and config give byte-identical shards and the same manifest, whether the
-run was interrupted or not.
+Before any of it, :func:`unchanged` compares the source's listing (names, sizes, version
+tags) and the config with what the manifest at the output was made from: equal, and the
+shards all there, the run is done with one LIST of the source, one of the output and one
+GET of the manifest.
+
+The same inputs, config and previous manifest give byte-identical shards and the same
+manifest, whether the run was interrupted or not.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
+import re
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,7 +48,7 @@ from pydantic import Field
 
 from ldmflow import configs
 from ldmflow.data import image_shards, images, storage
-from ldmflow.data.sources import Listing, RawItem, Reject, Vanished, fetch, list_source
+from ldmflow.data.sources import Listing, RawItem, Reject, Scan, Vanished, fetch, list_source
 
 PARTS = "_parts"
 
@@ -68,8 +81,9 @@ class Duplicate:
 
 @dataclass(frozen=True)
 class Chunk:
-    index: int
-    items: tuple[tuple[int, RawItem], ...]  # (input index in the sorted listing, item)
+    index: int  # its shard's number
+    start: str  # the first source of its range; "" for the first chunk
+    items: tuple[RawItem, ...]
 
     @property
     def shard(self) -> str:
@@ -80,10 +94,11 @@ class Chunk:
 class Plan:
     source: str
     num_inputs: int
-    chunks: tuple[Chunk, ...]
+    chunks: tuple[Chunk, ...]  # sorted by range
     duplicates: tuple[Duplicate, ...]
     listing_rejects: tuple[Reject, ...]
     class_names: tuple[str, ...] | None
+    input_key: str  # see :func:`input_key`
 
 
 @dataclass(frozen=True)
@@ -121,33 +136,101 @@ class Part:
 # 1. Plan
 
 
-def plan(source: str, config: ShardConfig) -> Plan:
-    """List ``source`` once, mark exact duplicates, and deal the rest into chunks."""
-    listing = list_source(source, limit=config.limit)
+def input_key(scanned: Scan, config: ShardConfig) -> str:
+    """What a shard run is made from: the source's listing and the config's identity."""
+    return configs.key(config, listing=scanned.digest, format=[image_shards.FORMAT_NAME, image_shards.FORMAT_VERSION])
+
+
+def previous_manifest(dest: str) -> image_shards.ImageManifest | None:
+    """The manifest a previous run left at ``dest``, if there is a readable one."""
+    try:
+        return image_shards.ImageManifest.from_json(storage.read_text(image_shards.manifest_url(dest)), where=dest)
+    except (storage.NotFound, image_shards.ManifestError):
+        return None
+
+
+def unchanged(previous: image_shards.ImageManifest | None, key: str, dest: str, listed: dict[str, int]) -> bool:
+    """Whether ``previous`` was made from this listing and config and all it names is still
+    at ``dest`` (``listed``: URL → size, one listing of ``dest``)."""
+    if previous is None or previous.input_key != key:
+        return False
+    reports = [storage.join(dest, image_shards.REJECTS), storage.join(dest, image_shards.DUPLICATES)]
+    return (all(url in listed for url in reports)
+            and all(listed.get(storage.join(dest, info.url)) == info.bytes for info in previous.shards))
+
+
+def plan(source: str, config: ShardConfig, scanned: Scan,
+         previous: image_shards.ImageManifest | None = None) -> Plan:
+    """List ``source`` (from ``scanned``: no second listing), mark exact duplicates, and deal
+    the rest into chunks: into ``previous``'s ranges when it was made with this config."""
+    listing = list_source(source, limit=config.limit, scanned=scanned)
     hashes = _content_hashes(listing)
     seen: dict[str, str] = {}
     duplicates: list[Duplicate] = []
-    unique: list[tuple[int, RawItem]] = []
-    for index, item in enumerate(listing.items):
+    unique: list[RawItem] = []
+    for item in listing.items:
         digest = hashes.get(item.source)
         if digest is not None and digest in seen:
             duplicates.append(Duplicate(item.source, seen[digest]))
             continue
         if digest is not None:
             seen[digest] = item.source
-        unique.append((index, item))
-    chunks = tuple(
-        Chunk(i, tuple(unique[start : start + config.shard_size]))
-        for i, start in enumerate(range(0, len(unique), config.shard_size))
-    )
+        unique.append(item)
+    same_config = previous is not None and _identity_of(previous) == configs.identity(config)
     return Plan(
         source=source,
         num_inputs=len(listing.items) + len(listing.rejects),
-        chunks=chunks,
+        chunks=deal(unique, config.shard_size, previous.ranges if same_config else ()),
         duplicates=tuple(duplicates),
         listing_rejects=listing.rejects,
         class_names=listing.class_names,
+        input_key=input_key(scanned, config),
     )
+
+
+def _identity_of(manifest: image_shards.ImageManifest) -> dict | None:
+    try:
+        return configs.identity(configs.from_dict(ShardConfig, manifest.config))
+    except configs.ConfigError:
+        return None
+
+
+def deal(items: Sequence[RawItem], shard_size: int, ranges: Sequence[tuple[str, str]] = ()) -> tuple[Chunk, ...]:
+    """Chunks of ``items`` (sorted by source): cut every ``shard_size`` without ``ranges``;
+    with them, each item goes to the range (first source, shard) it falls in. A range with
+    no item is dropped; one holding more than ``2 * shard_size`` is split into pieces of
+    ``shard_size``, the first keeping its shard and the others numbered after the largest."""
+    if not ranges:
+        pieces = [tuple(items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
+        return tuple(Chunk(i, piece[0].source if i else "", piece) for i, piece in enumerate(pieces))
+    starts = ["", *(start for start, _ in ranges[1:])]  # the first range reaches down to anything
+    groups: list[list[RawItem]] = [[] for _ in ranges]
+    for item in items:
+        groups[bisect.bisect_right(starts, item.source) - 1].append(item)
+    following = max(shard_number(shard) for _, shard in ranges) + 1
+    chunks: list[Chunk] = []
+    for start, (_, shard), group in zip(starts, ranges, groups):
+        if len(group) <= 2 * shard_size:
+            if group:
+                chunks.append(Chunk(shard_number(shard), start, tuple(group)))
+            continue
+        for offset in range(0, len(group), shard_size):
+            piece = tuple(group[offset : offset + shard_size])
+            if offset == 0:
+                chunks.append(Chunk(shard_number(shard), start, piece))
+            else:
+                chunks.append(Chunk(following, piece[0].source, piece))
+                following += 1
+    if chunks and chunks[0].start:
+        chunks[0] = replace(chunks[0], start="")
+    return tuple(chunks)
+
+
+def shard_number(shard: str) -> int:
+    match = re.fullmatch(r"shard-(\d+)\.tar", shard)
+    if match is None:
+        raise image_shards.ManifestError(f"{shard!r} is not a shard name")
+    return int(match.group(1))
 
 
 def _content_hashes(listing: Listing) -> dict[str, str]:
@@ -156,9 +239,16 @@ def _content_hashes(listing: Listing) -> dict[str, str]:
     for item in listing.items:
         if item.size > 0:
             by_size[item.size].append(item)
-    candidates = [item for group in by_size.values() if len(group) > 1 for item in group]
-    known = {item.source: item.sha256 for item in candidates if item.sha256 is not None}
-    todo = [item for item in candidates if item.sha256 is None]
+    known: dict[str, str] = {}
+    todo: list[RawItem] = []
+    for group in by_size.values():
+        if len(group) < 2:
+            continue
+        if all(_content_etag(item) for item in group):  # S3 already hashed them: no GET
+            known.update((item.source, "md5:" + _content_etag(item)) for item in group)
+            continue
+        known.update((item.source, item.sha256) for item in group if item.sha256 is not None)
+        todo.extend(item for item in group if item.sha256 is None)
 
     def digest(item: RawItem) -> str | None:
         try:
@@ -177,60 +267,107 @@ def _content_hashes(listing: Listing) -> dict[str, str]:
     return known
 
 
+def _content_etag(item: RawItem) -> str:
+    """An S3 object's ETag when it looks like the MD5 of its bytes (one part), else "".
+    Multipart ETags are not content hashes and are refused; a single-part SSE-KMS ETag is
+    not one either, but it is unique per object, so twins go unnoticed, never confused."""
+    if not storage.is_s3(item.url) or "#" in item.url:
+        return ""
+    return item.etag if re.fullmatch(r"[0-9a-f]{32}", item.etag) else ""
+
+
 # ---------------------------------------------------------------------------------------
 # 2. Write one chunk
 
 
 def chunk_digest(chunk: Chunk, config: ShardConfig, class_names: Sequence[str] | None) -> str:
-    """Identifies a chunk's output: its inputs (as listed) and the config's identity."""
+    """Identifies a chunk's output: its shard number (in its samples' keys), its inputs as
+    listed (with their version tags) and the config's identity."""
     return configs.key(
         config,
         class_names=list(class_names) if class_names is not None else None,
-        items=[[index, item.source, item.size, item.caption, item.label, item.sha256] for index, item in chunk.items],
+        shard=chunk.index,
+        items=[[item.source, item.size, item.etag, item.caption, item.label, item.sha256] for item in chunk.items],
         format=[image_shards.FORMAT_NAME, image_shards.FORMAT_VERSION],
     )
 
 
-def part_url(dest: str, shard: str) -> str:
-    return storage.join(dest, PARTS, shard.replace(".tar", ".json"))
+def part_url(dest: str, shard: str, digest: str) -> str:
+    """The part record of ``shard`` as written for ``digest``: a listing says which are done."""
+    return storage.join(dest, PARTS, f"{shard.removesuffix('.tar')}.{digest}.json")
 
 
-def completed_part(dest: str, chunk: Chunk, digest: str) -> Part | None:
-    """The part record of a chunk already written with this digest, if any."""
+@dataclass(frozen=True)
+class Todo:
+    """One chunk as the flow hands it to a task: what to write, and what the listing of the
+    output found of it (its record's URL when listed, whether its shard is)."""
+
+    chunk: Chunk
+    digest: str
+    record: str | None
+    shard_listed: bool
+
+
+def todo(plan: Plan, dest: str, config: ShardConfig, listed: dict[str, int]) -> tuple[list[Todo], list[str]]:
+    """Each chunk with what one listing of ``dest`` says of it, and what the listing holds
+    that this plan does not (shards and records of other plans or digests: removed once the
+    new manifest is written). Records of another digest for a chunk still to write are
+    removed now, so a record never vouches for another run's shard."""
+    todos = []
+    keep = set()
+    for chunk in plan.chunks:
+        digest = chunk_digest(chunk, config, plan.class_names)
+        record = part_url(dest, chunk.shard, digest)
+        shard = storage.join(dest, chunk.shard)
+        todos.append(Todo(chunk, digest, record if record in listed else None, shard in listed))
+        keep.update((record, shard))
+    stale = [url for url in listed if url not in keep and _is_shard_or_record(storage.relative_to(url, dest))]
+    planned = {chunk.shard.removesuffix(".tar") for chunk in plan.chunks}
+    for url in stale:
+        if url.endswith(".json") and storage.basename(url).split(".", 1)[0] in planned:
+            storage.delete(url)
+    return todos, stale
+
+
+def _is_shard_or_record(rel: str) -> bool:
+    return bool(re.fullmatch(r"shard-\d+\.tar|" + PARTS + r"/shard-\d+(\.[0-9a-f]+)?\.json", rel))
+
+
+def completed_part(todo: Todo) -> Part | None:
+    """The part record of a chunk already written with its digest, if the listing had one."""
+    if todo.record is None:
+        return None
     try:
-        part = Part.from_json(storage.read_text(part_url(dest, chunk.shard)))
+        part = Part.from_json(storage.read_text(todo.record))
     except storage.NotFound:
         return None
     except (json.JSONDecodeError, KeyError, TypeError):
         return None  # unreadable record: redo the chunk
-    if part.digest != digest:
-        return None
-    if part.shard_info is not None and not storage.exists(storage.join(dest, part.shard_info.url)):
+    if part.digest != todo.digest or (part.shard_info is not None and not todo.shard_listed):
         return None
     return part
 
 
-def write_chunk(chunk: Chunk, dest: str, config: ShardConfig, class_names: Sequence[str] | None = None) -> Part:
+def write_chunk(todo: Todo, dest: str, config: ShardConfig) -> Part:
     """Fetch, validate and preprocess one chunk; write its shard, then its part record."""
-    digest = chunk_digest(chunk, config, class_names)
-    done = completed_part(dest, chunk, digest)
+    done = completed_part(todo)
     if done is not None:
         return replace(done, skipped=True)
+    chunk, digest = todo.chunk, todo.digest
 
     samples: list[image_shards.Sample] = []
     rejects: list[Reject] = []
     histogram = np.zeros((3, 256), dtype=np.int64)  # exact integer statistics
 
-    def prepare(index: int, item: RawItem, data: bytes | Vanished) -> tuple[image_shards.Sample, np.ndarray] | Reject:
+    def prepare(position: int, item: RawItem, data: bytes | Vanished) -> tuple[image_shards.Sample, np.ndarray] | Reject:
         if isinstance(data, Vanished):
             return Reject(item.source, str(data))
         try:
-            return _sample(index, item, data, config)
+            return _sample(image_shards.sample_key(chunk.index, position), item, data, config)
         except images.Rejected as exc:
             return Reject(item.source, str(exc))
 
-    fetched = ((index, item, data)
-               for (index, item), (_, data) in zip(chunk.items, fetch(item for _, item in chunk.items)))
+    fetched = ((position, item, data) for position, (item, data) in enumerate(fetch(chunk.items)))
     for result in in_order(image_pool(config.workers), prepare, fetched, ahead=4 * config.workers):
         if isinstance(result, Reject):
             rejects.append(result)
@@ -250,11 +387,11 @@ def write_chunk(chunk: Chunk, dest: str, config: ShardConfig, class_names: Seque
         rejects=tuple(rejects),
         histogram=tuple(tuple(int(v) for v in row) for row in histogram),
     )
-    storage.write_text(part_url(dest, chunk.shard), part.to_json())
+    storage.write_text(part_url(dest, chunk.shard, digest), part.to_json())
     return part
 
 
-def _sample(index: int, item: RawItem, data: bytes, config: ShardConfig) -> tuple[image_shards.Sample, np.ndarray]:
+def _sample(key: str, item: RawItem, data: bytes, config: ShardConfig) -> tuple[image_shards.Sample, np.ndarray]:
     """One input as a sample and its pixel histogram; raises :class:`images.Rejected`."""
     decoded = images.preprocess(data, config.resolution, min_size=config.min_size, max_pixels=config.max_pixels,
                                 resample=config.resample)
@@ -267,7 +404,7 @@ def _sample(index: int, item: RawItem, data: bytes, config: ShardConfig) -> tupl
         "format": decoded.format,
     }
     sample = image_shards.Sample(
-        key=image_shards.sample_key(index),
+        key=key,
         image=images.encode(decoded.image, config.format, config.jpeg_quality, config.png_compress_level),
         image_ext=config.format,
         meta=meta,
@@ -321,11 +458,14 @@ def histogram_mean_std(histogram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # 3. Finalize
 
 
-def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig) -> image_shards.ImageManifest:
-    """Write rejects, duplicates and (last) the manifest; remove shards no longer planned."""
-    parts = sorted(parts, key=lambda part: part.shard)
-    if [part.shard for part in parts] != [chunk.shard for chunk in plan.chunks]:
+def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig,
+             stale: Sequence[str] = ()) -> image_shards.ImageManifest:
+    """Write rejects, duplicates and (last) the manifest; then remove ``stale``, the shards
+    and records of an earlier plan, which a reader of the old manifest no longer needs."""
+    by_shard = {part.shard: part for part in parts}
+    if sorted(by_shard) != sorted(chunk.shard for chunk in plan.chunks) or len(parts) != len(plan.chunks):
         raise RuntimeError("finalize needs exactly one part per planned chunk")
+    parts = [by_shard[chunk.shard] for chunk in plan.chunks]  # in range order
     rejects = sorted([*plan.listing_rejects, *(r for part in parts for r in part.rejects)], key=lambda r: r.source)
     image_shards.write_jsonl(storage.join(dest, image_shards.REJECTS), (asdict(r) for r in rejects))
     image_shards.write_jsonl(storage.join(dest, image_shards.DUPLICATES), (asdict(d) for d in plan.duplicates))
@@ -345,24 +485,19 @@ def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig) 
         shards=infos,
         class_names=plan.class_names,
         stats={"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]},
+        input_key=plan.input_key,
+        ranges=tuple((chunk.start, chunk.shard) for chunk in plan.chunks),
     )
-    _remove_unplanned(dest, {info.url for info in infos}, {part.shard for part in parts})
     storage.write_text(image_shards.manifest_url(dest), manifest.to_json())
+    for url in stale:
+        storage.delete(url)
     return manifest
 
 
-def _remove_unplanned(dest: str, keep_shards: set[str], keep_parts: set[str]) -> None:
-    """Delete shards and part records left by an earlier run with another plan."""
-    for entry in storage.list_prefix(dest):
-        rel = storage.relative_to(entry.url, dest)
-        if rel.startswith("shard-") and rel.endswith(".tar") and rel not in keep_shards:
-            storage.delete(entry.url)
-        elif rel.startswith(PARTS + "/") and rel.endswith(".json"):
-            if storage.basename(rel).replace(".json", ".tar") not in keep_parts:
-                storage.delete(entry.url)
-
-
-def summary_line(manifest: image_shards.ImageManifest, dest: str, written: int, skipped: int, seconds: float) -> str:
+def summary_line(manifest: image_shards.ImageManifest, dest: str, written: int, skipped: int, seconds: float,
+                 unchanged: bool = False) -> str:
+    if unchanged:
+        return f"shard: {manifest.summary()} -> {dest} [unchanged source and config: nothing to do, {seconds:.1f}s]"
     rate = manifest.num_inputs / seconds if seconds > 0 else math.inf
     return (
         f"shard: {manifest.summary()} -> {dest} "

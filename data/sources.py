@@ -49,12 +49,24 @@ class RawItem:
     caption: str | None = None
     label: int | None = None
     sha256: str | None = None  # known at listing for tar members and built-ins
+    etag: str = ""  # the store's version tag of the image file (S3 ETag, local mtime); "" in a tar
 
 
 @dataclass(frozen=True)
 class Reject:
     source: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What a source holds, from one LIST (one HEAD for a tar file): every file's name, size
+    and version tag, and a digest of them all. Equal digests mean an unchanged source, so a
+    rerun can know it has nothing to do before reading a sidecar or a tar."""
+
+    source: str
+    entries: tuple[storage.Entry, ...]
+    digest: str
 
 
 @dataclass(frozen=True)
@@ -75,19 +87,45 @@ class _File:
     size: int
     sha256: str | None = None
     content: bytes | None = None  # kept for small files read while listing (tar members)
+    etag: str = ""
 
 
-def list_source(source: str, limit: int = 0) -> Listing:
-    """List every input of ``source`` once, sorted, with captions and labels resolved."""
+def scan(source: str, limit: int = 0) -> Scan:
+    """One listing of ``source``: its files and their digest (with ``limit``, which changes
+    what is taken)."""
+    if builtin.is_builtin(source):
+        entries: tuple[storage.Entry, ...] = ()
+        what = builtin.fingerprint(source)
+    else:
+        if _is_tar_file(source):
+            try:
+                entries = (storage.stat(source),)
+            except storage.NotFound as exc:
+                raise SourceError(f"{source}: no such tar") from exc
+        else:
+            try:
+                entries = tuple(storage.list_prefix(source))
+            except storage.NotFound as exc:
+                raise SourceError(f"{source}: no such folder or prefix") from exc
+        what = "".join(f"{storage.relative_to(e.url, source) if e.url != source else ''} {e.size} {e.etag}\n"
+                       for e in entries)
+    digest = hashlib.sha256(f"{source}\nlimit {limit}\n{what}".encode()).hexdigest()
+    return Scan(source, entries, digest)
+
+
+def _is_tar_file(source: str) -> bool:
+    return source.endswith(".tar") and not source.endswith("/")
+
+
+def list_source(source: str, limit: int = 0, scanned: Scan | None = None) -> Listing:
+    """List every input of ``source`` once, sorted, with captions and labels resolved
+    (from ``scanned``, when given, with no second listing)."""
     if builtin.is_builtin(source):
         return _list_builtin(source, limit)
-    if source.endswith(".tar") and not source.endswith("/"):
+    entries = (scanned or scan(source, limit)).entries
+    if _is_tar_file(source):
         trees = [(storage.basename(source), _list_tar(source))]
     else:
-        try:
-            entries = list(storage.list_prefix(source))
-        except storage.NotFound as exc:
-            raise SourceError(f"{source}: no such folder or prefix") from exc
         loose: list[_File] = []
         trees = []
         for entry in entries:
@@ -95,7 +133,7 @@ def list_source(source: str, limit: int = 0) -> Listing:
             if rel.endswith(".tar"):
                 trees.append((rel, _list_tar(entry.url)))
             else:
-                loose.append(_File(rel, entry.url, entry.size))
+                loose.append(_File(rel, entry.url, entry.size, etag=entry.etag))
         trees.insert(0, ("", (loose, [])))
     items: list[tuple[RawItem, str | int | None]] = []
     rejects: list[Reject] = []
@@ -117,7 +155,7 @@ def check_source(source: str) -> None:
     if builtin.is_builtin(source):
         builtin.load(source)
         return
-    if source.endswith(".tar") and not source.endswith("/"):
+    if _is_tar_file(source):
         if not storage.exists(source):
             raise SourceError(f"{source}: no such tar")
         return
@@ -258,7 +296,7 @@ def _resolve_tree(root: str, files: list[_File]) -> tuple[list[tuple[RawItem, st
             label = side[".cls"].decode("utf-8", "replace").strip()
         if side[".txt"] is not None:
             caption = side[".txt"].decode("utf-8", "replace").strip()
-        items.append((RawItem(source_of(f.rel), f.url, f.size, caption, None, f.sha256), label))
+        items.append((RawItem(source_of(f.rel), f.url, f.size, caption, None, f.sha256, f.etag), label))
     return items, rejects
 
 

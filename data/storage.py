@@ -49,6 +49,7 @@ class Entry:
 
     url: str
     size: int
+    etag: str = ""  # what changes when the content does: S3's ETag, a local file's mtime in ns
 
 
 def is_s3(url: str) -> bool:
@@ -237,14 +238,25 @@ def exists(url: str) -> bool:
 
 
 def size(url: str) -> int:
+    return stat(url).size
+
+
+def stat(url: str) -> Entry:
+    """One object's size and version tag (one HEAD on S3)."""
     if is_s3(url):
         bucket, key = _split_s3(url)
         with _s3_errors(url):
-            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+        return Entry(url, int(head["ContentLength"]), head.get("ETag", "").strip('"'))
     try:
-        return os.path.getsize(url)
+        return _local_entry(url)
     except FileNotFoundError as exc:
         raise NotFound(f"{url}: no such file") from exc
+
+
+def _local_entry(path: str) -> Entry:
+    info = os.stat(path)
+    return Entry(path, info.st_size, str(info.st_mtime_ns))
 
 
 def delete(url: str) -> None:
@@ -276,7 +288,7 @@ def list_prefix(prefix: str, recursive: bool = True) -> Iterator[Entry]:
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith("/") or is_temporary(obj["Key"]):
                         continue
-                    yield Entry(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]))
+                    yield Entry(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj.get("ETag", "").strip('"'))
         return
     if not os.path.isdir(prefix):
         raise NotFound(f"{prefix}: no such folder")
@@ -287,13 +299,12 @@ def list_prefix(prefix: str, recursive: bool = True) -> Iterator[Entry]:
             dirs.sort()
             for name in files:
                 if not is_temporary(name):
-                    path = os.path.join(root, name)
-                    found.append(Entry(path, os.path.getsize(path)))
+                    found.append(_local_entry(os.path.join(root, name)))
     else:
         for name in os.listdir(base):
             path = os.path.join(base, name)
             if os.path.isfile(path) and not is_temporary(name):
-                found.append(Entry(path, os.path.getsize(path)))
+                found.append(_local_entry(path))
     yield from sorted(found, key=lambda entry: entry.url)
 
 

@@ -32,7 +32,9 @@ def shard_images(
     """Validate, deduplicate and resize a raw image dataset into WebDataset shards.
 
     Every input that cannot be used is written to rejects.jsonl with its reason; the run
-    goes on. Rerunning into the same DEST finishes only the shards that are missing.
+    goes on. Rerunning into the same DEST finishes only the shards that are missing; after
+    the source changed, it rewrites only the shards whose inputs changed; with nothing
+    changed, it lists the source and DEST once and stops.
     """
     from ldmflow.data import storage
     from ldmflow.data.sharding import ShardConfig
@@ -101,7 +103,8 @@ def precompute(
 
     Shards are read and decoded by CPU tasks, encoded by a pool of encoder actors (GPUs
     where the cluster has them) and written by CPU tasks, streamed. Finished shards are
-    skipped on a rerun; a shard that keeps failing is listed in the manifest and the
+    skipped on a rerun (so after a shard rerun, only the image shards it rewrote are
+    encoded, and latents of shards it dropped removed); a shard that keeps failing is listed in the manifest and the
     summary, and the command exits 1.
     """
     from ldmflow.data.precompute import PrecomputeConfig

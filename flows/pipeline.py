@@ -1,8 +1,10 @@
 """The end-to-end flow: raw images → shards → autoencoder → latents → diffusion model →
 evaluation → promotion (→ serving), each stage a subflow that also runs alone.
 
-Every stage has a cache key: the hash of what it reads (the source listing, or the input
-manifest's sha256, or the model version) and its own config. A finished stage writes a
+Every stage has a cache key: the hash of what it reads (the input manifest's sha256, or
+the model version) and its own config. The shard stage is the exception: it always runs,
+and its flow finds in one listing of the source whether anything changed since its
+manifest (nothing: done; an input added: one shard rewritten). A finished stage writes a
 record, ``STORAGE/NAME/_stages/STAGE-KEY.json``, with its inputs and outputs; a later run
 with the same key finds the record (and its outputs still there) and skips the stage. So a
 rerun after a failure resumes at the failed stage (and inside it: shards and latents skip
@@ -10,8 +12,10 @@ what is complete, training resumes from its Ray Train checkpoint), a rerun with 
 inputs skips everything, and a changed config reruns only what depends on it.
 ``force`` reruns the named stages whatever their records say.
 
-Outputs that are folders carry their key in the name (``images-KEY``, ``latents-KEY``), so
-a new config never overwrites the data an older model was trained on. Every stage's MLflow
+Outputs that are folders carry in their name the key of their config and where they read
+from (``images-KEY``: source and shard config; ``latents-KEY``: image folder, autoencoder,
+precompute config), so a new config never overwrites the data an older model was trained
+on, and a source that grows updates its folders in place, shard by shard. Every stage's MLflow
 run carries the URLs and hashes of its inputs and outputs (tags ``ldmflow.input.*`` and
 ``ldmflow.output.*``); shard and precompute, which have no run of their own, get one.
 """
@@ -117,22 +121,6 @@ class PipelineOutcome:
         return "\n".join(lines)
 
 
-def source_fingerprint(source: str) -> str:
-    """What the raw input is, cheaply: the sorted listing (names and sizes) of a folder or
-    prefix, a tar's size, or a built-in dataset's :func:`~ldmflow.data.builtin.fingerprint`.
-    Listing once per run is the cost."""
-    from ldmflow.data import builtin
-
-    if builtin.is_builtin(source):
-        return builtin.fingerprint(source)
-    if source.endswith(".tar"):
-        return f"{source} {storage.size(source)}"
-    digest = hashlib.sha256()
-    for entry in storage.list_prefix(source):
-        digest.update(f"{entry.url} {entry.size}\n".encode())
-    return digest.hexdigest()
-
-
 def manifest_sha(dataset: str) -> str:
     return hashlib.sha256(storage.read_text(image_shards.manifest_url(dataset)).encode()).hexdigest()
 
@@ -159,10 +147,21 @@ class Stages:
     def record_url(self, stage: str, key: str) -> str:
         return storage.join(self.base, "_stages", f"{stage}-{key}.json")
 
-    def run(self, stage: str, key: str, body: Callable[[], dict], still_there: Callable[[dict], bool]) -> dict:
+    def record(self, stage: str, key: str) -> dict | None:
+        try:
+            return json.loads(storage.read_text(self.record_url(stage, key)))
+        except storage.NotFound:
+            return None
+
+    def run(self, stage: str, key: str, body: Callable[[], dict], still_there: Callable[[dict], bool],
+            always: bool = False) -> dict:
+        """The stage's outputs: from its record when it has one whose outputs are still there
+        (unless forced, or selected and ``always``: then ``body`` decides, returning
+        ``unchanged`` with the record's outputs when it found nothing to do), else from ``body``."""
         record_url = self.record_url(stage, key)
-        record = json.loads(storage.read_text(record_url)) if storage.exists(record_url) else None
-        if record is not None and stage not in self.force and still_there(record["outputs"]):
+        record = self.record(stage, key)
+        decides = always and stage in self.selected
+        if record is not None and stage not in self.force and still_there(record["outputs"]) and not decides:
             result = StageResult(stage, key, True, record["outputs"])
             self.say(stage, "done before for these inputs, skipped")
         elif stage not in self.selected:
@@ -172,7 +171,9 @@ class Stages:
             self.say(stage, "running")
             started = time.perf_counter()
             outputs = body()
-            result = StageResult(stage, key, False, outputs, time.perf_counter() - started)
+            unchanged = outputs.pop("unchanged", False)
+            result = StageResult(stage, key, unchanged, outputs, time.perf_counter() - started)
+        if not result.skipped:
             storage.write_text(record_url, json.dumps({
                 "stage": stage, "key": key, "outputs": outputs, "config": self.config_of(stage),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2, sort_keys=True) + "\n")
@@ -246,7 +247,7 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
 
     # 1. shard: raw images → image shards
     source = storage.absolute(p.source) if not p.source.startswith("builtin:") else p.source
-    key = configs.key(spec.shard, source=source, fingerprint=source_fingerprint(source))
+    key = configs.key(spec.shard, source=source)
     images = storage.join(base, f"images-{key}")
 
     def write_shards() -> dict:
@@ -255,10 +256,13 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
                 storage.delete(entry.url)
         outcome = shard.run(source, images, spec.shard, progress)
         outputs = {"images": images, "manifest_sha256": manifest_sha(images), "samples": outcome.manifest.num_samples}
+        record = runner.record("shard", key)
+        if outcome.unchanged and record and record["outputs"].get("manifest_sha256") == outputs["manifest_sha256"]:
+            return record["outputs"] | {"unchanged": True}
         outputs["run_id"] = _stage_run("shard", key, experiment, spec.shard, {"source": source}, outputs)
         return outputs
 
-    shard_out = runner.run("shard", key, write_shards, lambda out: storage.exists(image_shards.manifest_url(out["images"])))
+    shard_out = runner.run("shard", key, write_shards, lambda out: True, always=True)
     if done("shard"):
         return runner.outcome
 
@@ -284,9 +288,10 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     if done("autoencoder"):
         return runner.outcome
 
-    # 3. precompute: image shards → latent shards
+    # 3. precompute: image shards → latent shards (a folder per image folder, autoencoder and
+    # config: new image shards are encoded into it, the unchanged ones skipped)
     key = configs.key(spec.precompute, images=shard_out["manifest_sha256"], autoencoder=autoencoder_uri)
-    latents = storage.join(base, f"latents-{key}")
+    latents = storage.join(base, f"latents-{configs.key(spec.precompute, images=images, autoencoder=autoencoder_uri)}")
 
     def precompute() -> dict:
         outcome = precompute_flow(shard_out["images"], latents, autoencoder_uri, spec.precompute, progress)

@@ -1,8 +1,10 @@
-"""The shard flow: plan, write chunks concurrently as Prefect tasks, finalize.
+"""The shard flow: list, plan, write chunks concurrently as Prefect tasks, finalize.
 
-The flow only orchestrates; the work is in :mod:`ldmflow.data.sharding`. Tasks retry storage
-errors (a store that drops a connection, throttles or restarts) with backoff; any other
-error in a chunk fails the run, since per-input problems are already rejects.
+The flow only orchestrates; the work is in :mod:`ldmflow.data.sharding`. It lists the
+source once and the output once; with the manifest that is enough to know an unchanged
+rerun has nothing to do, and otherwise which chunks are done. Tasks retry storage errors
+(a store that drops a connection, throttles or restarts) with backoff; any other error in
+a chunk fails the run, since per-input problems are already rejects.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from ldmflow.console import Progress
 from ldmflow.data import image_shards, sharding, storage
 from ldmflow.data.sharding import ShardConfig
-from ldmflow.data.sources import check_source
+from ldmflow.data.sources import Scan, check_source, scan
 from ldmflow.errors import LdmflowError
 
 
@@ -43,19 +45,33 @@ STORAGE_RETRIES = dict(
 )
 
 
+@task(name="list-source-and-output", **STORAGE_RETRIES)
+def list_task(source: str, dest: str, config: ShardConfig) -> tuple[Scan, image_shards.ImageManifest | None, dict[str, int]]:
+    """One listing of the source, the previous manifest, one listing of the output."""
+    scanned = scan(source, config.limit)
+    try:
+        listed = {entry.url: entry.size for entry in storage.list_prefix(dest)}
+    except storage.NotFound:
+        listed = {}
+    previous = sharding.previous_manifest(dest) if image_shards.manifest_url(dest) in listed else None
+    return scanned, previous, listed
+
+
 @task(name="plan-shards", **STORAGE_RETRIES)
-def plan_task(source: str, config: ShardConfig) -> sharding.Plan:
-    return sharding.plan(source, config)
+def plan_task(source: str, dest: str, config: ShardConfig, scanned: Scan, previous, listed: dict[str, int]):
+    plan = sharding.plan(source, config, scanned, previous)
+    return plan, *sharding.todo(plan, dest, config, listed)
 
 
-@task(name="write-shard", task_run_name="write-{chunk.shard}", **STORAGE_RETRIES)
-def write_chunk_task(chunk: sharding.Chunk, dest: str, config: ShardConfig, class_names) -> sharding.Part:
-    return sharding.write_chunk(chunk, dest, config, class_names)
+@task(name="write-shard", task_run_name="write-{todo.chunk.shard}", **STORAGE_RETRIES)
+def write_chunk_task(todo: sharding.Todo, dest: str, config: ShardConfig) -> sharding.Part:
+    return sharding.write_chunk(todo, dest, config)
 
 
 @task(name="finalize-shards", **STORAGE_RETRIES)
-def finalize_task(plan: sharding.Plan, parts: list[sharding.Part], dest: str, config: ShardConfig) -> image_shards.ImageManifest:
-    return sharding.finalize(plan, parts, dest, config)
+def finalize_task(plan: sharding.Plan, parts: list[sharding.Part], dest: str, config: ShardConfig,
+                  stale: list[str]) -> image_shards.ImageManifest:
+    return sharding.finalize(plan, parts, dest, config, stale)
 
 
 @dataclass(frozen=True)
@@ -65,9 +81,11 @@ class ShardOutcome:
     shards_written: int
     shards_skipped: int
     seconds: float
+    unchanged: bool = False  # the source and config were those of the manifest already there
 
     def summary(self) -> str:
-        return sharding.summary_line(self.manifest, self.dest, self.shards_written, self.shards_skipped, self.seconds)
+        return sharding.summary_line(self.manifest, self.dest, self.shards_written, self.shards_skipped, self.seconds,
+                                     self.unchanged)
 
 
 @flow(name="shard")
@@ -75,14 +93,20 @@ def shard_flow(source: str, dest: str, config: ShardConfig = ShardConfig(), prog
     """Turn the raw dataset at ``source`` into WebDataset shards at ``dest``."""
     started = time.perf_counter()
     storage.remove_stale_temporaries(dest)
-    plan = plan_task(source, config)
-    futures = [write_chunk_task.submit(chunk, dest, config, plan.class_names) for chunk in plan.chunks]
+    scanned, previous, listed = list_task(source, dest, config)
+    if sharding.unchanged(previous, sharding.input_key(scanned, config), dest, listed):
+        outcome = ShardOutcome(previous, dest, 0, len(previous.ranges), time.perf_counter() - started, unchanged=True)
+        get_run_logger().info(outcome.summary())
+        return outcome
+    plan, todos, stale = plan_task(source, dest, config, scanned, previous, listed)
+    del scanned, listed
+    futures = [write_chunk_task.submit(todo, dest, config) for todo in todos]
     parts = []
     with Progress("shard", len(futures), "shard", enabled=progress) as bar:
         for future in as_completed(futures):
             parts.append(future.result())
             bar.advance()
-    manifest = finalize_task(plan, parts, dest, config)
+    manifest = finalize_task(plan, parts, dest, config, stale)
     skipped = sum(part.skipped for part in parts)
     outcome = ShardOutcome(manifest, dest, len(parts) - skipped, skipped, time.perf_counter() - started)
     get_run_logger().info(outcome.summary())

@@ -149,3 +149,72 @@ def wait_until(condition, timeout: float, what: str, poll: float = 0.05) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(poll)
+
+
+class CountingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 server that counts the requests every
+    thread and process sends, by kind (``ListObjectsV2``, ``GetObject``, ``PutObject``…).
+    Point ``AWS_ENDPOINT_URL`` at :attr:`endpoint` while it runs."""
+
+    def __init__(self, upstream: str) -> None:
+        import collections
+        import http.client
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.counts: collections.Counter[str] = collections.Counter()
+        lock = threading.Lock()
+        target = urllib.parse.urlsplit(upstream)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    proxy.counts[proxy.kind(self.command, self.path)] += 1
+                upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                upstream_conn.request(self.command, self.path, body=body, headers=headers)
+                response = upstream_conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream_conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def kind(method: str, path: str) -> str:
+        where, _, query = path.partition("?")
+        if method == "GET" and "/" not in where.strip("/"):  # the bucket itself
+            return "ListObjectsV2" if "list-type=2" in query else "ListObjects"
+        if method == "GET":
+            return "GetObject"
+        return {"HEAD": "HeadObject", "PUT": "PutObject", "DELETE": "DeleteObject",
+                "POST": "DeleteObjects" if "delete" in query else "Post"}.get(method, method)
+
+    def take(self) -> dict[str, int]:
+        """The counts so far, reset."""
+        counts, self.counts = dict(self.counts), type(self.counts)()
+        return counts
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -21,7 +21,7 @@ def make_shards(root: str, num_shards: int, per_shard: int) -> list[str]:
         for i in range(per_shard):
             index = s * per_shard + i
             image = helpers.encode(Image.fromarray(np.full((4, 4, 3), index % 256, dtype=np.uint8)))
-            samples.append(image_shards.Sample(image_shards.sample_key(index), image, "png", {"source": f"{index}.png"}, f"c{index}", index % 3))
+            samples.append(image_shards.Sample(image_shards.sample_key(0, index), image, "png", {"source": f"{index}.png"}, f"c{index}", index % 3))
         urls.append(image_shards.write_shard(storage.join(root, image_shards.shard_name(s)), samples).url)
     return urls
 
@@ -79,7 +79,7 @@ def test_ranks_and_workers_read_every_sample_once(tmp_path):
         for batch in loader:
             assert batch["image"].shape[1:] == (3, 4, 4) and batch["image"].dtype == torch.float32
             keys.extend(batch["key"])
-    assert sorted(keys) == [image_shards.sample_key(i) for i in range(30)]
+    assert sorted(keys) == [image_shards.sample_key(0, i) for i in range(30)]
 
 
 def test_fewer_shards_than_readers_falls_back_to_samples(tmp_path):
@@ -87,7 +87,7 @@ def test_fewer_shards_than_readers_falls_back_to_samples(tmp_path):
     keys = []
     for rank in range(3):
         keys.extend(s.key for s in shard_stream.ShardStream(urls, rank=rank, world_size=3, shuffle_buffer=0))
-    assert sorted(keys) == [image_shards.sample_key(i) for i in range(10)]
+    assert sorted(keys) == [image_shards.sample_key(0, i) for i in range(10)]
 
 
 def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path):
@@ -99,7 +99,7 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path):
 
     stream = shard_stream.ShardStream(urls, shuffle_buffer=0)
     keys = [s.key for s in stream]
-    assert keys == [image_shards.sample_key(i) for i in range(4)]
+    assert keys == [image_shards.sample_key(0, i) for i in range(4)]
     assert stream.skips.skipped >= 2
     assert any("undecodable image" in e for e in stream.skips.errors)
 
@@ -190,7 +190,7 @@ def uneven_shards(root: str, num_shards: int = 13) -> tuple[list[str], list[int]
     image = helpers.encode(Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)))
     for s in range(num_shards):
         count = 3 + (s * 5) % 7
-        samples = [image_shards.Sample(image_shards.sample_key(index + i), image, "png", {}) for i in range(count)]
+        samples = [image_shards.Sample(image_shards.sample_key(0, index + i), image, "png", {}) for i in range(count)]
         urls.append(image_shards.write_shard(storage.join(root, image_shards.shard_name(s)), samples).url)
         counts.append(count)
         index += count
@@ -236,7 +236,7 @@ def test_a_resume_on_other_ranks_reads_each_unseen_sample_of_the_epoch_once(tmp_
     saved, seen = interrupted(urls, counts, *before, reads, **args)
     rest = resumed_keys(urls, counts, saved, *after, **args)
     assert len(rest) == len(set(rest)) and not set(rest) & set(seen)
-    assert sorted(seen + rest) == [image_shards.sample_key(i) for i in range(sum(counts))]
+    assert sorted(seen + rest) == [image_shards.sample_key(0, i) for i in range(sum(counts))]
 
 
 def test_a_remainder_resumed_again_on_other_ranks_still_reads_each_sample_once(tmp_path):
@@ -257,7 +257,7 @@ def test_a_remainder_resumed_again_on_other_ranks_still_reads_each_sample_once(t
         again.append({**start, "readers": [position]})
     rest = resumed_keys(urls, counts, again, 1, 1, **args)
     assert len(rest) == len(set(rest)) and not set(rest) & set(seen)
-    assert sorted(seen + rest) == [image_shards.sample_key(i) for i in range(sum(counts))]
+    assert sorted(seen + rest) == [image_shards.sample_key(0, i) for i in range(sum(counts))]
 
 
 def test_the_training_loop_resumes_two_ranks_on_one_through_its_loader_workers(tmp_path):

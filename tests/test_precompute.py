@@ -277,3 +277,36 @@ def test_bf16_encoding_stays_close_to_fp32(digits16, tiny_autoencoder):
     # `auto` is bf16 on a GPU only.
     assert precision.enabled("auto", "cuda") and not precision.enabled("auto", "cpu")
     assert precision.enabled("bf16", "cpu") and not precision.enabled("no", "cuda")
+
+
+def test_an_image_added_to_the_source_is_one_shard_to_encode(ray_local, tiny_autoencoder, tmp_path):
+    """The source grows by one image: the shard rerun rewrites one image shard and precompute,
+    into the same folder, encodes that one; a range emptied drops its shard, and its latents."""
+    from ldmflow.data import builtin
+    from ldmflow.data.sharding import ShardConfig
+    from ldmflow.flows import shard as shard_flow
+
+    digits = builtin.load("builtin:digits")
+    raw, images, latents = tmp_path / "raw", str(tmp_path / "images"), tmp_path / "latents"
+    raw.mkdir()
+    for i in range(40):
+        (raw / f"{i:03d}.png").write_bytes(digits.png(i))
+    config = ShardConfig(resolution=16, shard_size=10)
+    folder, ref = tiny_autoencoder
+
+    def both():
+        sharded = shard_flow.run(str(raw), images, config, progress=False)
+        encoded = precompute(images, str(latents), folder, ref, PrecomputeConfig(actors=1), progress=False)
+        return sharded.shards_written, encoded.written, encoded.skipped
+
+    assert both() == (4, 4, 0)
+    (raw / "040.png").write_bytes(digits.png(40))
+    assert both() == (1, 1, 3)
+    got, _ = read_latents(str(latents))
+    assert len(got) == 41 and set(got) == {s.key for s in shard_stream.ShardStream(image_shards.shard_urls(images),
+                                                                                  shuffle_buffer=0)}
+    for i in range(10):
+        (raw / f"{i:03d}.png").unlink()
+    assert both() == (0, 0, 3)
+    assert sorted(p.name for p in latents.glob("shard-*.tar")) == ["shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
+    assert not list((latents / "_parts").glob("shard-000000.*"))

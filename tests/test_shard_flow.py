@@ -287,3 +287,99 @@ def test_statistics_match_numpy():
     scaled = pixels.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, scaled.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(std, scaled.std(axis=0), rtol=1e-9)
+
+
+def test_deal_keeps_each_inputs_range():
+    """A rerun deals inputs into the previous ranges: an input added or removed changes the
+    chunk whose range holds it; an emptied range is dropped, one grown past twice the shard
+    size split, its new pieces numbered after the largest shard."""
+    from ldmflow.data.sharding import deal
+    from ldmflow.data.sources import RawItem
+
+    def items(names):
+        return [RawItem(name, f"/raw/{name}", 1) for name in sorted(names)]
+
+    def shape(chunks):
+        return [(c.index, c.start, [i.source for i in c.items]) for c in chunks]
+
+    names = [f"b{i:02d}" for i in range(10)]
+    first = deal(items(names), 3)
+    assert shape(first) == [(0, "", names[0:3]), (1, "b03", names[3:6]), (2, "b06", names[6:9]), (3, "b09", names[9:])]
+    ranges = [(c.start, c.shard) for c in first]
+
+    added = deal(items(["a00", *names]), 3, ranges)  # sorts before every range: the first takes it
+    assert shape(added) == [(0, "", ["a00", *names[0:3]]), *shape(first)[1:]]
+    removed = deal(items(names[:3] + names[6:]), 3, ranges)  # chunk 1 emptied: dropped
+    assert shape(removed) == [shape(first)[0], *shape(first)[2:]]
+    without_first = deal(items(names[3:]), 3, ranges)  # the lowest range left reaches down to ""
+    assert shape(without_first)[0] == (1, "", names[3:6])
+    grown = deal(items(names + [f"c{i}" for i in range(7)]), 3, ranges)  # the last range: 8 > 2 × 3
+    assert shape(grown)[:3] == shape(first)[:3]
+    assert shape(grown)[3:] == [(3, "b09", ["b09", "c0", "c1"]), (4, "c2", ["c2", "c3", "c4"]), (5, "c5", ["c5", "c6"])]
+
+
+def test_one_image_added_to_10k_rewrites_one_shard(tmp_path):
+    """10,000 images in 20 shards: one added (sorting before all), one removed, each rewrites
+    one shard and leaves the other 19 byte for byte; an unchanged rerun writes nothing."""
+    source, dest = tmp_path / "raw", tmp_path / "shards"
+    source.mkdir()
+    for i in range(10_000):
+        (source / f"img{i:05d}.png").write_bytes(helpers.png(8, 8, seed=i))
+    config = ShardConfig(resolution=8, shard_size=500, workers=2)
+    first = shard_flow.run(str(source), str(dest), config, progress=False)
+    assert (first.shards_written, len(first.manifest.shards), first.manifest.num_inputs) == (20, 20, 10_000)
+    before = {info.url: info for info in first.manifest.shards}
+
+    def changed(outcome) -> set[str]:
+        after = {info.url: info for info in outcome.manifest.shards}
+        assert set(after) == set(before)
+        return {url for url in after if after[url] != before[url]}
+
+    (source / "img-new.png").write_bytes(helpers.png(8, 8, seed=10_001))  # "img-" sorts before "img0"
+    added = shard_flow.run(str(source), str(dest), config, progress=False)
+    assert (added.shards_written, added.shards_skipped) == (1, 19) and changed(added) == {"shard-000000.tar"}
+    assert added.manifest.num_samples == first.manifest.num_samples + 1
+    before = {info.url: info for info in added.manifest.shards}
+
+    (source / "img05123.png").unlink()
+    removed = shard_flow.run(str(source), str(dest), config, progress=False)
+    assert (removed.shards_written, removed.shards_skipped) == (1, 19) and changed(removed) == {"shard-000010.tar"}
+
+    again = shard_flow.run(str(source), str(dest), config, progress=False)
+    assert again.unchanged and again.shards_written == 0 and again.manifest == removed.manifest
+    keys = [s.key for s in shard_stream.ShardStream([str(dest / "shard-000019.tar")], shuffle_buffer=0)]
+    assert keys == [image_shards.sample_key(19, i) for i in range(500)]
+
+
+def test_an_unchanged_s3_rerun_makes_no_request_per_input_or_shard(s3_server, bucket, monkeypatch):
+    """On S3, 60 images with `.cls` labels in 6 shards: an unchanged rerun lists the source
+    and the output and reads the manifest, nothing else; a killed run's rerun finds what is
+    done in that one listing of the output."""
+    host, port = s3_server.get_host_and_port()
+    proxy = helpers.CountingProxy(f"http://{host}:{port}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        source, dest = f"{bucket}/raw", f"{bucket}/shards"
+        for i in range(60):
+            put(source, f"img{i:03d}.png", helpers.png(8, 8, seed=i))
+            put(source, f"img{i:03d}.cls", str(i % 4))
+        config = ShardConfig(resolution=8, shard_size=10, workers=2)
+        first = shard_flow.run(source, dest, config, progress=False)
+        assert (first.shards_written, first.manifest.num_samples, first.manifest.class_names) == (6, 60, tuple("0123"))
+
+        proxy.take()
+        again = shard_flow.run(source, dest, config, progress=False)
+        sent = proxy.take()
+        assert again.unchanged and again.manifest == first.manifest
+        lists = sent.pop("ListObjectsV2")
+        assert sent == {"GetObject": 1}, sent  # the manifest; the listings: the source (twice: checked, listed), the output
+        assert lists == 3
+
+        storage.delete(f"{dest}/manifest.json")  # as a run killed before its manifest leaves the output
+        resumed = shard_flow.run(source, dest, config, progress=False)
+        sent = proxy.take()
+        assert (resumed.shards_written, resumed.shards_skipped) == (0, 6) and resumed.manifest == first.manifest
+        assert "HeadObject" not in sent and sent["PutObject"] == 3, sent  # rejects, duplicates, the manifest
+        assert sent["GetObject"] == 6 + 60, sent  # each part record once; each label sidecar
+    finally:
+        proxy.close()
