@@ -69,8 +69,18 @@ class ShardConfig:
         description="`nearest`, `bilinear`, `bicubic`, `lanczos`")] = "bicubic"
     limit: Annotated[int, Field(ge=0, description="take only the first N inputs (0: all)")] = 0
     workers: Annotated[int, Field(ge=1, description=(
-        "images decoded and encoded concurrently (threads: Pillow releases the GIL), and chunks in flight")
+        "images decoded and encoded concurrently (threads: Pillow releases the GIL), and chunks in flight; on Ray, "
+        "the threads (and CPUs) of each chunk's task")
     )] = configs.execution(2)
+    runner: Annotated[Literal["auto", "threads", "ray"], Field(description=(
+        "where chunks are written: `threads` in the flow's process; `ray` as Ray tasks spread over the cluster "
+        "(`RAY_ADDRESS`, else a local instance); `auto`: `ray` when `RAY_ADDRESS` is set")
+    )] = configs.execution("auto")
+
+    def on_ray(self) -> bool:
+        import os
+
+        return self.runner == "ray" or (self.runner == "auto" and bool(os.environ.get("RAY_ADDRESS")))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ def shard_images(
     min_size: Annotated[Optional[int], typer.Option(help="Refuse images whose short side is smaller (0: accept any).")] = None,
     max_pixels: Annotated[Optional[int], typer.Option(help="Refuse images with more pixels (decompression bombs).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Take only the first N inputs in sorted order (0: all).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Chunks processed concurrently.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Images processed concurrently, and chunks in flight.")] = None,
+    runner: Annotated[Optional[str], typer.Option(
+        help="Where chunks run: threads (this process), ray (Ray tasks on RAY_ADDRESS's cluster), auto.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Validate, deduplicate and resize a raw image dataset into WebDataset shards.
@@ -48,6 +50,7 @@ def shard_images(
         max_pixels=max_pixels,
         limit=limit,
         workers=workers,
+        runner=runner,
     )
     stage_config = load_config(ShardConfig, config, "shard", overrides)  # a usage error before any server starts
     runtime.prefect_api()  # before Prefect is imported

@@ -9,8 +9,11 @@ a chunk fails the run, since per-input problems are already rejects.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
@@ -64,8 +67,21 @@ def plan_task(source: str, dest: str, config: ShardConfig, scanned: Scan, previo
 
 
 @task(name="write-shard", task_run_name="write-{todo.chunk.shard}", **STORAGE_RETRIES)
-def write_chunk_task(todo: sharding.Todo, dest: str, config: ShardConfig) -> sharding.Part:
-    return sharding.write_chunk(todo, dest, config)
+def write_chunk_task(todo: sharding.Todo, dest: str, config: ShardConfig) -> tuple[sharding.Part, str]:
+    """The chunk's part, and where it was written: ``host:pid``, and ``@NODE`` in a Ray worker."""
+    return sharding.write_chunk(todo, dest, config), where()
+
+
+def where() -> str:
+    import sys
+
+    node = ""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            node = "@" + ray.get_runtime_context().get_node_id()
+    return f"{socket.gethostname()}:{os.getpid()}{node}"
 
 
 @task(name="finalize-shards", **STORAGE_RETRIES)
@@ -82,15 +98,25 @@ class ShardOutcome:
     shards_skipped: int
     seconds: float
     unchanged: bool = False  # the source and config were those of the manifest already there
+    processes: tuple[str, ...] = ()  # "host:pid[@ray node]" of each process that wrote or checked a chunk
+
+    @property
+    def nodes(self) -> set[str]:
+        """The Ray nodes (else the hosts) the chunks ran on."""
+        return {p.split("@", 1)[1] if "@" in p else p.rsplit(":", 1)[0] for p in self.processes}
 
     def summary(self) -> str:
+        where = ""
+        if len(self.processes) > 1:
+            where = f" (chunks on {len(self.processes)} processes, {len(self.nodes)} nodes)"
         return sharding.summary_line(self.manifest, self.dest, self.shards_written, self.shards_skipped, self.seconds,
-                                     self.unchanged)
+                                     self.unchanged) + where
 
 
 @flow(name="shard")
 def shard_flow(source: str, dest: str, config: ShardConfig = ShardConfig(), progress: bool = True) -> ShardOutcome:
-    """Turn the raw dataset at ``source`` into WebDataset shards at ``dest``."""
+    """Turn the raw dataset at ``source`` into WebDataset shards at ``dest``: chunks in the
+    flow's process, or (``config.on_ray()``, with :func:`run`'s task runner) as Ray tasks."""
     started = time.perf_counter()
     storage.remove_stale_temporaries(dest)
     scanned, previous, listed = list_task(source, dest, config)
@@ -100,15 +126,19 @@ def shard_flow(source: str, dest: str, config: ShardConfig = ShardConfig(), prog
         return outcome
     plan, todos, stale = plan_task(source, dest, config, scanned, previous, listed)
     del scanned, listed
-    futures = [write_chunk_task.submit(todo, dest, config) for todo in todos]
-    parts = []
+    with ray_options(config) if config.on_ray() else nullcontext():
+        futures = [write_chunk_task.submit(todo, dest, config) for todo in todos]
+    parts, processes = [], set()
     with Progress("shard", len(futures), "shard", enabled=progress) as bar:
         for future in as_completed(futures):
-            parts.append(future.result())
+            part, where = future.result()
+            parts.append(part)
+            processes.add(where)
             bar.advance()
     manifest = finalize_task(plan, parts, dest, config, stale)
     skipped = sum(part.skipped for part in parts)
-    outcome = ShardOutcome(manifest, dest, len(parts) - skipped, skipped, time.perf_counter() - started)
+    outcome = ShardOutcome(manifest, dest, len(parts) - skipped, skipped, time.perf_counter() - started,
+                           processes=tuple(sorted(processes)))
     get_run_logger().info(outcome.summary())
     if manifest.num_samples == 0:
         raise NothingUsable(manifest, dest)
@@ -128,11 +158,40 @@ class NothingUsable(LdmflowError):
                          f"each reject and its reason is in {rejects}")
 
 
+def ray_options(config: ShardConfig):
+    """Each chunk's Ray task: as many CPUs as its ``workers`` image threads (at most a node's
+    CPUs, or it would never be placed), spread over the nodes, with what the task needs to
+    reach Prefect's API and the store (no credentials: each node has its own chain)."""
+    import ray
+    from prefect.settings import PREFECT_API_URL
+    from prefect_ray.context import remote_options
+
+    from ldmflow.data import cluster
+
+    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+    env = cluster.storage_runtime_env().get("env_vars", {})
+    env |= {name: value for name, value in os.environ.items()
+            if name in ("PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_LEVEL")}
+    if PREFECT_API_URL.value():
+        env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    return remote_options(num_cpus=max(min(config.workers, largest), 1), scheduling_strategy="SPREAD",
+                          runtime_env={"env_vars": env})
+
+
 def run(source: str, dest: str, config: ShardConfig, progress: bool = True) -> ShardOutcome:
-    """Run :func:`shard_flow` with ``config.workers`` chunks in flight.
+    """Run :func:`shard_flow`: with ``config.workers`` chunks in flight in this process, or
+    with each chunk a Ray task on the cluster (``config.runner``).
 
     A missing or empty source is refused before the flow starts.
     """
     check_source(source)
-    runner = ThreadPoolTaskRunner(max_workers=config.workers)
+    if config.on_ray():
+        from prefect_ray import RayTaskRunner
+
+        from ldmflow.data import cluster
+
+        cluster.ensure_ray()
+        runner = RayTaskRunner()
+    else:
+        runner = ThreadPoolTaskRunner(max_workers=config.workers)
     return shard_flow.with_options(task_runner=runner)(source, dest, config, progress)

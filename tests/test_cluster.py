@@ -117,16 +117,17 @@ def stack():
         assert not leftover, f"stack down left processes {leftover}"
 
 
-def _ray_probe(env: dict[str, str], class_name: str, state: str = "") -> dict:
+def _ray_probe(env: dict[str, str], class_name: str, state: str = "", task: bool = False) -> dict:
     """The head's node id, the node of every actor of ``class_name`` (alive or dead, or only
-    those in ``state``), and each alive node's raylet socket."""
-    filters = [("class_name", "=", class_name)] + ([("state", "=", state)] if state else [])
+    those in ``state``; with ``task``, of every task of that name), and each alive node's
+    raylet socket."""
+    filters = [("name" if task else "class_name", "=", class_name)] + ([("state", "=", state)] if state else [])
     code = f"""
 import json, ray
-from ray.util.state import list_actors
+from ray.util.state import list_actors, list_tasks
 ray.init(logging_level="ERROR", log_to_driver=False)
 alive = [n for n in ray.nodes() if n["Alive"]]
-actors = list_actors(filters={filters!r}, limit=1000, raise_on_missing_output=False)
+actors = {"list_tasks" if task else "list_actors"}(filters={filters!r}, limit=1000, raise_on_missing_output=False)
 print("PROBE=" + json.dumps({{"head": [n["NodeID"] for n in alive if not n["Resources"].get("CPU")],
                             "sockets": {{n["NodeID"]: n["RayletSocketName"] for n in alive}},
                             "nodes": [a.node_id for a in actors]}}))
@@ -265,9 +266,10 @@ def test_the_shipped_config_runs_unchanged_as_a_deployment_on_the_cluster(stack,
     assert any(key.endswith("unet/diffusion_pytorch_model.safetensors") for key in artifacts)
     assert not any(str(stack.home) in value for value in version.tags.values())
 
-    # Work spread over the worker nodes, none on the head (it has no CPUs).
-    for class_name in ("RayTrainWorker", "MapWorker(Map(LatentEncoder))"):
-        placed = _ray_probe(stack.env, class_name)
+    # Work spread over the worker nodes, none on the head (it has no CPUs): the shard flow's
+    # chunks (Ray tasks through prefect-ray), training workers, encoder actors.
+    for class_name, task in (("write-shard", True), ("RayTrainWorker", False), ("MapWorker(Map(LatentEncoder))", False)):
+        placed = _ray_probe(stack.env, class_name, task=task)
         assert len(set(placed["nodes"])) >= 2 and not set(placed["nodes"]) & set(placed["head"]), (class_name, placed)
 
 

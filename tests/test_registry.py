@@ -185,6 +185,19 @@ def test_evaluate_records_scores_on_the_model_version(digits_model, tmp_path):
     assert {"eval_fd", "eval_kid", "eval_class_accuracy"} <= {m.key for m in logged.metrics}
 
 
+def test_evaluation_draws_the_same_images_on_ray_workers(digits_model, ray_local):
+    """``workers: 3``: three Ray tasks, each loading the registered version itself, draw the
+    seeds' images that this process draws, in the same order, and the scores follow."""
+    sampler, _ = models.load_sampler(digits_model.model_uri)
+    config = dataclasses.replace(EVAL, num_samples=12, batch_size=4)
+    here, labels = evaluation.draw(sampler, config, [])
+    there, same_labels = evaluation.draw(sampler, dataclasses.replace(config, workers=3), [], model_uri=digits_model.model_uri)
+    assert same_labels == labels and there.shape == here.shape
+    assert torch.allclose(there, here, atol=1e-4), (there - here).abs().max()
+    spread = evaluation.evaluate(digits_model.model_uri, dataclasses.replace(EVAL, workers=2))
+    assert spread.metrics == pytest.approx(evaluation.evaluate(digits_model.model_uri, EVAL).metrics, rel=1e-3)
+
+
 def test_evaluate_with_local_inception_weights(digits_model, tmp_path):
     """A TorchScript feature extractor at the configured path replaces the domain classifier."""
 

@@ -383,3 +383,20 @@ def test_an_unchanged_s3_rerun_makes_no_request_per_input_or_shard(s3_server, bu
         assert sent["GetObject"] == 6 + 60, sent  # each part record once; each label sidecar
     finally:
         proxy.close()
+
+
+def test_chunks_run_as_ray_tasks(ray_local, tmp_path):
+    """``runner: ray``: each chunk is a Prefect task run as a Ray task, in Ray's worker
+    processes, and the shards are those the threads write, byte for byte."""
+    source = tmp_path / "raw"
+    for i in range(12):
+        storage.write_bytes(str(source / f"{i:02d}.png"), helpers.png(24, 20, seed=i))
+    on_ray = shard_flow.run(str(source), str(tmp_path / "ray"), ShardConfig(resolution=16, shard_size=3, runner="ray",
+                                                                             workers=1), progress=False)
+    threads = shard_flow.run(str(source), str(tmp_path / "threads"), ShardConfig(resolution=16, shard_size=3,
+                                                                                 runner="threads"), progress=False)
+    assert on_ray.shards_written == 4
+    assert on_ray.manifest.shards == threads.manifest.shards and on_ray.manifest.input_key == threads.manifest.input_key
+    pids = {int(where.split("@")[0].rsplit(":", 1)[1]) for where in on_ray.processes}
+    assert len(pids) >= 2 and os.getpid() not in pids and all("@" in where for where in on_ray.processes), on_ray.processes
+    assert threads.processes == (f"{os.uname().nodename}:{os.getpid()}",)

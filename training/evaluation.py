@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
@@ -48,6 +49,10 @@ class EvaluationConfig:
     guidance: Annotated[float, Field(ge=0, description="0: the model's default")] = 0.0
     batch_size: Annotated[int, Field(
         ge=1, description="images per sampler call and per feature batch")] = configs.execution(100)
+    workers: Annotated[int, Field(
+        ge=0, description="Ray tasks that draw the images, each a contiguous share of the seeds (a GPU each where "
+                          "the cluster has them); 0: in this process. The images are the same either way")
+    ] = configs.execution(0)
     features: Annotated[Literal["auto", "inception", "domain"], Field(
         description="`auto` (Inception when `inception_path` is set), `inception` or `domain`")] = "auto"
     inception_path: Annotated[str, Field(description="local TorchScript Inception file")] = ""
@@ -121,9 +126,10 @@ def distances(fake: torch.Tensor, real: torch.Tensor, *, kid_subset_size: int = 
 
 
 def draw(sampler, config: EvaluationConfig, captions: list[str],
-         progress: Progress | None = None) -> tuple[torch.Tensor, list[int | None]]:
+         progress: Progress | None = None, model_uri: str = "") -> tuple[torch.Tensor, list[int | None]]:
     """``num_samples`` images on fixed seeds: evenly over the classes of a class model, on the
-    reference captions (cycled) for a text model, unconditional otherwise."""
+    reference captions (cycled) for a text model, unconditional otherwise (on ``workers``
+    Ray tasks, which load the model from ``model_uri``, when both are set)."""
     info = sampler.info
     n = config.num_samples
     if info.conditioning == "class":
@@ -132,12 +138,14 @@ def draw(sampler, config: EvaluationConfig, captions: list[str],
     else:
         labels = [None] * n
     prompts = [captions[i % len(captions)] for i in range(n)] if info.conditioning == "text" else [None] * n
-    return _sample(sampler, config, labels, prompts, progress), labels
+    return _sample(sampler, config, labels, prompts, progress, model_uri=model_uri), labels
 
 
 def _sample(sampler, config: EvaluationConfig, labels: list[int | None], prompts: list[str | None],
-            progress: Progress | None, first_seed: int = 0) -> torch.Tensor:
+            progress: Progress | None, first_seed: int = 0, model_uri: str = "") -> torch.Tensor:
     """Image *i* under ``labels[i]`` or ``prompts[i]``, seed ``config.seed + first_seed + i``."""
+    if config.workers > 0 and model_uri and len(labels) > 1:
+        return _sample_on_workers(model_uri, config, labels, prompts, progress, first_seed)
     settings = dict(sampler=config.sampler or None, steps=config.steps or None, guidance=config.guidance or None)
     images = []
     for start in range(0, len(labels), config.batch_size):
@@ -147,6 +155,45 @@ def _sample(sampler, config: EvaluationConfig, labels: list[int | None], prompts
         if progress is not None:
             progress.advance(len(jobs))
     return torch.cat(images)
+
+
+def _sample_on_workers(model_uri: str, config: EvaluationConfig, labels: list[int | None], prompts: list[str | None],
+                       progress: Progress | None, first_seed: int) -> torch.Tensor:
+    """:func:`_sample` split into ``config.workers`` contiguous shares of the seeds, each a Ray
+    task that loads the model itself; the images come back in seed order."""
+    import ray
+
+    from ldmflow.data import cluster
+
+    cluster.ensure_ray()
+    shares = min(config.workers, len(labels))
+    bounds = [len(labels) * k // shares for k in range(shares + 1)]
+    env = cluster.storage_runtime_env().get("env_vars", {}) | {tracking.ENV_TRACKING_URI: tracking.tracking_uri()}
+    draw_share = ray.remote(num_cpus=1, num_gpus=1 if cluster.use_gpu("auto") else 0, max_retries=2,
+                            runtime_env={"env_vars": env})(_draw_share)
+    refs = {draw_share.remote(model_uri, config, labels[a:b], prompts[a:b], first_seed + a): k
+            for k, (a, b) in enumerate(zip(bounds, bounds[1:]))}
+    shares_drawn: dict[int, torch.Tensor] = {}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        k = refs[done[0]]
+        shares_drawn[k] = torch.from_numpy(ray.get(done[0]).copy())  # Ray hands back a read-only array
+        if progress is not None:
+            progress.advance(bounds[k + 1] - bounds[k])
+    return torch.cat([shares_drawn[k] for k in range(shares)])
+
+
+def _draw_share(model_uri: str, config: EvaluationConfig, labels: list[int | None], prompts: list[str | None],
+                first_seed: int):
+    """One Ray task's share of :func:`_sample` (as an array: Ray's own serialisation)."""
+    from dataclasses import replace
+
+    from ldmflow.data import cluster
+
+    sampler, _ = models.load_sampler(model_uri, device="cuda" if cluster.use_gpu("auto") and torch.cuda.is_available()
+                                     else "cpu")
+    return _sample(sampler, replace(config, workers=0), labels, prompts, None, first_seed).numpy()
 
 
 def held_out_prompts(config: EvaluationConfig, real: features.Reference) -> list[tuple[str, int]]:
@@ -178,6 +225,9 @@ def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig(), *, p
     is also recorded on the model version (tags) and its training run (metrics). ``progress``
     shows the images drawn so far."""
     sampler, registered = models.load_sampler(model_uri)
+    # The workers load this very version, whatever an alias points to by then.
+    concrete = (f"models:/{registered.name}/{registered.version}" if registered is not None
+                else model_uri if model_uri.startswith("runs:/") else str(Path(model_uri).absolute()))
     reference = config.reference or sampler.info.lineage.get("image_dataset", "")
     if not reference:
         raise InputError(f"{model_uri}: the model names no image dataset; set evaluate.reference")
@@ -190,10 +240,11 @@ def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig(), *, p
     # Half as many images again, each held-out prompt as often as the others, on seeds of their own.
     unseen_n = len(unseen) * math.ceil(config.num_samples / 2 / len(unseen)) if unseen else 0
     with Progress(f"evaluate {model_uri}", config.num_samples + unseen_n, "image", enabled=progress) as bar:
-        fake, labels = draw(sampler, config, [caption for caption, _ in captioned], bar)
+        fake, labels = draw(sampler, config, [caption for caption, _ in captioned], bar, concrete)
         if unseen:
             prompts = [unseen[i % len(unseen)] for i in range(unseen_n)]
-            fake_unseen = _sample(sampler, config, [None] * unseen_n, [p for p, _ in prompts], bar, config.num_samples)
+            fake_unseen = _sample(sampler, config, [None] * unseen_n, [p for p, _ in prompts], bar, config.num_samples,
+                                  concrete)
     real_size = (real.resolution, real.resolution)
     if fake.shape[-1] != real.resolution:
         fake = F.interpolate(fake, size=real_size, mode="bilinear", align_corners=False)
