@@ -48,9 +48,10 @@ from pydantic import Field
 
 from ldmflow import configs
 from ldmflow.data import image_shards, images, storage
-from ldmflow.data.sources import Listing, RawItem, Reject, Scan, Vanished, fetch, list_source
+from ldmflow.data.sources import Listing, RawItem, Reject, Scan, SmallFile, Vanished, fetch, list_source
 
 PARTS = "_parts"
+SIDECARS = "_sidecars.jsonl"  # the sidecars and metadata files read, so a rerun reads only the changed ones
 
 
 @configs.stage_config
@@ -109,6 +110,7 @@ class Plan:
     listing_rejects: tuple[Reject, ...]
     class_names: tuple[str, ...] | None
     input_key: str  # see :func:`input_key`
+    small_files: tuple[SmallFile, ...] = ()  # sidecars and metadata files, for :data:`SIDECARS`
 
 
 @dataclass(frozen=True)
@@ -169,11 +171,12 @@ def unchanged(previous: image_shards.ImageManifest | None, key: str, dest: str, 
             and all(listed.get(storage.join(dest, info.url)) == info.bytes for info in previous.shards))
 
 
-def plan(source: str, config: ShardConfig, scanned: Scan,
-         previous: image_shards.ImageManifest | None = None) -> Plan:
-    """List ``source`` (from ``scanned``: no second listing), mark exact duplicates, and deal
-    the rest into chunks: into ``previous``'s ranges when it was made with this config."""
-    listing = list_source(source, limit=config.limit, scanned=scanned)
+def plan(source: str, config: ShardConfig, scanned: Scan, previous: image_shards.ImageManifest | None = None,
+         known: dict[str, SmallFile] | None = None) -> Plan:
+    """List ``source`` (from ``scanned``: no second listing; sidecars ``known`` from the last
+    run not read again), mark exact duplicates, and deal the rest into chunks: into
+    ``previous``'s ranges when it was made with this config."""
+    listing = list_source(source, limit=config.limit, scanned=scanned, known=known)
     hashes = _content_hashes(listing)
     seen: dict[str, str] = {}
     duplicates: list[Duplicate] = []
@@ -195,7 +198,23 @@ def plan(source: str, config: ShardConfig, scanned: Scan,
         listing_rejects=listing.rejects,
         class_names=listing.class_names,
         input_key=input_key(scanned, config),
+        small_files=listing.small_files,
     )
+
+
+def known_small_files(dest: str, listed: dict[str, int]) -> dict[str, SmallFile]:
+    """The sidecars and metadata files the last run read (:data:`SIDECARS`), by URL."""
+    url = storage.join(dest, SIDECARS)
+    if url not in listed:
+        return {}
+    try:
+        rows = image_shards.read_jsonl(url)
+        return {row["url"]: SmallFile(row["url"], int(row["size"]), row["etag"], row["content"].encode("latin-1"))
+                for row in rows}
+    except storage.NotFound:
+        return {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}  # unreadable: read every sidecar again
 
 
 def _identity_of(manifest: image_shards.ImageManifest) -> dict | None:
@@ -479,6 +498,9 @@ def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig,
     rejects = sorted([*plan.listing_rejects, *(r for part in parts for r in part.rejects)], key=lambda r: r.source)
     image_shards.write_jsonl(storage.join(dest, image_shards.REJECTS), (asdict(r) for r in rejects))
     image_shards.write_jsonl(storage.join(dest, image_shards.DUPLICATES), (asdict(d) for d in plan.duplicates))
+    if plan.small_files:
+        image_shards.write_jsonl(storage.join(dest, SIDECARS), (
+            {"url": f.url, "size": f.size, "etag": f.etag, "content": f.content.decode("latin-1")} for f in plan.small_files))
 
     histogram = np.zeros((3, 256), dtype=np.int64)
     for part in parts:

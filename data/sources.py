@@ -26,7 +26,7 @@ import io
 import json
 import posixpath
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -70,10 +70,22 @@ class Scan:
 
 
 @dataclass(frozen=True)
+class SmallFile:
+    """A sidecar or metadata file as read while listing: kept by the shard stage so that a
+    rerun reads again only those whose version tag changed."""
+
+    url: str
+    size: int
+    etag: str
+    content: bytes
+
+
+@dataclass(frozen=True)
 class Listing:
     items: tuple[RawItem, ...]  # sorted by source
     rejects: tuple[Reject, ...]  # inputs refused while listing (orphan sidecars, broken tars)
     class_names: tuple[str, ...] | None
+    small_files: tuple[SmallFile, ...] = ()  # the sidecars and metadata files read (with a version tag)
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,9 +129,11 @@ def _is_tar_file(source: str) -> bool:
     return source.endswith(".tar") and not source.endswith("/")
 
 
-def list_source(source: str, limit: int = 0, scanned: Scan | None = None) -> Listing:
+def list_source(source: str, limit: int = 0, scanned: Scan | None = None,
+                known: Mapping[str, SmallFile] | None = None) -> Listing:
     """List every input of ``source`` once, sorted, with captions and labels resolved
-    (from ``scanned``, when given, with no second listing)."""
+    (from ``scanned``, when given, with no second listing). A sidecar or metadata file in
+    ``known`` (by URL) with the same size and version tag is not read again."""
     if builtin.is_builtin(source):
         return _list_builtin(source, limit)
     entries = (scanned or scan(source, limit)).entries
@@ -137,8 +151,9 @@ def list_source(source: str, limit: int = 0, scanned: Scan | None = None) -> Lis
         trees.insert(0, ("", (loose, [])))
     items: list[tuple[RawItem, str | int | None]] = []
     rejects: list[Reject] = []
+    small: list[SmallFile] = []
     for root, (files, tree_rejects) in trees:
-        tree_items, more_rejects = _resolve_tree(root, files)
+        tree_items, more_rejects = _resolve_tree(root, files, known or {}, small)
         items.extend(tree_items)
         rejects.extend(tree_rejects)
         rejects.extend(more_rejects)
@@ -147,7 +162,7 @@ def list_source(source: str, limit: int = 0, scanned: Scan | None = None) -> Lis
         items = items[:limit]
     resolved, class_names = _number_labels(items)
     rejects.sort(key=lambda reject: reject.source)
-    return Listing(tuple(resolved), tuple(rejects), class_names)
+    return Listing(tuple(resolved), tuple(rejects), class_names, tuple(small))
 
 
 def check_source(source: str) -> None:
@@ -249,8 +264,10 @@ def _is_sidecar_or_metadata(path: str) -> bool:
     return posixpath.basename(path) in METADATA_NAMES or path.endswith(SIDECAR_SUFFIXES)
 
 
-def _resolve_tree(root: str, files: list[_File]) -> tuple[list[tuple[RawItem, str | int | None]], list[Reject]]:
-    """Pair the inputs of one tree (a folder or one tar) with their sidecars and metadata."""
+def _resolve_tree(root: str, files: list[_File], known: Mapping[str, SmallFile],
+                  small: list[SmallFile]) -> tuple[list[tuple[RawItem, str | int | None]], list[Reject]]:
+    """Pair the inputs of one tree (a folder or one tar) with their sidecars and metadata
+    (read, unless ``known``; those with a version tag added to ``small``)."""
 
     def source_of(rel: str) -> str:
         return f"{root}/{rel}" if root else rel
@@ -267,7 +284,7 @@ def _resolve_tree(root: str, files: list[_File]) -> tuple[list[tuple[RawItem, st
             rejects.append(Reject(source_of(f.rel), f"a {posixpath.splitext(f.rel)[1]} sidecar with no image beside it"))
     inputs = [f for f in inputs if not f.rel.endswith(SIDECAR_SUFFIXES)]
 
-    contents = _read_small([*sidecars.values(), *metadata_files])
+    contents = _read_small([*sidecars.values(), *metadata_files], known, small)
     metadata = {}
     for f in metadata_files:
         try:
@@ -300,12 +317,27 @@ def _resolve_tree(root: str, files: list[_File]) -> tuple[list[tuple[RawItem, st
     return items, rejects
 
 
-def _read_small(files: Sequence[_File]) -> dict[str, bytes]:
-    """Contents of sidecars and metadata files, read concurrently where not in memory."""
-    todo = [f for f in files if f.content is None]
+def _read_small(files: Sequence[_File], known: Mapping[str, SmallFile], small: list[SmallFile]) -> dict[str, bytes]:
+    """Contents of sidecars and metadata files: in memory (tar members), ``known`` at this
+    size and version, or read concurrently."""
+
+    def reusable(f: _File) -> bytes | None:
+        seen = known.get(f.url)
+        return seen.content if seen is not None and f.etag and (seen.size, seen.etag) == (f.size, f.etag) else None
+
+    contents = {f.rel: f.content for f in files if f.content is not None}
+    todo = []
+    for f in files:
+        if f.content is None:
+            cached = reusable(f)
+            if cached is None:
+                todo.append(f)
+            else:
+                contents[f.rel] = cached
     with ThreadPoolExecutor(max_workers=16) as pool:
-        fetched = dict(zip([f.rel for f in todo], pool.map(lambda f: storage.read_bytes(f.url), todo)))
-    return {f.rel: f.content for f in files if f.content is not None} | fetched
+        contents |= dict(zip([f.rel for f in todo], pool.map(lambda f: storage.read_bytes(f.url), todo)))
+    small.extend(SmallFile(f.url, f.size, f.etag, contents[f.rel]) for f in files if f.content is None and f.etag)
+    return contents
 
 
 def _parse_metadata(f: _File, content: bytes) -> dict[str, tuple[str | None, str | int | None]]:

@@ -62,7 +62,7 @@ def list_task(source: str, dest: str, config: ShardConfig) -> tuple[Scan, image_
 
 @task(name="plan-shards", **STORAGE_RETRIES)
 def plan_task(source: str, dest: str, config: ShardConfig, scanned: Scan, previous, listed: dict[str, int]):
-    plan = sharding.plan(source, config, scanned, previous)
+    plan = sharding.plan(source, config, scanned, previous, sharding.known_small_files(dest, listed))
     return plan, *sharding.todo(plan, dest, config, listed)
 
 

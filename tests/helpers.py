@@ -164,6 +164,7 @@ class CountingProxy:
         import urllib.parse
 
         self.counts: collections.Counter[str] = collections.Counter()
+        self.read: list[str] = []  # the key of each GetObject, in order
         lock = threading.Lock()
         target = urllib.parse.urlsplit(upstream)
         proxy = self
@@ -177,7 +178,10 @@ class CountingProxy:
             def forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with lock:
-                    proxy.counts[proxy.kind(self.command, self.path)] += 1
+                    kind = proxy.kind(self.command, self.path)
+                    proxy.counts[kind] += 1
+                    if kind == "GetObject":
+                        proxy.read.append(urllib.parse.unquote(self.path.partition("?")[0]))
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
                 upstream_conn.request(self.command, self.path, body=body, headers=headers)
@@ -211,8 +215,8 @@ class CountingProxy:
                 "POST": "DeleteObjects" if "delete" in query else "Post"}.get(method, method)
 
     def take(self) -> dict[str, int]:
-        """The counts so far, reset."""
-        counts, self.counts = dict(self.counts), type(self.counts)()
+        """The counts so far, reset (and the keys read)."""
+        counts, self.counts, self.read = dict(self.counts), type(self.counts)(), []
         return counts
 
     def close(self) -> None:

@@ -354,7 +354,8 @@ def test_one_image_added_to_10k_rewrites_one_shard(tmp_path):
 def test_an_unchanged_s3_rerun_makes_no_request_per_input_or_shard(s3_server, bucket, monkeypatch):
     """On S3, 60 images with `.cls` labels in 6 shards: an unchanged rerun lists the source
     and the output and reads the manifest, nothing else; a killed run's rerun finds what is
-    done in that one listing of the output."""
+    done in that one listing of the output; an image added reads its own sidecar, not the
+    others', and its chunk's images."""
     host, port = s3_server.get_host_and_port()
     proxy = helpers.CountingProxy(f"http://{host}:{port}")
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
@@ -379,8 +380,19 @@ def test_an_unchanged_s3_rerun_makes_no_request_per_input_or_shard(s3_server, bu
         resumed = shard_flow.run(source, dest, config, progress=False)
         sent = proxy.take()
         assert (resumed.shards_written, resumed.shards_skipped) == (0, 6) and resumed.manifest == first.manifest
-        assert "HeadObject" not in sent and sent["PutObject"] == 3, sent  # rejects, duplicates, the manifest
-        assert sent["GetObject"] == 6 + 60, sent  # each part record once; each label sidecar
+        assert "HeadObject" not in sent and sent["PutObject"] == 4, sent  # rejects, duplicates, sidecars, manifest
+        assert sent["GetObject"] == 6 + 1, sent  # each part record once; the sidecars the last run read
+
+        put(source, "img030a.png", helpers.png(8, 8, seed=99))  # falls in shard 3's range
+        put(source, "img030a.cls", "2")
+        proxy.take()
+        added = shard_flow.run(source, dest, config, progress=False)
+        read = [key.rsplit("/", 1)[1] for key in proxy.read]
+        proxy.take()
+        assert (added.shards_written, added.manifest.num_samples) == (1, 61)
+        assert [key for key in read if key.endswith(".cls")] == ["img030a.cls"], read
+        assert sorted(key for key in read if key.endswith(".png")) == sorted(
+            [f"img{i:03d}.png" for i in range(30, 40)] + ["img030a.png"])
     finally:
         proxy.close()
 
