@@ -262,7 +262,8 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
         outputs["run_id"] = _stage_run("shard", key, experiment, spec.shard, {"source": source}, outputs)
         return outputs
 
-    shard_out = runner.run("shard", key, write_shards, lambda out: True, always=True)
+    shard_out = runner.run("shard", key, write_shards, lambda out: storage.exists(image_shards.manifest_url(out["images"])),
+                           always=True)
     if done("shard"):
         return runner.outcome
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -73,8 +74,6 @@ def write_chunk_task(todo: sharding.Todo, dest: str, config: ShardConfig) -> tup
 
 
 def where() -> str:
-    import sys
-
     node = ""
     if "ray" in sys.modules:
         import ray
