@@ -49,6 +49,15 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
+PARTS = "_parts"  # a stage's part records, one per output shard
+
+
+def part_record_url(dest: str, shard: str, digest: str) -> str:
+    """The part record of ``shard`` as written for ``digest`` (the shard and precompute stages
+    alike): named by the digest, so one listing of ``dest`` says which shards are done."""
+    return storage.join(dest, PARTS, f"{shard.removesuffix('.tar')}.{digest}.json")
+
+
 def sample_key(shard: int, position: int) -> str:
     """The key of the ``position``-th input of shard ``shard``: stable while that shard's
     inputs are (an input added to another shard moves no key)."""

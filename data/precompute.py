@@ -50,7 +50,6 @@ from ldmflow.data import cluster, image_shards, latent_shards, shard_stream, sto
 from ldmflow.data.images import decode_rgb
 from ldmflow.model import autoencoders, precision, unets
 
-PARTS = "_parts"
 
 
 @configs.stage_config
@@ -220,7 +219,7 @@ def write_latent_shard(row: dict[str, Any]) -> dict[str, Any]:
         info = latent_shards.LatentShardInfo(task.shard, written.num_samples, written.bytes, written.sha256,
                                              task.shard, task.image_sha256)
         part = {"digest": task.digest, "shard": asdict(info)}
-        storage.write_text(part_url(storage.dirname(task.output_url), task.shard, task.digest),
+        storage.write_text(image_shards.part_record_url(storage.dirname(task.output_url), task.shard, task.digest),
                            json.dumps(part, sort_keys=True) + "\n")
         return {"task": row["task"], "error": "", "info": json.dumps(asdict(info))}
     except Exception as exc:
@@ -236,10 +235,6 @@ def task_digest(image_sha256: str, weights_sha256: str, config: PrecomputeConfig
     return configs.key(config, image=image_sha256, weights=weights_sha256,
                        format=[latent_shards.FORMAT_NAME, latent_shards.FORMAT_VERSION])
 
-
-def part_url(dest: str, shard: str, digest: str) -> str:
-    """The part record of ``shard`` as encoded under ``digest``: a listing says which are done."""
-    return storage.join(dest, PARTS, f"{shard.removesuffix('.tar')}.{digest}.json")
 
 
 def _read_part(url: str, task: EncodeTask) -> latent_shards.LatentShardInfo | None:
@@ -277,11 +272,11 @@ def _find_done(dest: str, tasks: list[EncodeTask], weights_sha256: str,
     previous = _previous_shards(dest, weights_sha256, config) if image_shards.manifest_url(dest) in listed else {}
     parts_of: dict[str, list[str]] = {}
     for url in listed:
-        if storage.dirname(url) == storage.join(dest, PARTS):
+        if storage.dirname(url) == storage.join(dest, image_shards.PARTS):
             parts_of.setdefault(storage.basename(url).split(".", 1)[0], []).append(url)
     done = {}
     for task in tasks:
-        record = part_url(dest, task.shard, task.digest)
+        record = image_shards.part_record_url(dest, task.shard, task.digest)
         if task.output_url in listed and record in listed:
             info = previous.get(task.shard)
             if info is None or info.source_sha256 != task.image_sha256:

@@ -50,7 +50,6 @@ from ldmflow import configs
 from ldmflow.data import image_shards, images, storage
 from ldmflow.data.sources import Listing, RawItem, Reject, Scan, SmallFile, Vanished, fetch, list_source
 
-PARTS = "_parts"
 SIDECARS = "_sidecars.jsonl"  # the sidecars and metadata files read, so a rerun reads only the changed ones
 
 
@@ -321,10 +320,6 @@ def chunk_digest(chunk: Chunk, config: ShardConfig, class_names: Sequence[str] |
     )
 
 
-def part_url(dest: str, shard: str, digest: str) -> str:
-    """The part record of ``shard`` as written for ``digest``: a listing says which are done."""
-    return storage.join(dest, PARTS, f"{shard.removesuffix('.tar')}.{digest}.json")
-
 
 @dataclass(frozen=True)
 class Todo:
@@ -346,7 +341,7 @@ def todo(plan: Plan, dest: str, config: ShardConfig, listed: dict[str, int]) -> 
     keep = set()
     for chunk in plan.chunks:
         digest = chunk_digest(chunk, config, plan.class_names)
-        record = part_url(dest, chunk.shard, digest)
+        record = image_shards.part_record_url(dest, chunk.shard, digest)
         shard = storage.join(dest, chunk.shard)
         todos.append(Todo(chunk, digest, record if record in listed else None, shard in listed))
         keep.update((record, shard))
@@ -359,7 +354,7 @@ def todo(plan: Plan, dest: str, config: ShardConfig, listed: dict[str, int]) -> 
 
 
 def _is_shard_or_record(rel: str) -> bool:
-    return bool(re.fullmatch(r"shard-\d+\.tar|" + PARTS + r"/shard-\d+(\.[0-9a-f]+)?\.json", rel))
+    return bool(re.fullmatch(r"shard-\d+\.tar|" + image_shards.PARTS + r"/shard-\d+(\.[0-9a-f]+)?\.json", rel))
 
 
 def completed_part(todo: Todo) -> Part | None:
@@ -416,7 +411,7 @@ def write_chunk(todo: Todo, dest: str, config: ShardConfig) -> Part:
         rejects=tuple(rejects),
         histogram=tuple(tuple(int(v) for v in row) for row in histogram),
     )
-    storage.write_text(part_url(dest, chunk.shard, digest), part.to_json())
+    storage.write_text(image_shards.part_record_url(dest, chunk.shard, digest), part.to_json())
     return part
 
 

@@ -173,7 +173,7 @@ class CountingProxy:
             protocol_version = "HTTP/1.1"
 
             def log_message(self, *args) -> None:
-                pass
+                """Quiet: the counts are the record."""
 
             def forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))

@@ -355,7 +355,7 @@ def test_an_unchanged_s3_rerun_makes_no_request_per_input_or_shard(s3_server, bu
     """On S3, 60 images with `.cls` labels in 6 shards: an unchanged rerun lists the source
     and the output and reads the manifest, nothing else; a killed run's rerun finds what is
     done in that one listing of the output; an image added reads its own sidecar, not the
-    others', and its chunk's images."""
+    others', and its chunk's images; a sidecar changed is read again."""
     host, port = s3_server.get_host_and_port()
     proxy = helpers.CountingProxy(f"http://{host}:{port}")
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
@@ -393,6 +393,12 @@ def test_an_unchanged_s3_rerun_makes_no_request_per_input_or_shard(s3_server, bu
         assert [key for key in read if key.endswith(".cls")] == ["img030a.cls"], read
         assert sorted(key for key in read if key.endswith(".png")) == sorted(
             [f"img{i:03d}.png" for i in range(30, 40)] + ["img030a.png"])
+
+        put(source, "img005.cls", "3")  # a label changed: its new version tag says to read it again
+        relabelled = shard_flow.run(source, dest, config, progress=False)
+        read = [key.rsplit("/", 1)[1] for key in proxy.read]
+        assert relabelled.shards_written == 1 and [key for key in read if key.endswith(".cls")] == ["img005.cls"], read
+        assert {s.meta["source"]: s.label for s in read_all(dest).values()}["img005.png"] == 3
     finally:
         proxy.close()
 
