@@ -3,24 +3,27 @@
 Three steps, each an importable function that the Prefect flow in ``flows/shard.py`` runs
 as a task:
 
-1. :func:`plan` lists the source once, finds exact duplicates (same bytes: only inputs
-   whose sizes collide are compared, by S3's content ETag where every one of them has it,
-   else by sha256), and deals the unique inputs into chunks. A fresh output is cut into
-   chunks of ``shard_size`` in sorted order; a rerun deals the inputs into the *ranges* its
-   previous manifest recorded (each chunk's first source), so an input added or removed
-   changes the one chunk whose range holds it. A chunk grown past twice ``shard_size`` is
-   split, the new pieces taking new shard numbers; an emptied one is dropped.
-2. :func:`write_chunk` fetches, validates and preprocesses one chunk and writes its shard
-   atomically, then a small part record, named by the chunk's digest (its inputs as
-   listed, with their version tags, and the config's identity):
-   ``_parts/shard-i.DIGEST.json`` holds rejects, statistics and the shard's hash. One
-   listing of the output says which chunks are done, which is what makes a killed run
-   resumable and a rerun cost what changed.
+1. :func:`plan` deals the source into chunks, each a range of its sorted stems (a name
+   without its extension: an image and its sidecars share one). A folder or prefix of
+   files is surveyed in one streamed listing that keeps a count and a digest per range and
+   never the names, so the driver holds O(shards); the task writing a chunk lists its own
+   span. Tars and built-in sets are planned whole, exact duplicates found across them. A
+   fresh output is cut every ``shard_size`` inputs; a rerun deals into the *ranges* its
+   previous manifest recorded, so an input added or removed changes the one chunk whose
+   range holds it. A range grown past twice ``shard_size`` is split, the new pieces taking
+   new shard numbers; an emptied one is dropped.
+2. :func:`write_chunk` reads one chunk (for a span: lists it, reads its sidecars and
+   metadata, numbers its labels), fetches, validates, deduplicates and preprocesses it and
+   writes its shard atomically, then a small part record named by the chunk's digest (what
+   was dealt into its range, and the config's identity): ``_parts/shard-i.DIGEST.json``
+   holds rejects, duplicates, labels, statistics and the shard's hash. One listing of the
+   output says which chunks are done, which is what makes a killed run resumable and a
+   rerun cost what changed.
 3. :func:`finalize` gathers the part records into ``rejects.jsonl``,
    ``duplicates.jsonl`` and, last, ``manifest.json``, then removes shards and records the
    plan no longer has.
 
-Before any of it, :func:`unchanged` compares the source's listing (names, sizes, version
+Before writing, :func:`unchanged` compares the source's listing (names, sizes, version
 tags) and the config with what the manifest at the output was made from: equal, and the
 shards all there, the run is done with one LIST of the source, one of the output and one
 GET of the manifest.
@@ -35,6 +38,7 @@ import bisect
 import hashlib
 import json
 import math
+import posixpath
 import re
 import threading
 from collections import defaultdict, deque
@@ -47,10 +51,9 @@ import numpy as np
 from pydantic import Field
 
 from ldmflow import configs
-from ldmflow.data import image_shards, images, storage
-from ldmflow.data.sources import Listing, RawItem, Reject, Scan, SmallFile, Vanished, fetch, list_source
-
-SIDECARS = "_sidecars.jsonl"  # the sidecars and metadata files read, so a rerun reads only the changed ones
+from ldmflow.data import builtin, image_shards, images, sources, storage
+from ldmflow.data.sources import (Listing, RawItem, Reject, Vanished, fetch, is_metadata, is_sidecar, is_tar,
+                                  list_source, scan, stem)
 
 
 @configs.stage_config
@@ -91,9 +94,14 @@ class Duplicate:
 
 @dataclass(frozen=True)
 class Chunk:
+    """One shard to write: a range of the source's stems, as dealt by :class:`Dealer`."""
+
     index: int  # its shard's number
-    start: str  # the first source of its range; "" for the first chunk
-    items: tuple[RawItem, ...]
+    start: str  # the first stem of its range; "" for the first chunk
+    end: str = ""  # the next chunk's start: the range is [start, end), "" for no end
+    listing: str = ""  # digest of the names, sizes and version tags dealt into the range
+    items: tuple[RawItem, ...] = ()  # given by the plan (tars, built-ins); else the task reads its span
+    metadata: tuple[storage.Entry, ...] = ()  # a span's: the metadata files of the folders it touches
 
     @property
     def shard(self) -> str:
@@ -102,25 +110,37 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Plan:
+    """What a run writes: its chunks and what they share. Two kinds of source:
+
+    - a folder or prefix of files: ``spans``. The plan holds each chunk's range and a digest
+      of its names, and the task that writes a chunk lists its own span, reads its
+      sidecars and metadata, numbers its labels and drops its duplicates. The driver holds
+      O(shards), never O(inputs).
+    - tars and built-in sets: the plan reads them whole (tar members, hashes, sidecars in
+      memory) and gives each chunk its items, with duplicates across the whole source found.
+    """
+
     source: str
-    num_inputs: int
     chunks: tuple[Chunk, ...]  # sorted by range
-    duplicates: tuple[Duplicate, ...]
-    listing_rejects: tuple[Reject, ...]
-    class_names: tuple[str, ...] | None
     input_key: str  # see :func:`input_key`
-    small_files: tuple[SmallFile, ...] = ()  # sidecars and metadata files, for :data:`SIDECARS`
+    class_names: tuple[str, ...] | None  # spans: the names labels are numbered by (None: as integers)
+    spans: bool = False
+    class_folders: bool = False  # spans: the source is one folder per class
+    duplicates: tuple[Duplicate, ...] = ()  # found by the plan (tars, built-ins)
+    listing_rejects: tuple[Reject, ...] = ()  # refused by the plan (tars, built-ins)
 
 
 @dataclass(frozen=True)
 class Part:
-    """What writing one chunk produced; saved as ``_parts/shard-i.json``."""
+    """What writing one chunk produced; saved as ``_parts/shard-i.DIGEST.json``."""
 
     shard: str
     digest: str
     num_inputs: int
     shard_info: image_shards.ShardInfo | None  # None when every input was refused
     rejects: tuple[Reject, ...]
+    duplicates: tuple[Duplicate, ...]  # found within the chunk
+    labels: tuple[str, ...]  # a span's labels as written, each once
     histogram: tuple[tuple[int, ...], ...]  # (3, 256) counts of each 8-bit value per channel
     skipped: bool = field(default=False, compare=False)  # already complete on disk
 
@@ -139,17 +159,144 @@ class Part:
             num_inputs=body["num_inputs"],
             shard_info=image_shards.ShardInfo(**info) if info else None,
             rejects=tuple(Reject(**r) for r in body["rejects"]),
+            duplicates=tuple(Duplicate(**d) for d in body["duplicates"]),
+            labels=tuple(body["labels"]),
             histogram=tuple(tuple(row) for row in body["histogram"]),
         )
+
+
+@dataclass(frozen=True)
+class Unnamed:
+    """A span not written: one of its labels is a name the plan's class names lack. The
+    flow gathers every span's names and deals again with all of them."""
+
+    shard: str
+    labels: tuple[str, ...]
 
 
 # ---------------------------------------------------------------------------------------
 # 1. Plan
 
 
-def input_key(scanned: Scan, config: ShardConfig) -> str:
-    """What a shard run is made from: the source's listing and the config's identity."""
-    return configs.key(config, listing=scanned.digest, format=[image_shards.FORMAT_NAME, image_shards.FORMAT_VERSION])
+class _Piece:
+    __slots__ = ("start", "files", "inputs", "hasher", "items")
+
+    def __init__(self, start: str) -> None:
+        self.start = start
+        self.files = 0
+        self.inputs = 0
+        self.hasher = hashlib.sha256()
+        self.items: list[RawItem] = []
+
+
+class _Range:
+    __slots__ = ("shard", "pieces", "starts", "highest")
+
+    def __init__(self, start: str, shard: int | None) -> None:
+        self.shard = shard  # None: a range of a fresh cut
+        self.pieces = [_Piece(start)]
+        self.starts = [start]  # the pieces'
+        self.highest = ""  # the highest stem dealt into it
+
+    def piece(self, stem: str) -> _Piece:
+        return self.pieces[bisect.bisect_right(self.starts, stem) - 1]
+
+    def cut(self, stem: str) -> None:
+        self.pieces.append(_Piece(stem))
+        self.starts.append(stem)
+
+
+class Dealer:
+    """Deals a source's files into ranges of stems as its sorted listing streams by,
+    holding a count and a running hash per piece of ``shard_size`` inputs: O(shards)
+    memory, never the files (unless it is given items to keep).
+
+    Without ``ranges`` (a fresh output) the source is cut into pieces, each a chunk. With
+    the ranges of the previous manifest, each file goes to the range its stem falls in, so a
+    file added or removed changes the one range that holds it; a range is a chunk, unless it
+    has grown past twice ``shard_size`` inputs: then each of its pieces is, the first keeping
+    the range's shard and the others numbered after the largest. A range with no file is
+    dropped.
+
+    A piece ends once it has ``shard_size`` inputs and a file comes whose stem is above
+    every stem of its range, so an image and its sidecars stay together. A range's digest
+    is the hash of its pieces' digests: what a later run computes for it, cut or not.
+    """
+
+    def __init__(self, shard_size: int, ranges: Sequence[tuple[str, str]] = ()) -> None:
+        self.shard_size = shard_size
+        self.fresh = not ranges
+        if ranges:
+            self.ranges = [_Range(start if i else "", shard_number(shard)) for i, (start, shard) in enumerate(ranges)]
+        else:
+            self.ranges = [_Range("", None)]
+        self.starts = [r.starts[0] for r in self.ranges]
+        self.highest = ""
+        self.end = ""
+
+    def add(self, stem: str, line: str, is_input: bool, item: RawItem | None = None) -> None:
+        """Deal one file (``line``: its name, size and version tag), in listing order."""
+        at = bisect.bisect_right(self.starts, stem) - 1
+        target = self.ranges[at]
+        if stem > target.highest and target.pieces[-1].inputs >= self.shard_size:
+            if self.fresh and at == len(self.ranges) - 1:
+                target = _Range(stem, None)
+                self.ranges.append(target)
+                self.starts.append(stem)
+            else:
+                target.cut(stem)
+        piece = target.piece(stem)
+        piece.files += 1
+        piece.hasher.update(line.encode())
+        if is_input:
+            piece.inputs += 1
+            if item is not None:
+                piece.items.append(item)
+        target.highest = max(target.highest, stem)
+        self.highest = max(self.highest, stem)
+
+    def end_at(self, stem: str) -> None:
+        """Take nothing from ``stem`` on (a ``limit``), if it is above every stem dealt."""
+        if stem > self.highest:
+            self.end = stem
+
+    def chunks(self) -> tuple[Chunk, ...]:
+        following = 1 + max((r.shard for r in self.ranges if r.shard is not None), default=-1)
+        dealt: list[tuple[int, str, str, tuple[RawItem, ...]]] = []
+        for r in self.ranges:
+            pieces = [piece for piece in r.pieces if piece.files]
+            if not pieces:
+                continue
+            if r.shard is not None and sum(p.inputs for p in pieces) <= 2 * self.shard_size:
+                dealt.append((r.shard, r.starts[0], _digest_of(pieces), tuple(i for p in pieces for i in p.items)))
+                continue
+            for n, piece in enumerate(pieces):
+                if n == 0 and r.shard is not None:
+                    number = r.shard
+                else:
+                    number, following = following, following + 1
+                dealt.append((number, r.starts[0] if n == 0 else piece.start, _digest_of([piece]), tuple(piece.items)))
+        ends = [start for _, start, _, _ in dealt[1:]] + [self.end]
+        return tuple(Chunk(number, start if i else "", end, listing, items)
+                     for i, ((number, start, listing, items), end) in enumerate(zip(dealt, ends)))
+
+
+def _digest_of(pieces: Sequence[_Piece]) -> str:
+    return hashlib.sha256("".join(piece.hasher.hexdigest() for piece in pieces).encode()).hexdigest()
+
+
+def deal(items: Sequence[RawItem], shard_size: int, ranges: Sequence[tuple[str, str]] = ()) -> tuple[Chunk, ...]:
+    """:class:`Dealer` over ``items`` (sorted by source), each chunk holding its own."""
+    dealer = Dealer(shard_size, ranges)
+    for item in items:
+        line = json.dumps([item.source, item.size, item.etag, item.caption, item.label, item.sha256]) + "\n"
+        dealer.add(stem(item.source), line, True, item)
+    return dealer.chunks()
+
+
+def input_key(digest: str, config: ShardConfig) -> str:
+    """What a shard run is made from: the digest of the source's listing and the config's identity."""
+    return configs.key(config, listing=digest, format=[image_shards.FORMAT_NAME, image_shards.FORMAT_VERSION])
 
 
 def previous_manifest(dest: str) -> image_shards.ImageManifest | None:
@@ -170,12 +317,83 @@ def unchanged(previous: image_shards.ImageManifest | None, key: str, dest: str, 
             and all(listed.get(storage.join(dest, info.url)) == info.bytes for info in previous.shards))
 
 
-def plan(source: str, config: ShardConfig, scanned: Scan, previous: image_shards.ImageManifest | None = None,
-         known: dict[str, SmallFile] | None = None) -> Plan:
-    """List ``source`` (from ``scanned``: no second listing; sidecars ``known`` from the last
-    run not read again), mark exact duplicates, and deal the rest into chunks: into
-    ``previous``'s ranges when it was made with this config."""
-    listing = list_source(source, limit=config.limit, scanned=scanned, known=known)
+def plan(source: str, config: ShardConfig, previous: image_shards.ImageManifest | None = None) -> Plan:
+    """Deal ``source`` into chunks: into ``previous``'s ranges when it was made with this
+    config. A folder or prefix of files is surveyed in one streamed listing (:func:`survey`);
+    tars and built-in sets are listed whole (:func:`plan_whole`)."""
+    same_config = previous is not None and _identity_of(previous) == configs.identity(config)
+    ranges = previous.ranges if same_config else ()
+    if not builtin.is_builtin(source) and not is_tar(source):
+        names = previous.class_names if same_config and not _numbered(previous.class_names) else None
+        surveyed = survey(source, config, ranges, names)
+        if surveyed is not None:
+            return surveyed
+    return plan_whole(source, config, ranges)
+
+
+def survey(source: str, config: ShardConfig, ranges: Sequence[tuple[str, str]] = (),
+           class_names: tuple[str, ...] | None = None) -> Plan | None:
+    """One streamed pass over the listing of a folder or prefix, dealing its names into
+    ranges and keeping a digest of it all; the class folders (when every input is one folder
+    down) and the metadata files are the only other things kept. None when it holds tars,
+    which are planned whole."""
+    dealer = Dealer(config.shard_size, ranges)
+    whole = hashlib.sha256(f"{source}\nlimit {config.limit}\n".encode())
+    metadata: list[storage.Entry] = []
+    folders: set[str] | None = set()  # None once an input is not one folder down
+    taken = 0
+    for entry in storage.list_prefix(source):
+        rel = storage.relative_to(entry.url, source)
+        if is_tar(rel):
+            return None
+        name = stem(rel)
+        is_input = not is_sidecar(rel) and not is_metadata(rel)
+        if is_input and config.limit and taken == config.limit:
+            dealer.end_at(name)
+            break
+        line = f"{rel} {entry.size} {entry.etag}\n"
+        whole.update(line.encode())
+        if is_metadata(rel):
+            metadata.append(entry)
+            continue
+        if is_input:
+            taken += 1
+            if folders is not None and rel.count("/") == 1:
+                folders.add(rel.split("/", 1)[0])
+            else:
+                folders = None
+        dealer.add(name, line, is_input)
+    class_folders = bool(folders)
+    if class_folders:
+        class_names = tuple(sorted(folders))
+    chunks = tuple(replace(chunk, metadata=_metadata_for(chunk, source, metadata)) for chunk in dealer.chunks())
+    return Plan(source, chunks, input_key(whole.hexdigest(), config), class_names, spans=True,
+                class_folders=class_folders)
+
+
+def _metadata_for(chunk: Chunk, source: str, metadata: Sequence[storage.Entry]) -> tuple[storage.Entry, ...]:
+    """The metadata files that can name a file of ``chunk``: those of the folders its range
+    touches (at the top: all of them)."""
+
+    def touches(entry: storage.Entry) -> bool:
+        folder = posixpath.dirname(storage.relative_to(entry.url, source))
+        if not folder:
+            return True
+        return chunk.start < folder + "0" and (not chunk.end or chunk.end > folder + "/")  # stems under FOLDER/
+
+    return tuple(entry for entry in metadata if touches(entry))
+
+
+def _numbered(names: Sequence[str] | None) -> bool:
+    """Whether class names are those of integer labels ("0" … "N-1") or absent."""
+    return names is None or tuple(names) == tuple(str(i) for i in range(len(names)))
+
+
+def plan_whole(source: str, config: ShardConfig, ranges: Sequence[tuple[str, str]] = ()) -> Plan:
+    """List ``source`` whole (tars read, sidecars in memory), mark exact duplicates across
+    it, and deal the rest into chunks that carry their items."""
+    scanned = scan(source, config.limit)
+    listing = list_source(source, limit=config.limit, scanned=scanned)
     hashes = _content_hashes(listing)
     seen: dict[str, str] = {}
     duplicates: list[Duplicate] = []
@@ -188,32 +406,8 @@ def plan(source: str, config: ShardConfig, scanned: Scan, previous: image_shards
         if digest is not None:
             seen[digest] = item.source
         unique.append(item)
-    same_config = previous is not None and _identity_of(previous) == configs.identity(config)
-    return Plan(
-        source=source,
-        num_inputs=len(listing.items) + len(listing.rejects),
-        chunks=deal(unique, config.shard_size, previous.ranges if same_config else ()),
-        duplicates=tuple(duplicates),
-        listing_rejects=listing.rejects,
-        class_names=listing.class_names,
-        input_key=input_key(scanned, config),
-        small_files=listing.small_files,
-    )
-
-
-def known_small_files(dest: str, listed: dict[str, int]) -> dict[str, SmallFile]:
-    """The sidecars and metadata files the last run read (:data:`SIDECARS`), by URL."""
-    url = storage.join(dest, SIDECARS)
-    if url not in listed:
-        return {}
-    try:
-        rows = image_shards.read_jsonl(url)
-        return {row["url"]: SmallFile(row["url"], int(row["size"]), row["etag"], row["content"].encode("latin-1"))
-                for row in rows}
-    except storage.NotFound:
-        return {}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return {}  # unreadable: read every sidecar again
+    return Plan(source, deal(unique, config.shard_size, ranges), input_key(scanned.digest, config),
+                listing.class_names, duplicates=tuple(duplicates), listing_rejects=listing.rejects)
 
 
 def _identity_of(manifest: image_shards.ImageManifest) -> dict | None:
@@ -221,37 +415,6 @@ def _identity_of(manifest: image_shards.ImageManifest) -> dict | None:
         return configs.identity(configs.from_dict(ShardConfig, manifest.config))
     except configs.ConfigError:
         return None
-
-
-def deal(items: Sequence[RawItem], shard_size: int, ranges: Sequence[tuple[str, str]] = ()) -> tuple[Chunk, ...]:
-    """Chunks of ``items`` (sorted by source): cut every ``shard_size`` without ``ranges``;
-    with them, each item goes to the range (first source, shard) it falls in. A range with
-    no item is dropped; one holding more than ``2 * shard_size`` is split into pieces of
-    ``shard_size``, the first keeping its shard and the others numbered after the largest."""
-    if not ranges:
-        pieces = [tuple(items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
-        return tuple(Chunk(i, piece[0].source if i else "", piece) for i, piece in enumerate(pieces))
-    starts = ["", *(start for start, _ in ranges[1:])]  # the first range reaches down to anything
-    groups: list[list[RawItem]] = [[] for _ in ranges]
-    for item in items:
-        groups[bisect.bisect_right(starts, item.source) - 1].append(item)
-    following = max(shard_number(shard) for _, shard in ranges) + 1
-    chunks: list[Chunk] = []
-    for start, (_, shard), group in zip(starts, ranges, groups):
-        if len(group) <= 2 * shard_size:
-            if group:
-                chunks.append(Chunk(shard_number(shard), start, tuple(group)))
-            continue
-        for offset in range(0, len(group), shard_size):
-            piece = tuple(group[offset : offset + shard_size])
-            if offset == 0:
-                chunks.append(Chunk(shard_number(shard), start, piece))
-            else:
-                chunks.append(Chunk(following, piece[0].source, piece))
-                following += 1
-    if chunks and chunks[0].start:
-        chunks[0] = replace(chunks[0], start="")
-    return tuple(chunks)
 
 
 def shard_number(shard: str) -> int:
@@ -308,28 +471,34 @@ def _content_etag(item: RawItem) -> str:
 # 2. Write one chunk
 
 
-def chunk_digest(chunk: Chunk, config: ShardConfig, class_names: Sequence[str] | None) -> str:
-    """Identifies a chunk's output: its shard number (in its samples' keys), its inputs as
-    listed (with their version tags) and the config's identity."""
+def chunk_digest(plan: Plan, chunk: Chunk, config: ShardConfig) -> str:
+    """Identifies a chunk's output: its shard number (in its samples' keys), the digest of
+    what was dealt into its range (names, sizes, version tags; for given items, their
+    captions, labels and hashes too), the metadata files it reads, how labels are numbered,
+    and the config's identity."""
     return configs.key(
         config,
-        class_names=list(class_names) if class_names is not None else None,
+        class_names=list(plan.class_names) if plan.class_names is not None else None,
+        class_folders=plan.class_folders,
         shard=chunk.index,
-        items=[[item.source, item.size, item.etag, item.caption, item.label, item.sha256] for item in chunk.items],
+        listing=chunk.listing,
+        metadata=[[storage.relative_to(e.url, plan.source), e.size, e.etag] for e in chunk.metadata],
         format=[image_shards.FORMAT_NAME, image_shards.FORMAT_VERSION],
     )
 
 
-
 @dataclass(frozen=True)
 class Todo:
-    """One chunk as the flow hands it to a task: what to write, and what the listing of the
-    output found of it (its record's URL when listed, whether its shard is)."""
+    """One chunk as the flow hands it to a task: what to write, how to read it, and what
+    the listing of the output found of it (its record's URL when listed, whether its shard is)."""
 
     chunk: Chunk
     digest: str
     record: str | None
     shard_listed: bool
+    source: str  # spans: where to list
+    class_names: tuple[str, ...] | None  # spans: the names labels are numbered by
+    class_folders: bool
 
 
 def todo(plan: Plan, dest: str, config: ShardConfig, listed: dict[str, int]) -> tuple[list[Todo], list[str]]:
@@ -340,10 +509,11 @@ def todo(plan: Plan, dest: str, config: ShardConfig, listed: dict[str, int]) -> 
     todos = []
     keep = set()
     for chunk in plan.chunks:
-        digest = chunk_digest(chunk, config, plan.class_names)
+        digest = chunk_digest(plan, chunk, config)
         record = image_shards.part_record_url(dest, chunk.shard, digest)
         shard = storage.join(dest, chunk.shard)
-        todos.append(Todo(chunk, digest, record if record in listed else None, shard in listed))
+        todos.append(Todo(chunk, digest, record if record in listed else None, shard in listed, plan.source,
+                          plan.class_names if plan.spans else None, plan.class_folders))
         keep.update((record, shard))
     stale = [url for url in listed if url not in keep and _is_shard_or_record(storage.relative_to(url, dest))]
     planned = {chunk.shard.removesuffix(".tar") for chunk in plan.chunks}
@@ -372,15 +542,26 @@ def completed_part(todo: Todo) -> Part | None:
     return part
 
 
-def write_chunk(todo: Todo, dest: str, config: ShardConfig) -> Part:
-    """Fetch, validate and preprocess one chunk; write its shard, then its part record."""
+def write_chunk(todo: Todo, dest: str, config: ShardConfig) -> Part | Unnamed:
+    """Read one chunk (its items, or its span: listed, sidecars and metadata read, labels
+    numbered), fetch, validate, deduplicate and preprocess its inputs; write its shard, then
+    its part record."""
     done = completed_part(todo)
     if done is not None:
         return replace(done, skipped=True)
     chunk, digest = todo.chunk, todo.digest
+    items, rejects, labels = list(chunk.items), [], ()
+    if not chunk.items:
+        raw, rejects = sources.read_span(todo.source, chunk.start, chunk.end, chunk.metadata, todo.class_folders)
+        labels = sources.label_names(raw)
+        items = sources.number_labels(raw, todo.class_names)
+        if items is None:
+            return Unnamed(chunk.shard, labels)
+    num_inputs = len(items) + len(rejects)
 
     samples: list[image_shards.Sample] = []
-    rejects: list[Reject] = []
+    duplicates: list[Duplicate] = []
+    first_of: dict[str, str] = {}  # sha256 → source
     histogram = np.zeros((3, 256), dtype=np.int64)  # exact integer statistics
 
     def prepare(position: int, item: RawItem, data: bytes | Vanished) -> tuple[image_shards.Sample, np.ndarray] | Reject:
@@ -391,13 +572,19 @@ def write_chunk(todo: Todo, dest: str, config: ShardConfig) -> Part:
         except images.Rejected as exc:
             return Reject(item.source, str(exc))
 
-    fetched = ((position, item, data) for position, (item, data) in enumerate(fetch(chunk.items)))
+    fetched = ((position, item, data) for position, (item, data) in enumerate(fetch(items)))
     for result in in_order(image_pool(config.workers), prepare, fetched, ahead=4 * config.workers):
         if isinstance(result, Reject):
             rejects.append(result)
-        else:
-            samples.append(result[0])
-            histogram += result[1]
+            continue
+        sample, counts = result
+        source, sha256 = sample.meta["source"], sample.meta["sha256"]
+        if sha256 in first_of:
+            duplicates.append(Duplicate(source, first_of[sha256]))
+            continue
+        first_of[sha256] = source
+        samples.append(sample)
+        histogram += counts
 
     info = None
     if samples:
@@ -406,9 +593,11 @@ def write_chunk(todo: Todo, dest: str, config: ShardConfig) -> Part:
     part = Part(
         shard=chunk.shard,
         digest=digest,
-        num_inputs=len(chunk.items),
+        num_inputs=num_inputs,
         shard_info=info,
-        rejects=tuple(rejects),
+        rejects=tuple(sorted(rejects, key=lambda r: r.source)),
+        duplicates=tuple(duplicates),
+        labels=labels,
         histogram=tuple(tuple(int(v) for v in row) for row in histogram),
     )
     storage.write_text(image_shards.part_record_url(dest, chunk.shard, digest), part.to_json())
@@ -491,11 +680,9 @@ def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig,
         raise RuntimeError("finalize needs exactly one part per planned chunk")
     parts = [by_shard[chunk.shard] for chunk in plan.chunks]  # in range order
     rejects = sorted([*plan.listing_rejects, *(r for part in parts for r in part.rejects)], key=lambda r: r.source)
+    duplicates = sorted([*plan.duplicates, *(d for part in parts for d in part.duplicates)], key=lambda d: d.source)
     image_shards.write_jsonl(storage.join(dest, image_shards.REJECTS), (asdict(r) for r in rejects))
-    image_shards.write_jsonl(storage.join(dest, image_shards.DUPLICATES), (asdict(d) for d in plan.duplicates))
-    if plan.small_files:
-        image_shards.write_jsonl(storage.join(dest, SIDECARS), (
-            {"url": f.url, "size": f.size, "etag": f.etag, "content": f.content.decode("latin-1")} for f in plan.small_files))
+    image_shards.write_jsonl(storage.join(dest, image_shards.DUPLICATES), (asdict(d) for d in duplicates))
 
     histogram = np.zeros((3, 256), dtype=np.int64)
     for part in parts:
@@ -505,12 +692,12 @@ def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig,
     manifest = image_shards.ImageManifest(
         source=plan.source,
         config=configs.to_dict(config),
-        num_inputs=plan.num_inputs,
+        num_inputs=sum(part.num_inputs for part in parts) + len(plan.duplicates) + len(plan.listing_rejects),
         num_samples=sum(info.num_samples for info in infos),
-        num_duplicates=len(plan.duplicates),
+        num_duplicates=len(duplicates),
         num_rejected=len(rejects),
         shards=infos,
-        class_names=plan.class_names,
+        class_names=class_names(plan, parts),
         stats={"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]},
         input_key=plan.input_key,
         ranges=tuple((chunk.start, chunk.shard) for chunk in plan.chunks),
@@ -519,6 +706,21 @@ def finalize(plan: Plan, parts: Sequence[Part], dest: str, config: ShardConfig,
     for url in stale:
         storage.delete(url)
     return manifest
+
+
+def class_names(plan: Plan, parts: Sequence[Part | Unnamed]) -> tuple[str, ...] | None:
+    """The dataset's class names: the plan's, or for spans whose labels are integers, their
+    numbers ("0" … the largest; none if one is negative)."""
+    if not plan.spans or plan.class_names is not None:
+        return plan.class_names
+    numbers = [int(label) for part in parts for label in part.labels]
+    return tuple(str(i) for i in range(max(numbers) + 1)) if numbers and min(numbers) >= 0 else None
+
+
+def gathered_names(parts: Sequence[Part | Unnamed]) -> tuple[str, ...]:
+    """Every label the spans hold, as written: the class names to deal with again when a
+    span was :class:`Unnamed`."""
+    return tuple(sorted({label for part in parts for label in part.labels}))
 
 
 def summary_line(manifest: image_shards.ImageManifest, dest: str, written: int, skipped: int, seconds: float,

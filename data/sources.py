@@ -1,4 +1,5 @@
-"""Raw datasets: list the inputs of a source once, then fetch their bytes chunk by chunk.
+"""Raw datasets: list the inputs of a source, whole or one span of names at a time, then
+fetch their bytes chunk by chunk.
 
 A source is one of
 
@@ -15,6 +16,10 @@ class folder. A sidecar wins over metadata, metadata over the folder.
 
 Every file that is neither a sidecar nor a metadata file is an input; whatever cannot be
 used becomes a reject with its reason, so ``inputs = samples + duplicates + rejects``.
+
+A folder or prefix can be read one *span* at a time (:func:`read_span`): the files whose
+stems (names without extensions) lie in a range, so that no process need hold the whole
+listing. Tars and built-ins are listed whole (:func:`list_source`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import io
 import json
 import posixpath
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -70,22 +75,10 @@ class Scan:
 
 
 @dataclass(frozen=True)
-class SmallFile:
-    """A sidecar or metadata file as read while listing: kept by the shard stage so that a
-    rerun reads again only those whose version tag changed."""
-
-    url: str
-    size: int
-    etag: str
-    content: bytes
-
-
-@dataclass(frozen=True)
 class Listing:
     items: tuple[RawItem, ...]  # sorted by source
     rejects: tuple[Reject, ...]  # inputs refused while listing (orphan sidecars, broken tars)
     class_names: tuple[str, ...] | None
-    small_files: tuple[SmallFile, ...] = ()  # the sidecars and metadata files read (with a version tag)
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,11 +122,9 @@ def _is_tar_file(source: str) -> bool:
     return source.endswith(".tar") and not source.endswith("/")
 
 
-def list_source(source: str, limit: int = 0, scanned: Scan | None = None,
-                known: Mapping[str, SmallFile] | None = None) -> Listing:
+def list_source(source: str, limit: int = 0, scanned: Scan | None = None) -> Listing:
     """List every input of ``source`` once, sorted, with captions and labels resolved
-    (from ``scanned``, when given, with no second listing). A sidecar or metadata file in
-    ``known`` (by URL) with the same size and version tag is not read again."""
+    (from ``scanned``, when given, with no second listing)."""
     if builtin.is_builtin(source):
         return _list_builtin(source, limit)
     entries = (scanned or scan(source, limit)).entries
@@ -151,9 +142,8 @@ def list_source(source: str, limit: int = 0, scanned: Scan | None = None,
         trees.insert(0, ("", (loose, [])))
     items: list[tuple[RawItem, str | int | None]] = []
     rejects: list[Reject] = []
-    small: list[SmallFile] = []
     for root, (files, tree_rejects) in trees:
-        tree_items, more_rejects = _resolve_tree(root, files, known or {}, small)
+        tree_items, more_rejects = _resolve_tree(root, files)
         items.extend(tree_items)
         rejects.extend(tree_rejects)
         rejects.extend(more_rejects)
@@ -162,7 +152,7 @@ def list_source(source: str, limit: int = 0, scanned: Scan | None = None,
         items = items[:limit]
     resolved, class_names = _number_labels(items)
     rejects.sort(key=lambda reject: reject.source)
-    return Listing(tuple(resolved), tuple(rejects), class_names, tuple(small))
+    return Listing(tuple(resolved), tuple(rejects), class_names)
 
 
 def check_source(source: str) -> None:
@@ -264,10 +254,11 @@ def _is_sidecar_or_metadata(path: str) -> bool:
     return posixpath.basename(path) in METADATA_NAMES or path.endswith(SIDECAR_SUFFIXES)
 
 
-def _resolve_tree(root: str, files: list[_File], known: Mapping[str, SmallFile],
-                  small: list[SmallFile]) -> tuple[list[tuple[RawItem, str | int | None]], list[Reject]]:
-    """Pair the inputs of one tree (a folder or one tar) with their sidecars and metadata
-    (read, unless ``known``; those with a version tag added to ``small``)."""
+def _resolve_tree(root: str, files: list[_File], class_folders: bool | None = None
+                  ) -> tuple[list[tuple[RawItem, str | int | None]], list[Reject]]:
+    """Pair the inputs of one tree (a folder or one tar, or a span of a folder's names)
+    with their sidecars and metadata, read here. ``class_folders``: whether the whole tree
+    is one folder per class (by default, whether these files are)."""
 
     def source_of(rel: str) -> str:
         return f"{root}/{rel}" if root else rel
@@ -284,14 +275,15 @@ def _resolve_tree(root: str, files: list[_File], known: Mapping[str, SmallFile],
             rejects.append(Reject(source_of(f.rel), f"a {posixpath.splitext(f.rel)[1]} sidecar with no image beside it"))
     inputs = [f for f in inputs if not f.rel.endswith(SIDECAR_SUFFIXES)]
 
-    contents = _read_small([*sidecars.values(), *metadata_files], known, small)
+    contents = _read_small([*sidecars.values(), *metadata_files])
     metadata = {}
     for f in metadata_files:
         try:
             metadata.update(_parse_metadata(f, contents[f.rel]))
         except ValueError as exc:  # the whole file is refused; its images are still inputs
             rejects.append(Reject(source_of(f.rel), f"unusable metadata file: {exc}"))
-    class_folders = bool(inputs) and all(f.rel.count("/") == 1 for f in inputs)
+    if class_folders is None:
+        class_folders = bool(inputs) and all(f.rel.count("/") == 1 for f in inputs)
 
     items = []
     for f in inputs:
@@ -317,26 +309,12 @@ def _resolve_tree(root: str, files: list[_File], known: Mapping[str, SmallFile],
     return items, rejects
 
 
-def _read_small(files: Sequence[_File], known: Mapping[str, SmallFile], small: list[SmallFile]) -> dict[str, bytes]:
-    """Contents of sidecars and metadata files: in memory (tar members), ``known`` at this
-    size and version, or read concurrently."""
-
-    def reusable(f: _File) -> bytes | None:
-        seen = known.get(f.url)
-        return seen.content if seen is not None and f.etag and (seen.size, seen.etag) == (f.size, f.etag) else None
-
+def _read_small(files: Sequence[_File]) -> dict[str, bytes]:
+    """Contents of sidecars and metadata files: in memory (tar members), else read concurrently."""
     contents = {f.rel: f.content for f in files if f.content is not None}
-    todo = []
-    for f in files:
-        if f.content is None:
-            cached = reusable(f)
-            if cached is None:
-                todo.append(f)
-            else:
-                contents[f.rel] = cached
+    todo = [f for f in files if f.content is None]
     with ThreadPoolExecutor(max_workers=16) as pool:
         contents |= dict(zip([f.rel for f in todo], pool.map(lambda f: storage.read_bytes(f.url), todo)))
-    small.extend(SmallFile(f.url, f.size, f.etag, contents[f.rel]) for f in files if f.content is None and f.etag)
     return contents
 
 
@@ -367,22 +345,110 @@ def _parse_metadata(f: _File, content: bytes) -> dict[str, tuple[str | None, str
 def _number_labels(items: Sequence[tuple[RawItem, str | int | None]]) -> tuple[list[RawItem], tuple[str, ...] | None]:
     """Integer labels as they are, named by their numbers ("0" … the largest: a `.cls` sidecar
     of the WebDataset convention); names (class folders, string labels) as sorted indices."""
-
-    def as_int(value: str | int) -> int | None:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        return None
-
     labels = [label for _, label in items if label is not None]
-    if all(as_int(label) is not None for label in labels):
-        numbers = [as_int(label) for label in labels]
+    if all(_as_int(label) is not None for label in labels):
+        numbers = [_as_int(label) for label in labels]
         names = tuple(str(i) for i in range(max(numbers) + 1)) if numbers and min(numbers) >= 0 else None
-        return [replace(item, label=as_int(label) if label is not None else None) for item, label in items], names
+        return [replace(item, label=_as_int(label) if label is not None else None) for item, label in items], names
     names = tuple(sorted({str(label) for label in labels}))
     index = {name: i for i, name in enumerate(names)}
     return [replace(item, label=index[str(label)] if label is not None else None) for item, label in items], names
+
+
+def _as_int(value: str | int) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Spans: a folder or prefix read a piece at a time, by the task that writes the piece
+
+
+def stem(rel: str) -> str:
+    """A name without its extension: an image and its sidecars share it."""
+    return posixpath.splitext(rel)[0]
+
+
+def is_metadata(rel: str) -> bool:
+    return posixpath.basename(rel) in METADATA_NAMES
+
+
+def is_sidecar(rel: str) -> bool:
+    return rel.endswith(SIDECAR_SUFFIXES)
+
+
+def is_tar(rel: str) -> bool:
+    return rel.endswith(".tar")
+
+
+def span_limit(end: str) -> str:
+    """The least name from which no file's stem sorts below ``end`` ("": no end). That is
+    ``end`` itself, unless a stem that begins ``end`` is followed there by a character that
+    sorts before "." (stem ``x``, end ``x-1``: ``x.png`` comes after ``x-1``); a stem's files
+    all sort below the stem followed by "/"."""
+    limit = end
+    for n in range(1, len(end)):
+        if end[n] < ".":
+            limit = max(limit, end[:n] + "/")
+    return limit
+
+
+def in_span(rel: str, start: str, end: str) -> bool:
+    return start <= stem(rel) and (not end or stem(rel) < end)
+
+
+def list_span(source: str, start: str, end: str) -> list[storage.Entry]:
+    """The files of a folder or prefix whose stems lie in [``start``, ``end``) (``end`` "":
+    no end), by one listing that begins at ``start``. Metadata files and tars belong to no
+    span: the caller knows them from its own listing."""
+    limit = span_limit(end)
+    found = []
+    for entry in storage.list_prefix(source, start=start):
+        rel = storage.relative_to(entry.url, source)
+        if limit and rel >= limit:
+            break
+        if in_span(rel, start, end) and not is_metadata(rel) and not is_tar(rel):
+            found.append(entry)
+    return found
+
+
+def read_span(source: str, start: str, end: str, metadata: Sequence[storage.Entry], class_folders: bool
+              ) -> tuple[list[tuple[RawItem, str | int | None]], list[Reject]]:
+    """The inputs of one span of ``source``, sorted, each with its caption and its label as
+    written (not yet a class index), and the span's rejects. ``metadata``: the metadata files
+    of the folders the span touches (a refused one is reported by the span holding its name);
+    ``class_folders``: whether the whole source is one folder per class."""
+    files = [_File(storage.relative_to(e.url, source), e.url, e.size, etag=e.etag)
+             for e in [*list_span(source, start, end), *metadata]]
+    items, rejects = _resolve_tree("", files, class_folders)
+    rejects = [r for r in rejects if not is_metadata(r.source) or in_span(r.source, start, end)]
+    items.sort(key=lambda pair: pair[0].source)
+    rejects.sort(key=lambda reject: reject.source)
+    return items, rejects
+
+
+def number_labels(items: Sequence[tuple[RawItem, str | int | None]], names: Sequence[str] | None
+                  ) -> list[RawItem] | None:
+    """A span's labels as class indices: by their place in ``names`` when given, else as the
+    integers they are. None when one is neither (a name not in ``names``, or a name where
+    the labels were taken for numbers): the source's names must be gathered first."""
+    index = {name: i for i, name in enumerate(names)} if names is not None else None
+    numbered = []
+    for item, label in items:
+        if label is not None:
+            label = _as_int(label) if index is None else index.get(str(label))
+            if label is None:
+                return None
+        numbered.append(replace(item, label=label))
+    return numbered
+
+
+def label_names(items: Sequence[tuple[RawItem, str | int | None]]) -> tuple[str, ...]:
+    """The labels of a span as written, each once."""
+    return tuple(sorted({str(label) for _, label in items if label is not None}))
 
 
 # ---------------------------------------------------------------------------------------

@@ -270,42 +270,59 @@ def delete(url: str) -> None:
         os.unlink(url)
 
 
-def list_prefix(prefix: str, recursive: bool = True) -> Iterator[Entry]:
+def list_prefix(prefix: str, recursive: bool = True, start: str = "") -> Iterator[Entry]:
     """Every object under the folder ``prefix``, sorted by URL; temporary files are skipped.
 
     ``prefix`` names a folder: ``s3://b/data`` lists ``s3://b/data/...`` and not
-    ``s3://b/database``.
+    ``s3://b/database``. With ``start``, the listing begins at the first object whose path
+    relative to ``prefix`` is not below it (S3's ``StartAfter``; locally, folders that sort
+    before it are not walked). Either way the listing streams: a consumer that stops early
+    reads no further, and memory holds one page (one folder's names locally), not the listing.
     """
     if is_s3(prefix):
         bucket, key = _split_s3(prefix)
         key = key.rstrip("/") + "/" if key else ""
         paginator = s3_client().get_paginator("list_objects_v2")
         kwargs = {"Bucket": bucket, "Prefix": key}
+        if start:
+            kwargs["StartAfter"] = key + start[:-1]  # below ``start``, whatever its last character
         if not recursive:
             kwargs["Delimiter"] = "/"
         with _s3_errors(prefix):
             for page in paginator.paginate(**kwargs):
                 for obj in page.get("Contents", []):
-                    if obj["Key"].endswith("/") or is_temporary(obj["Key"]):
+                    if obj["Key"].endswith("/") or is_temporary(obj["Key"]) or obj["Key"][len(key):] < start:
                         continue
                     yield Entry(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj.get("ETag", "").strip('"'))
         return
     if not os.path.isdir(prefix):
         raise NotFound(f"{prefix}: no such folder")
     base = prefix.rstrip("/")
-    found: list[Entry] = []
     if recursive:
-        for root, dirs, files in os.walk(base):
-            dirs.sort()
-            for name in files:
-                if not is_temporary(name):
-                    found.append(_local_entry(os.path.join(root, name)))
-    else:
-        for name in os.listdir(base):
-            path = os.path.join(base, name)
-            if os.path.isfile(path) and not is_temporary(name):
-                found.append(_local_entry(path))
+        yield from _walk_sorted(base, "", start)
+        return
+    found = []
+    for name in os.listdir(base):
+        path = os.path.join(base, name)
+        if os.path.isfile(path) and not is_temporary(name) and name >= start:
+            found.append(_local_entry(path))
     yield from sorted(found, key=lambda entry: entry.url)
+
+
+def _walk_sorted(base: str, folder: str, start: str) -> Iterator[Entry]:
+    """The files under ``base/folder`` in the order of their full paths: siblings sorted by
+    name, a folder's name followed by "/" (so ``a-b`` comes before ``a/x`` and ``a.png``
+    before ``a/``). Symbolic links to folders are not followed, as ``os.walk`` does not."""
+    with os.scandir(os.path.join(base, folder) if folder else base) as found:
+        children = [(entry.name + "/" if entry.is_dir() else entry.name, entry) for entry in found]
+    for name, entry in sorted(children, key=lambda pair: pair[0]):
+        rel = folder + name
+        if name.endswith("/"):
+            if entry.is_symlink() or (rel < start and not start.startswith(rel)):
+                continue
+            yield from _walk_sorted(base, rel, start)
+        elif rel >= start and not is_temporary(name):
+            yield _local_entry(os.path.join(base, rel))
 
 
 def remove_stale_temporaries(folder: str) -> int:

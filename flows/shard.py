@@ -15,7 +15,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -25,7 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from ldmflow.console import Progress
 from ldmflow.data import image_shards, sharding, storage
 from ldmflow.data.sharding import ShardConfig
-from ldmflow.data.sources import Scan, check_source, scan
+from ldmflow.data.sources import check_source
 from ldmflow.errors import LdmflowError
 
 
@@ -49,26 +49,29 @@ STORAGE_RETRIES = dict(
 )
 
 
-@task(name="list-source-and-output", **STORAGE_RETRIES)
-def list_task(source: str, dest: str, config: ShardConfig) -> tuple[Scan, image_shards.ImageManifest | None, dict[str, int]]:
-    """One listing of the source, the previous manifest, one listing of the output."""
-    scanned = scan(source, config.limit)
+@task(name="list-output", **STORAGE_RETRIES)
+def list_output_task(dest: str) -> tuple[image_shards.ImageManifest | None, dict[str, int]]:
+    """One listing of the output, and the manifest a previous run left there."""
     try:
         listed = {entry.url: entry.size for entry in storage.list_prefix(dest)}
     except storage.NotFound:
         listed = {}
     previous = sharding.previous_manifest(dest) if image_shards.manifest_url(dest) in listed else None
-    return scanned, previous, listed
+    return previous, listed
 
 
 @task(name="plan-shards", **STORAGE_RETRIES)
-def plan_task(source: str, dest: str, config: ShardConfig, scanned: Scan, previous, listed: dict[str, int]):
-    plan = sharding.plan(source, config, scanned, previous, sharding.known_small_files(dest, listed))
-    return plan, *sharding.todo(plan, dest, config, listed)
+def plan_task(source: str, config: ShardConfig, previous: image_shards.ImageManifest | None) -> sharding.Plan:
+    return sharding.plan(source, config, previous)
+
+
+@task(name="find-done-shards", **STORAGE_RETRIES)
+def todo_task(plan: sharding.Plan, dest: str, config: ShardConfig, listed: dict[str, int]):
+    return sharding.todo(plan, dest, config, listed)
 
 
 @task(name="write-shard", task_run_name="write-{todo.chunk.shard}", **STORAGE_RETRIES)
-def write_chunk_task(todo: sharding.Todo, dest: str, config: ShardConfig) -> tuple[sharding.Part, str]:
+def write_chunk_task(todo: sharding.Todo, dest: str, config: ShardConfig) -> tuple[sharding.Part | sharding.Unnamed, str]:
     """The chunk's part, and where it was written: ``host:pid``, and ``@NODE`` in a Ray worker."""
     return sharding.write_chunk(todo, dest, config), where()
 
@@ -118,13 +121,39 @@ def shard_flow(source: str, dest: str, config: ShardConfig = ShardConfig(), prog
     flow's process, or (``config.on_ray()``, with :func:`run`'s task runner) as Ray tasks."""
     started = time.perf_counter()
     storage.remove_stale_temporaries(dest)
-    scanned, previous, listed = list_task(source, dest, config)
-    if sharding.unchanged(previous, sharding.input_key(scanned, config), dest, listed):
+    previous, listed = list_output_task(dest)
+    plan = plan_task(source, config, previous)
+    if sharding.unchanged(previous, plan.input_key, dest, listed):
         outcome = ShardOutcome(previous, dest, 0, len(previous.ranges), time.perf_counter() - started, unchanged=True)
         get_run_logger().info(outcome.summary())
         return outcome
-    plan, todos, stale = plan_task(source, dest, config, scanned, previous, listed)
-    del scanned, listed
+    todos, stale = todo_task(plan, dest, config, listed)
+    parts, processes = write_chunks(todos, dest, config, progress)
+    if any(isinstance(part, sharding.Unnamed) for part in parts):
+        # A span found labels that are names: deal again, every span numbering by all of them.
+        written = [image_shards.part_record_url(dest, part.shard, part.digest)
+                   for part in parts if isinstance(part, sharding.Part) and not part.skipped]
+        plan = replace(plan, class_names=sharding.gathered_names(parts))
+        todos, stale = todo_task(plan, dest, config, listed)
+        kept = {todo_.record for todo_ in todos}
+        stale += [url for url in written if url not in kept]
+        parts, more = write_chunks(todos, dest, config, progress)
+        processes |= more
+        if any(isinstance(part, sharding.Unnamed) for part in parts):
+            raise RuntimeError(f"{source} changed its labels while it was being sharded; run again")
+    manifest = finalize_task(plan, parts, dest, config, stale)
+    skipped = sum(part.skipped for part in parts)
+    outcome = ShardOutcome(manifest, dest, len(parts) - skipped, skipped, time.perf_counter() - started,
+                           processes=tuple(sorted(processes)))
+    get_run_logger().info(outcome.summary())
+    if manifest.num_samples == 0:
+        raise NothingUsable(manifest, dest)
+    return outcome
+
+
+def write_chunks(todos: list[sharding.Todo], dest: str, config: ShardConfig, progress: bool
+                 ) -> tuple[list[sharding.Part | sharding.Unnamed], set[str]]:
+    """Each chunk written (or found done) by a task: their parts, and the processes they ran in."""
     with ray_options(config) if config.on_ray() else nullcontext():
         futures = [write_chunk_task.submit(todo, dest, config) for todo in todos]
     parts, processes = [], set()
@@ -134,14 +163,7 @@ def shard_flow(source: str, dest: str, config: ShardConfig = ShardConfig(), prog
             parts.append(part)
             processes.add(where)
             bar.advance()
-    manifest = finalize_task(plan, parts, dest, config, stale)
-    skipped = sum(part.skipped for part in parts)
-    outcome = ShardOutcome(manifest, dest, len(parts) - skipped, skipped, time.perf_counter() - started,
-                           processes=tuple(sorted(processes)))
-    get_run_logger().info(outcome.summary())
-    if manifest.num_samples == 0:
-        raise NothingUsable(manifest, dest)
-    return outcome
+    return parts, processes
 
 
 class NothingUsable(LdmflowError):
