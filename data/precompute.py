@@ -306,14 +306,18 @@ class Placement:
 
 
 def placement(requested: int, shards: int, cpus: float, gpus: float, cores: int, gpu: bool,
-              threads: int = 0, local: bool = False) -> Placement:
+              threads: int = 0, local: bool = False, node_cpus: float = 0.0) -> Placement:
     """GPU: one actor per GPU (or ``requested``), two decode tasks per actor (a guess, not yet
     measured on a GPU: a GPU encoder outruns one decoding core), a CPU each. CPU: a quarter
     of the CPUs (at most one) is kept for decoding and writing, so that the actors can never
     starve them, and the rest shared by the actors, on a ``local`` instance (where Ray
     advertises more logical CPUs than the machine has ``cores``) one per core at most; a CPU
     encoder is some thirty times slower than a decoder (measured: 64-px digits, 7.5 s against
-    0.22 s a shard), so one decode task per four actors keeps them fed.
+    0.22 s a shard), so one decode task per four actors keeps them fed. The CPUs kept are the
+    cluster's, and nodes are not shared: an actor asks at most its smallest node's CPUs
+    (``node_cpus``) less a decode task's, so a decode task fits beside it on any node (three
+    1-CPU nodes: three quarters of a CPU per actor left a quarter on each, and no room for a
+    task asking three eighths).
 
     Every concurrent task is a worker process that imports torch (webdataset does) before
     its first shard, a few CPU-seconds each: more tasks than the encoders need would take
@@ -326,9 +330,12 @@ def placement(requested: int, shards: int, cpus: float, gpus: float, cores: int,
     # has cores, and each extra actor is an extra autoencoder import and load (about 11
     # CPU-seconds on the development VM) competing with the others for the same cores.
     count = max(1, min(requested or math.floor(min(cpus - reserve, cores) if local else cpus - reserve), shards))
+    decode_cpus = reserve / 2
     actor_cpus = min(1.0, (cpus - reserve) / count)
+    if node_cpus:
+        actor_cpus = min(actor_cpus, node_cpus - decode_cpus)
     # Intra-op threads: the machine's cores shared by the actors.
-    return Placement(count, actor_cpus, 0.0, math.ceil(count / 4), reserve / 2,
+    return Placement(count, actor_cpus, 0.0, math.ceil(count / 4), decode_cpus,
                      threads or max(1, int(min(cpus, cores)) // count))
 
 
@@ -420,8 +427,11 @@ def _encode_round(tasks: list[EncodeTask], autoencoder_dir: str | Path, config: 
     cluster.ensure_ray()
     gpu = cluster.use_gpu(config.use_gpu)
     resources = ray.cluster_resources()
+    smallest = min((node["Resources"]["CPU"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU")),
+                   default=0.0)
     place = placement(config.actors, len(tasks), resources.get("CPU", 1.0), resources.get("GPU", 0.0),
-                      os.cpu_count() or 1, gpu, config.threads, local=not os.environ.get("RAY_ADDRESS"))
+                      os.cpu_count() or 1, gpu, config.threads, local=not os.environ.get("RAY_ADDRESS"),
+                      node_cpus=smallest)
     files = {path.name: path.read_bytes() for path in Path(autoencoder_dir).iterdir() if path.is_file()}
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the stage's own bar counts shards

@@ -136,6 +136,10 @@ def test_placement_keeps_cpus_for_decoding_and_writing():
     # Two 1-CPU nodes, two actors: three quarters of a CPU each, so one sits on each node
     # beside a decode task.
     assert placement(2, 8, cpus=2, gpus=0, cores=2, gpu=False) == Placement(2, 0.75, 0.0, 1, 0.25, 1)
+    # Three: the quarter kept is the cluster's, so each actor leaves its node room for a
+    # decode task (3 × 0.75 would leave a quarter on each node and the task asks 0.375).
+    assert placement(3, 8, cpus=3, gpus=0, cores=2, gpu=False, node_cpus=1) == Placement(3, 0.625, 0.0, 1, 0.375, 1)
+    assert placement(0, 8, cpus=4, gpus=0, cores=2, gpu=False, local=True, node_cpus=4).actor_cpus == 1.0
     assert placement(0, 8, cpus=1, gpus=0, cores=1, gpu=False) == Placement(1, 0.75, 0.0, 1, 0.125, 1)
     assert placement(0, 2, cpus=32, gpus=0, cores=32, gpu=False).actors == 2  # at most one per shard
     assert placement(0, 8, cpus=32, gpus=4, cores=32, gpu=True) == Placement(4, 1.0, 1.0, 8, 1.0, 1)
