@@ -492,3 +492,19 @@ def test_the_plan_holds_ranges_not_inputs(tmp_path):
     assert (len(small_plan.chunks), len(large_plan.chunks)) == (4, 40)
     assert all(not chunk.items for chunk in large_plan.chunks)
     assert large <= 1.1 * small, (small, large)
+
+
+def test_fetch_reads_ahead_and_yields_in_order(tmp_path):
+    """Inputs are read several at a time and come back in order, a vanished one in its place."""
+    from ldmflow.data.sources import RawItem, Vanished, fetch
+
+    items = []
+    for i in range(50):
+        path = tmp_path / f"{i:02d}.bin"
+        path.write_bytes(bytes([i]) * (i + 1))
+        items.append(RawItem(path.name, str(path), i + 1))
+    (tmp_path / "07.bin").unlink()
+    got = list(fetch(items, ahead=5))
+    assert [item.source for item, _ in got] == [item.source for item in items]
+    assert isinstance(got[7][1], Vanished) and str(got[7][1]) == "no longer exists"
+    assert all(data == bytes([i]) * (i + 1) for i, (_, data) in enumerate(got) if i != 7)
