@@ -37,6 +37,20 @@ def use_gpu(requested: str) -> bool:
     return bool(ray.cluster_resources().get("GPU", 0))
 
 
+def has_gpus() -> bool:
+    """Whether the cluster the stages run on has GPUs: asked of Ray where it runs or
+    ``RAY_ADDRESS`` names a cluster, else of torch (a local instance has this machine's), so
+    that nothing starts Ray only to ask."""
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        ensure_ray()
+        return bool(ray.cluster_resources().get("GPU", 0))
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def storage_runtime_env() -> dict:
     """Worker environment for reaching the same S3-compatible store as the driver.
 

@@ -230,9 +230,21 @@ def write_latent_shard(row: dict[str, Any]) -> dict[str, Any]:
 # The driver
 
 
-def task_digest(image_sha256: str, weights_sha256: str, config: PrecomputeConfig) -> str:
-    """Identifies one latent shard: its image shard, the autoencoder's weights, the config's identity."""
-    return configs.key(config, image=image_sha256, weights=weights_sha256,
+def encoding_precision(config: PrecomputeConfig) -> str:
+    """What the encoder computes in on this cluster, ``bf16`` or ``fp32``. It changes the
+    latents by more than rounding, so it is part of each shard's digest and of the pipeline's
+    dataset key, although ``use_gpu``, which decides it under ``mixed_precision: auto``, is
+    an execution field."""
+    if config.mixed_precision != "auto":
+        return "bf16" if config.mixed_precision == "bf16" else "fp32"
+    gpu = config.use_gpu == "true" or (config.use_gpu == "auto" and cluster.has_gpus())
+    return "bf16" if gpu else "fp32"
+
+
+def task_digest(image_sha256: str, weights_sha256: str, config: PrecomputeConfig, encoding: str) -> str:
+    """Identifies one latent shard: its image shard, the autoencoder's weights, the config's
+    identity and the encoder's precision (:func:`encoding_precision`)."""
+    return configs.key(config, image=image_sha256, weights=weights_sha256, encoding=encoding,
                        format=[latent_shards.FORMAT_NAME, latent_shards.FORMAT_VERSION])
 
 
@@ -381,8 +393,10 @@ def precompute(
             f"these shards")
     storage.remove_stale_temporaries(dest)
 
+    encoding = encoding_precision(config)
     tasks = [
-        EncodeTask(i, url, shard.sha256, storage.join(dest, shard.url), task_digest(shard.sha256, info.weights_sha256, config))
+        EncodeTask(i, url, shard.sha256, storage.join(dest, shard.url),
+                   task_digest(shard.sha256, info.weights_sha256, config, encoding))
         for i, (url, shard) in enumerate(zip(image_shards.shard_urls(image_dataset, image_manifest), image_manifest.shards))
     ]
     results, gone = _find_done(dest, tasks, info.weights_sha256, config)

@@ -14,7 +14,7 @@ inputs skips everything, and a changed config reruns only what depends on it.
 
 Outputs that are folders carry in their name the key of their config and where they read
 from (``images-KEY``: source and shard config; ``latents-KEY``: image folder, autoencoder,
-precompute config), so a new config never overwrites the data an older model was trained
+precompute config and the encoder's precision as resolved on the cluster), so a new config never overwrites the data an older model was trained
 on, and a source that grows updates its folders in place, shard by shard. Every stage's MLflow
 run carries the URLs and hashes of its inputs and outputs (tags ``ldmflow.input.*`` and
 ``ldmflow.output.*``); shard and precompute, which have no run of their own, get one.
@@ -220,6 +220,7 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
     ``stages``: the stages to run (default: ``pipeline.stages``); a stage left out must have
     run before for the same inputs.
     """
+    from ldmflow.data.precompute import encoding_precision
     from ldmflow.flows.autoencoder import train_autoencoder_flow
     from ldmflow.flows.precompute import precompute_flow
     from ldmflow.flows.promote import evaluate_flow, promote_flow
@@ -291,8 +292,10 @@ def pipeline_flow(config: str | None = None, force: list[str] | None = None, sta
 
     # 3. precompute: image shards → latent shards (a folder per image folder, autoencoder and
     # config: new image shards are encoded into it, the unchanged ones skipped)
-    key = configs.key(spec.precompute, images=shard_out["manifest_sha256"], autoencoder=autoencoder_uri)
-    latents = storage.join(base, f"latents-{configs.key(spec.precompute, images=images, autoencoder=autoencoder_uri)}")
+    encoding = encoding_precision(spec.precompute)  # bf16 on GPUs under `auto`: other latents, another folder
+    key = configs.key(spec.precompute, images=shard_out["manifest_sha256"], autoencoder=autoencoder_uri, encoding=encoding)
+    latents = storage.join(base, "latents-" + configs.key(spec.precompute, images=images, autoencoder=autoencoder_uri,
+                                                          encoding=encoding))
 
     def precompute() -> dict:
         outcome = precompute_flow(shard_out["images"], latents, autoencoder_uri, spec.precompute, progress)

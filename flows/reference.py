@@ -71,8 +71,9 @@ The borderline cases, and why they fall where they do:
   is bf16 autocast, a different computation from fp32 on a CPU.
 - Precompute `batch_size` and `use_gpu` are execution: the encoder sees each image on its
   own (GroupNorm, eval mode), so batching and device change only floating-point rounding,
-  below the fp16 the latents are stored in. ldmflow does not promise bit-identical results
-  across hardware anywhere.
+  below the fp16 the latents are stored in. What `mixed_precision: auto` resolves to on the
+  cluster (bf16 on GPUs) does change them, and is part of the dataset's key. ldmflow does
+  not promise bit-identical results across hardware anywhere.
 - Train `autoencoder` is execution: the lineage guard refuses any autoencoder other than
   the one whose weights made the latents, so naming it can only confirm that one.
 - `model_name` is identity: it names the stage's output, the registered model. `experiment`

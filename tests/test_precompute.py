@@ -314,3 +314,21 @@ def test_an_image_added_to_the_source_is_one_shard_to_encode(ray_local, tiny_aut
     assert both() == (0, 0, 3)
     assert sorted(p.name for p in latents.glob("shard-*.tar")) == ["shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
     assert not list((latents / "_parts").glob("shard-000000.*"))
+
+
+def test_the_encoders_precision_is_part_of_the_dataset(ray_local, digits16, tiny_autoencoder, tmp_path):
+    """fp32 latents, then the same config asking bf16 (what `auto` resolves to on a GPU): every
+    shard is encoded again, into other latents; `auto` on this CPU cluster is fp32's dataset."""
+    from ldmflow.data.precompute import encoding_precision
+
+    folder, ref = tiny_autoencoder
+    dest = str(tmp_path / "lat")
+    fp32 = precompute(digits16, dest, folder, ref, PrecomputeConfig(actors=1, mixed_precision="no"), progress=False)
+    before, _ = read_latents(dest)
+    bf16 = precompute(digits16, dest, folder, ref, PrecomputeConfig(actors=1, mixed_precision="bf16"), progress=False)
+    after, _ = read_latents(dest)
+    assert (fp32.written, bf16.written, bf16.skipped) == (8, 8, 0)
+    assert any(not np.array_equal(before[key].mean, after[key].mean) for key in before)
+    assert encoding_precision(PrecomputeConfig(mixed_precision="auto")) == "fp32"
+    back = precompute(digits16, dest, folder, ref, PrecomputeConfig(actors=1), progress=False)
+    assert back.written == 8  # fp32 again: the bf16 records do not vouch for it
