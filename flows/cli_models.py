@@ -115,7 +115,8 @@ def sample(
     label_to: Annotated[Optional[int], typer.Option(help="Interpolate the class from --label to this one.")] = None,
     prompt_to: Annotated[Optional[str], typer.Option(help="Interpolate the text from --prompt to this one.")] = None,
     init_image: Annotated[Optional[str], typer.Option(help="Edit this image (SDEdit) or, with --mask, inpaint it.")] = None,
-    strength: Annotated[float, typer.Option(help="Edit strength: 0 returns the image, 1 ignores it.")] = 0.6,
+    strength: Annotated[Optional[float], typer.Option(
+        help="Edit strength: 0 returns the image, 1 ignores it (default 0.6).")] = None,
     mask: Annotated[Optional[str], typer.Option(help="Inpainting mask image: white where new content goes.")] = None,
     invert: Annotated[bool, typer.Option(
         help="Edit by inversion: DDIM-invert --init-image to its noise, then draw from that noise under --label/--prompt.")] = False,
@@ -133,33 +134,23 @@ def sample(
     """
     from pathlib import Path
 
-    from PIL import Image, UnidentifiedImageError
-
     from ldmflow.console import Progress
-    from ldmflow.data import images
+    from ldmflow.data import jobs
     from ldmflow.model.grids import grid, to_pil
     from ldmflow.model.model_format import ModelError
     from ldmflow.registry.models import ModelNotFound, load_sampler
 
-    if mask and not init_image:
-        raise typer.BadParameter("needs --init-image (the image to inpaint)", param_hint="--mask")
-    if invert and not init_image:
-        raise typer.BadParameter("needs --init-image (the image to invert)", param_hint="--invert")
     try:
         model, _ = load_sampler(model_uri)
-        side = model.info.resolution
         fields = dict(n=n, label=label, prompt=prompt, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
-                      to_seed=interpolate_to, to_label=label_to, to_prompt=prompt_to)
-        if init_image:
-            fields["image"] = images.model_input(Image.open(init_image), side)
-            fields["strength"] = 1.0 if mask or invert else strength
-        if invert:
-            fields.update(invert=True, source_label=source_label, source_prompt=source_prompt)
-        if mask:
-            fields["mask"] = images.mask_input(Image.open(mask), side)
-        job = model.job(**fields)
-        model.check(job)
-    except (ModelNotFound, ModelError, ValueError, OSError, UnidentifiedImageError) as exc:  # ValueError: a field
+                      to_seed=interpolate_to, to_label=label_to, to_prompt=prompt_to, strength=strength,
+                      source_label=source_label, source_prompt=source_prompt, mode="invert" if invert else None,
+                      image=Path(init_image).read_bytes() if init_image else None,
+                      mask=Path(mask).read_bytes() if mask else None)
+        job = jobs.build(model, fields)  # as an HTTP request or a pyfunc row is, with the same limits
+    except jobs.RequestError as exc:  # the request's refusal, as the HTTP API words it
+        raise fail(exc, 2) from exc
+    except (ModelNotFound, ModelError, OSError) as exc:
         raise fail(exc) from exc
     with Progress("sample", job.denoising_steps, "step", enabled=progress) as bar:
         drawn = model.run([job], on_step=bar.advance)[0]

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldmflow.data import jobs
 from ldmflow.errors import LdmflowError
 from ldmflow.model import model_format
 from ldmflow.registry import tracking
@@ -142,27 +143,12 @@ def load_sampler(uri: str, device: str = "cpu"):
 
 
 def signature():
-    """Input: one row per image (what to draw, all optional); output: the PNG, base64."""
+    """Input: one row per image, the fields of a request (:data:`ldmflow.data.jobs.FIELDS`, all
+    optional, ``n`` left out); output: the PNG, base64, and its seed."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    inputs = Schema([
-        ColSpec("long", "label", required=False),
-        ColSpec("string", "prompt", required=False),
-        ColSpec("long", "seed", required=False),
-        ColSpec("long", "steps", required=False),
-        ColSpec("double", "guidance", required=False),
-        ColSpec("string", "sampler", required=False),
-        ColSpec("long", "to_seed", required=False),
-        ColSpec("long", "to_label", required=False),
-        ColSpec("string", "to_prompt", required=False),
-        ColSpec("double", "at", required=False),
-        ColSpec("string", "image", required=False),
-        ColSpec("string", "mode", required=False),
-        ColSpec("double", "strength", required=False),
-        ColSpec("long", "source_label", required=False),
-        ColSpec("string", "source_prompt", required=False),
-    ])
+    inputs = Schema([ColSpec(kind, name, required=False) for name, kind in jobs.FIELDS.items() if name != "n"])
     outputs = Schema([ColSpec("string", "image"), ColSpec("long", "seed")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 

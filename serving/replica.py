@@ -18,9 +18,6 @@ Requests, latency, batch sizes, images and the model version are Prometheus metr
 """
 
 import asyncio
-import base64
-import binascii
-import secrets
 from dataclasses import asdict
 
 from fastapi import FastAPI, Request
@@ -29,7 +26,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from ldmflow import configs
-from ldmflow.data import images
+from ldmflow.data import jobs
+from ldmflow.data.jobs import RequestError
 from ldmflow.model.sampler import batches
 from ldmflow.serving.batcher import Batcher
 from ldmflow.serving.codec import png_base64
@@ -45,7 +43,6 @@ from ldmflow.serving.schemas import (
     InpaintRequest,
     InterpolateRequest,
     ModelRef,
-    RequestError,
 )
 
 KEY_DIGESTS = "api_key_sha256"  # the user_config entry with the API keys' digests
@@ -169,53 +166,23 @@ class SamplerServer:
 
     # -- validation -------------------------------------------------------------------
 
-    def _job(self, body: GenerateRequest, **extra):
-        model = self.model
+    async def _job(self, body: GenerateRequest, uploads: bool = False):
+        """The body as a job (:func:`ldmflow.data.jobs.build`, within this server's limits);
+        with ``uploads``, decoded in a thread, off the event loop the replica's other
+        requests share."""
         config = self.config
-        if body.n > config.max_images:
-            raise RequestError("n", f"at most {config.max_images} images per request")
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - config.max_images)
-        job = model.sampler.job(n=body.n, seed=seed, label=body.label, prompt=body.prompt or None,
-                                steps=body.steps, sampler=body.sampler, guidance=body.guidance, **extra)
-        if job.steps > config.max_steps:
-            raise RequestError("steps", f"at most {config.max_steps}")
-        try:
-            model.sampler.check(job)
-        except ValueError as exc:
-            raise RequestError.of(exc) from exc
-        return job
-
-    def _upload(self, field: str, data: str, resample: str = "bicubic"):
-        """A base64 upload as (square PIL image at the model's resolution, original size).
-
-        Decoding a large upload takes a while: callers run it in a thread, off the event
-        loop that the replica's other requests share."""
-        if data.startswith("data:"):  # a data URL: data:image/png;base64,....
-            header, _, data = data.partition(",")
-            if not header.endswith(";base64"):
-                raise RequestError(field, "a data: URL must be base64 (data:image/png;base64,…)")
-        if len(data) > self.config.max_image_bytes * 4 // 3 + 4:
-            raise RequestError(field, f"larger than {self.config.max_image_bytes} bytes", 413)
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise RequestError(field, f"not valid base64: {exc}") from exc
-        if len(raw) > self.config.max_image_bytes:
-            raise RequestError(field, f"larger than {self.config.max_image_bytes} bytes", 413)
-        try:
-            decoded = images.preprocess(raw, self.model.sampler.info.resolution,
-                                        max_pixels=self.config.max_image_pixels, resample=resample)
-        except images.Rejected as exc:
-            status = 413 if "decompression bomb" in str(exc) else 422
-            raise RequestError(field, str(exc), status) from exc
-        return decoded.image, (decoded.width, decoded.height)
+        limits = jobs.Limits(config.max_images, config.max_steps, config.max_image_bytes, config.max_image_pixels)
+        fields = body.model_dump()
+        if uploads:
+            return await asyncio.to_thread(jobs.build, self.model.sampler, fields, limits)
+        return jobs.build(self.model.sampler, fields, limits)
 
     # -- routes -----------------------------------------------------------------------
 
     @api.post("/v1/generate", response_model=ImagesResponse, responses=REFUSALS)
     async def generate(self, body: GenerateRequest) -> ImagesResponse:
         """Draw ``n`` images for a label, a prompt, or unconditionally."""
-        return await self._respond(self._job(body))
+        return await self._respond(await self._job(body))
 
     @api.post("/v1/interpolate", response_model=ImagesResponse, responses=REFUSALS)
     async def interpolate(self, body: InterpolateRequest) -> ImagesResponse:
@@ -223,38 +190,18 @@ class SamplerServer:
         ``prompt`` to ``to_prompt``): the first equals ``seed`` drawn alone, the last ``to_seed``."""
         if body.to_seed is None and body.to_label is None and body.to_prompt is None:
             raise RequestError("to_seed", "give to_seed, to_label or to_prompt: where the path ends")
-        fields = body.model_dump(exclude={"to_seed", "to_label", "to_prompt"})
-        return await self._respond(self._job(GenerateRequest(**fields), to_seed=body.to_seed, to_label=body.to_label,
-                                             to_prompt=body.to_prompt))
+        return await self._respond(await self._job(body))
 
     @api.post("/v1/edit", response_model=ImagesResponse, responses=REFUSALS)
     async def edit(self, body: EditRequest) -> ImagesResponse:
         """``sdedit``: noise the image's latent to ``strength``, then denoise with the new
         condition; ``invert``: DDIM-invert it to its noise, then draw from that noise."""
-        image, _ = await asyncio.to_thread(self._upload, "image", body.image)
-        tensor = images.model_input(image, self.model.sampler.info.resolution)
-        fields = body.model_dump(exclude={"image", "strength", "mode", "source_label", "source_prompt"})
-        if body.mode == "invert":
-            extra = dict(invert=True, strength=1.0, source_label=body.source_label, source_prompt=body.source_prompt)
-        elif body.source_label is not None or body.source_prompt is not None:
-            raise RequestError("source_label" if body.source_label is not None else "source_prompt",
-                               "the input's own condition is for mode invert")
-        else:
-            extra = dict(strength=body.strength)
-        return await self._respond(self._job(GenerateRequest(**fields), image=tensor, **extra))
+        return await self._respond(await self._job(body, uploads=True))
 
     @api.post("/v1/inpaint", response_model=ImagesResponse, responses=REFUSALS)
     async def inpaint(self, body: InpaintRequest) -> ImagesResponse:
         """Keep the image where the mask is black; generate where it is white."""
-        image, size = await asyncio.to_thread(self._upload, "image", body.image)
-        mask, mask_size = await asyncio.to_thread(self._upload, "mask", body.mask, "nearest")
-        if mask_size != size:
-            raise RequestError("mask", f"{mask_size[0]}x{mask_size[1]} does not match the image's {size[0]}x{size[1]}")
-        side = self.model.sampler.info.resolution
-        fields = body.model_dump(exclude={"image", "mask"})
-        job = self._job(GenerateRequest(**fields), image=images.model_input(image, side),
-                        mask=images.mask_input(mask, side))
-        return await self._respond(job)
+        return await self._respond(await self._job(body, uploads=True))
 
     @api.get("/v1/model", responses={401: REFUSALS[401]})
     async def model_info(self) -> dict:

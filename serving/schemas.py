@@ -1,5 +1,6 @@
 """The HTTP API's schemas: what each route accepts and returns, and the error a refused
-request gets (``{"error": "FIELD: reason", "field": FIELD}`` with a 4xx status)."""
+request gets (``{"error": "FIELD: reason", "field": FIELD}`` with a 4xx status). A body is
+turned into a job by :func:`ldmflow.data.jobs.build`, as pyfunc rows and the command line are."""
 
 from __future__ import annotations
 
@@ -54,20 +55,6 @@ class ImagesResponse(BaseModel):
     seeds: list[int]
     model: ModelRef
     batch: int = Field(description="Requests sampled together with this one (itself included).")
-
-
-class RequestError(Exception):
-    """A request this server refuses: ``status`` and the field to blame."""
-
-    def __init__(self, field: str, message: str, status: int = 422) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.status = field, status
-
-    @classmethod
-    def of(cls, exc: ValueError, status: int = 422) -> "RequestError":
-        """From the sampler's "field: message" errors."""
-        field, _, message = str(exc).partition(":")
-        return cls(field, message.strip(), status)
 
 
 class ErrorBody(BaseModel):

@@ -156,7 +156,8 @@ def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):
     assert (kept == np.asarray(Image.open(tmp_path / "drawn" / "000000.png"))[:, :8]).all()
 
     result = run(["sample", str(model), "--label", "12", "--out", "x"], subprocess_env, tmp_path)
-    assert result.returncode == 1 and "label: 12 is not a class" in result.stderr and "Traceback" not in result.stderr
+    # A refused request is a usage error (2), worded as the HTTP API words it.
+    assert result.returncode == 2 and "error: label: 12 is not a class" in result.stderr and "Traceback" not in result.stderr
 
     result = run(["sample", str(model), "--label", "3", "--steps", "3", "--out", "quiet", "--no-progress"],
                  subprocess_env, tmp_path)
@@ -213,7 +214,7 @@ def test_sample_interpolates_and_edits_by_inversion(subprocess_env, tmp_path):
     for other in (drawn(), drawn(image=source, strength=1.0)):
         assert np.abs(got - other).mean() > 2
     result = run(["sample", str(model), "--invert", "--label", "5", "--out", "x"], subprocess_env, tmp_path)
-    assert result.returncode == 2 and "needs --init-image" in result.stderr
+    assert result.returncode == 2 and "error: mode: invert needs an image" in result.stderr
 
 
 def test_evaluate_promote_and_rollback_commands(digits_model, subprocess_env, tmp_path):

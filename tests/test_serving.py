@@ -349,3 +349,48 @@ def test_no_keys_means_loopback_only_unless_allowed(monkeypatch):
     auth.check_exposure("0.0.0.0", auth.digests(["k" * 20]), allow_unauthenticated=False)
     with pytest.raises(auth.AuthError, match="a served application without API keys"):
         app.build_app({"model_uri": "models:/anything@production"})
+
+
+def test_http_pyfunc_and_the_command_line_refuse_alike(server, tmp_path, capsys):
+    """The same bad requests through the HTTP API, the registered model's pyfunc and the
+    ``ldmflow sample`` command's function: one parser (ldmflow.data.jobs), the same refusal,
+    word for word, from each."""
+    import mlflow
+    import mlflow.pyfunc
+    import pandas as pd
+    import typer
+
+    from ldmflow.flows.cli_models import sample
+
+    png16, png8 = helpers.png(16, 16), helpers.png(8, 8)
+    cases = [  # (route, HTTP body, uploads the command line reads from files)
+        ("/v1/generate", {"label": 10}, {}),
+        ("/v1/generate", {"prompt": "a seven"}, {}),
+        ("/v1/edit", {"image": b64(b"hello"), "label": 3}, {"image": b"hello"}),
+        ("/v1/edit", {"image": b64(png16), "source_label": 2}, {"image": png16}),
+        ("/v1/edit", {"image": b64(png16), "mode": "invert", "sampler": "dpm++"}, {"image": png16}),
+        ("/v1/inpaint", {"image": b64(png16), "mask": b64(png8)}, {"image": png16, "mask": png8}),
+    ]
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    mlflow.set_registry_uri(tracking.tracking_uri())
+    try:
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@production")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for route, body, files in cases:
+        status, answer = call(server, route, {"steps": 2, **body})
+        assert status == 422, (route, body, answer)
+        with pytest.raises(ValueError) as refused:
+            pyfunc.predict(pd.DataFrame([{"steps": 2, **body}]))
+        assert str(refused.value) == answer["error"], (body, answer)
+
+        options = {field: value for field, value in body.items() if field in ("label", "prompt", "source_label", "sampler")}
+        for field, data in files.items():
+            (tmp_path / field).write_bytes(data)
+            options["init_image" if field == "image" else "mask"] = str(tmp_path / field)
+        capsys.readouterr()
+        with pytest.raises(typer.Exit) as exited:
+            sample(f"models:/{NAME}@production", out=str(tmp_path / "out"), steps=2, invert=body.get("mode") == "invert",
+                   progress=False, **options)
+        assert exited.value.exit_code == 2 and capsys.readouterr().err == f"error: {answer['error']}\n", options
