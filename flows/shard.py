@@ -1,8 +1,9 @@
 """The shard flow: list, plan, write chunks concurrently as Prefect tasks, finalize.
 
 The flow only orchestrates; the work is in :mod:`ldmflow.data.sharding`. It lists the
-source once and the output once; with the manifest that is enough to know an unchanged
-rerun has nothing to do, and otherwise which chunks are done. Tasks retry storage errors
+source once (the plan's streamed survey) and the output once; with the manifest that is
+enough to know an unchanged rerun has nothing to do, and otherwise which chunks are done.
+Each chunk's task lists its own span of the source when it writes it. Tasks retry storage errors
 (a store that drops a connection, throttles or restarts) with backoff; any other error in
 a chunk fails the run, since per-input problems are already rejects.
 """
