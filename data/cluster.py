@@ -32,9 +32,7 @@ def use_gpu(requested: str) -> bool:
     """``auto`` uses GPUs when the cluster has them; ``true``/``false`` force it."""
     if requested in ("true", "false"):
         return requested == "true"
-    import ray
-
-    return bool(ray.cluster_resources().get("GPU", 0))
+    return has_gpus()
 
 
 def has_gpus() -> bool:

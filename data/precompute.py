@@ -237,8 +237,7 @@ def encoding_precision(config: PrecomputeConfig) -> str:
     an execution field."""
     if config.mixed_precision != "auto":
         return "bf16" if config.mixed_precision == "bf16" else "fp32"
-    gpu = config.use_gpu == "true" or (config.use_gpu == "auto" and cluster.has_gpus())
-    return "bf16" if gpu else "fp32"
+    return "bf16" if cluster.use_gpu(config.use_gpu) else "fp32"
 
 
 def task_digest(image_sha256: str, weights_sha256: str, config: PrecomputeConfig, encoding: str) -> str:
