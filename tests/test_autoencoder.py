@@ -83,6 +83,25 @@ def test_loss_functions_match_their_formulas():
     assert autoencoder_loop.PatchDiscriminator()(torch.zeros(2, 3, 32, 32)).shape[0] == 2
 
 
+@pytest.mark.parametrize("warmup", [0, 1, 4])
+def test_the_learning_rate_warms_up_then_holds_and_resumes_where_it_was(warmup):
+    def schedule():
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        return optimizer, autoencoder_loop.lr_schedule(optimizer, warmup)
+
+    optimizer, lr = schedule()
+    seen = []
+    for _ in range(7):
+        seen.append(lr.get_last_lr()[0])
+        optimizer.step()
+        lr.step()
+    assert seen == pytest.approx([2e-3 * min(1.0, (n + 1) / max(warmup, 1)) for n in range(7)])
+    again, resumed = schedule()
+    again.load_state_dict(optimizer.state_dict())
+    resumed.load_state_dict(lr.state_dict())
+    assert resumed.get_last_lr() == lr.get_last_lr()
+
+
 def test_bf16_autocast_runs_the_networks_in_bf16_and_keeps_weights_and_losses_fp32():
     from ldmflow.model import precision
     from ldmflow.training.autoencoder_loop import PatchDiscriminator, _EncodeDecode, reconstruction_loss

@@ -1,11 +1,12 @@
 """The diffusion tricks as plain functions, each against its paper's formula."""
 
+import copy
 import math
 
 import pytest
 import torch
 
-from ldmflow.model import schedules
+from ldmflow.model import schedules, unets
 from ldmflow.training import diffusion
 
 
@@ -51,13 +52,30 @@ def test_weighted_loss_by_hand(scheduler, prediction_type):
     assert weighted.item() == pytest.approx((per_sample * weights).mean().item(), rel=1e-6)
 
 
-def test_ema_matches_its_formula():
-    ema, params = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, -2.0])]
-    decay = diffusion.ema_decay(0, 0.999, 10)
-    assert decay == pytest.approx(1 / 10)
-    diffusion.ema_update(ema, params, decay)
-    assert torch.allclose(ema[0], 0.1 * torch.tensor([1.0, 2.0]) + 0.9 * torch.tensor([3.0, -2.0]))
+def test_ema_weights_equal_the_formulas():
+    """Over real optimizer steps of a small UNet, torch's EMA update with ldmflow's decay
+    schedule gives e_{n+1} = d_n·e_n + (1 − d_n)·θ_{n+1}, d_n = min(0.99, (1 + n)/(4 + n))."""
+    torch.manual_seed(0)
+    model = unets.build("tiny", "class", (4, 8, 8), 10)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    expected = {name: p.detach().clone().double() for name, p in model.named_parameters()}
+    for n in range(6):
+        x = torch.randn(2, 4, 8, 8)
+        model(x, torch.tensor([10, 500]), class_labels=torch.tensor([1, 10]), return_dict=False)[0].pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        diffusion.ema_update(list(ema.parameters()), list(model.parameters()), n, 0.99, 4)
+        d = min(0.99, (1 + n) / (4 + n))
+        for name, p in model.named_parameters():
+            expected[name] = d * expected[name] + (1 - d) * p.detach().double()
+    assert diffusion.ema_decay(0, 0.999, 10) == pytest.approx(1 / 10)
     assert diffusion.ema_decay(10_000, 0.999, 10) == 0.999
+    moved = 0
+    for name, e in ema.named_parameters():
+        torch.testing.assert_close(e.double(), expected[name], atol=1e-6, rtol=1e-5)
+        moved += not torch.equal(e, dict(model.named_parameters())[name])
+    assert moved > 0  # the average lags the weights
 
 
 def test_classifier_free_dropout_rate():

@@ -37,7 +37,7 @@ def steps(state, count: int, seed: int) -> list[float]:
     _, optimizer = state["optimizers"]["optimizer"]
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(count):
+    for step in range(count):
         x = torch.randn(4, 4, 8, 8, generator=generator)
         t = torch.randint(0, 1000, (4,), generator=generator)
         labels = torch.randint(0, 11, (4,), generator=generator)
@@ -47,7 +47,7 @@ def steps(state, count: int, seed: int) -> list[float]:
         optimizer.step()
         optimizer.zero_grad()
         state["schedules"]["lr_schedule"].step()
-        diffusion.ema_update(ema.parameters(), model.parameters(), 0.9)
+        diffusion.ema_update(list(ema.parameters()), list(model.parameters()), step, 0.9, 2)
         losses.append(loss.item())
     return losses
 

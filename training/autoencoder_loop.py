@@ -61,9 +61,11 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def lr_at(step: int, config: AutoencoderConfig) -> float:
-    """Linear warm-up, then constant."""
-    return config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's linear warm-up from ``lr / warmup_steps`` to ``lr`` at step ``warmup_steps − 1``,
+    then constant: ``lr · min(1, (step + 1) / warmup_steps)``."""
+    warmup = max(warmup_steps, 1)
+    return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,8 +87,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     disc = PatchDiscriminator() if config.disc_weight > 0 else None
     opt_g = torch.optim.AdamW(vae.parameters(), lr=config.lr, betas=(0.5, 0.9), weight_decay=0.0)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=config.lr, betas=(0.5, 0.9)) if disc else None
+    schedule = lr_schedule(opt_g, config.warmup_steps)
     modules = {"vae": vae} | ({"disc": disc} if disc else {})
-    optimizers = {"vae": opt_g} | ({"disc": opt_d} if opt_d else {})
+    optimizers = {"vae": opt_g, "lr_schedule": schedule} | ({"disc": opt_d} if opt_d else {})
 
     step = 0
     torch.manual_seed(config.seed * 1000 + rank)  # posterior-sampling noise differs by rank
@@ -121,8 +124,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if step >= config.steps:
             break
         x = batch["image"].to(device)
-        for group in opt_g.param_groups:
-            group["lr"] = lr_at(step, config)
         with autocast:  # the losses below are fp32
             x_hat, kl = model(x)
         x_hat, kl = x_hat.float(), kl.float()
@@ -138,6 +139,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
+        lr = schedule.get_last_lr()[0]
+        schedule.step()
         d_loss = None
         if use_disc:
             with autocast:
@@ -153,7 +156,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         metrics = {"step": step, "rec_loss": float(np.mean(window))}
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - started
-            tracker.log(step, rec_loss=metrics["rec_loss"], loss=loss.item(), lr=lr_at(step - 1, config),
+            tracker.log(step, rec_loss=metrics["rec_loss"], loss=loss.item(), lr=lr,
                         images_per_s=seen * world / max(elapsed, 1e-9), data_wait_fraction=wait.fraction(),
                         **({"d_loss": d_loss.item()} if d_loss is not None else {}))
             window.clear()

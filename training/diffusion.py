@@ -9,7 +9,6 @@ script. The reverse process lives with the sampler (:mod:`ldmflow.model.sampler`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -94,11 +93,12 @@ def ema_decay(step: int, max_decay: float, warmup: int) -> float:
     return min(max_decay, (1 + step) / (warmup + step))
 
 
-@torch.no_grad()
-def ema_update(ema: Iterable[torch.Tensor], params: Iterable[torch.Tensor], decay: float) -> None:
-    """θ_ema ← decay · θ_ema + (1 − decay) · θ, in place."""
-    for e, p in zip(ema, params):
-        e.mul_(decay).add_(p.detach().to(e.dtype), alpha=1.0 - decay)
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], step: int, max_decay: float, warmup: int) -> None:
+    """θ_ema ← d · θ_ema + (1 − d) · θ in place, d = :func:`ema_decay` of ``step``: torch's EMA
+    (``swa_utils.get_ema_multi_avg_fn``, one fused lerp over all the tensors)."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    get_ema_multi_avg_fn(ema_decay(step, max_decay, warmup))(ema, params, step)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_factor: float = 0.0) -> float:

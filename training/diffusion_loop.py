@@ -214,7 +214,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
-        diffusion.ema_update(ema_targets, ema_sources, diffusion.ema_decay(step, config.ema_decay, config.ema_warmup))
+        diffusion.ema_update(ema_targets, ema_sources, step, config.ema_decay, config.ema_warmup)
         step += 1
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - window_started
