@@ -58,6 +58,7 @@ class StageResult:
         return f"  {self.stage:12s} {what}  {' '.join(shown)}"
 
 
+RECORD_VERSION = 1  # of a stage record's format
 _SHOWN = ("images", "latents", "model_uri", "fd", "class_accuracy", "decision", "production", "url")
 
 
@@ -69,8 +70,6 @@ def local_grid(train_outputs: dict[str, Any]) -> str:
     """The training run's sample grid as a file under the state folder, fetched from MLflow
     when this machine does not have it (the run was trained elsewhere, or before)."""
     grid = train_outputs["grid"]
-    if not grid.startswith("runs:/"):  # a record written before 0.2: a path on the machine that trained
-        return grid
     run_id = train_outputs["run_id"]
     trained_here = next(state_dir().glob(f"runs/*-{run_id[:8]}/samples.png"), None)
     if trained_here is not None:
@@ -148,10 +147,17 @@ class Stages:
         return storage.join(self.base, "_stages", f"{stage}-{key}.json")
 
     def record(self, stage: str, key: str) -> dict | None:
+        """The stage's record for ``key``; None when it has none, or one of another format
+        version (the stage then runs again: a record is never converted)."""
         try:
-            return json.loads(storage.read_text(self.record_url(stage, key)))
+            record = json.loads(storage.read_text(self.record_url(stage, key)))
         except storage.NotFound:
             return None
+        if record.get("version", 0) != RECORD_VERSION:
+            self.say(stage, f"its record is of format version {record.get('version', 0)}, not {RECORD_VERSION}: "
+                            "not used")
+            return None
+        return record
 
     def run(self, stage: str, key: str, body: Callable[[], dict], still_there: Callable[[dict], bool],
             always: bool = False) -> dict:
@@ -175,7 +181,7 @@ class Stages:
             result = StageResult(stage, key, unchanged, outputs, time.perf_counter() - started)
         if not result.skipped:
             storage.write_text(record_url, json.dumps({
-                "stage": stage, "key": key, "outputs": outputs, "config": self.config_of(stage),
+                "version": RECORD_VERSION, "stage": stage, "key": key, "outputs": outputs, "config": self.config_of(stage),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2, sort_keys=True) + "\n")
         self.log.info(result.line())
         self.outcome.results.append(result)

@@ -4,7 +4,7 @@ sampler.
 
 A folder holds diffusers' own files for ``AutoencoderKL`` (``config.json`` and
 ``diffusion_pytorch_model.safetensors``: weights as safetensors, config as JSON, nothing
-pickled) plus ``ldmflow.json``: the latent scale factor (also stored as diffusers'
+pickled) plus ``ldmflow.json``: its kind and format version, the latent scale factor (also stored as diffusers'
 ``scaling_factor``), the latent geometry, the sha256 of the weights (the autoencoder's
 identity for lineage checks) and the training config and lineage.
 """
@@ -21,6 +21,7 @@ from ldmflow.errors import LdmflowError
 from ldmflow.model import meta
 
 KIND = "ldmflow.autoencoder"
+VERSION = 1  # of this folder's format: another is refused (:func:`ldmflow.model.meta.check_version`)
 META = meta.NAME
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -64,6 +65,7 @@ class AutoencoderInfo:
     config: dict[str, Any] = field(default_factory=dict)  # the training stage's config
     lineage: dict[str, Any] = field(default_factory=dict)  # dataset manifest hash, run id, …
     kind: str = KIND
+    version: int = VERSION
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         side = (resolution or self.resolution) // self.downsample_factor
@@ -94,7 +96,7 @@ def save(vae, folder: str | Path, *, scale_factor: float, resolution: int, confi
 
 def read_info(folder: str | Path) -> AutoencoderInfo:
     """``ldmflow.json`` of an autoencoder folder, checked."""
-    return meta.read(Path(folder) / META, KIND, AutoencoderInfo, AutoencoderError)
+    return meta.read(Path(folder) / META, KIND, VERSION, AutoencoderInfo, AutoencoderError)
 
 
 def load(folder: str | Path, device: str = "cpu", verify: bool = True):

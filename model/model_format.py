@@ -3,7 +3,7 @@ the MLflow pyfunc loader, evaluation and export.
 
 A model folder holds everything sampling needs and nothing pickled::
 
-    ldmflow.json     kind, conditioning, noise schedule, latent geometry, scale factor,
+    ldmflow.json     kind and format version, conditioning, noise schedule, latent geometry, scale factor,
                      class names, text encoder, sampler defaults, lineage, training config
     unet/            the EMA UNet (diffusers' config.json + safetensors)
     autoencoder/     a copy of the autoencoder folder (:mod:`ldmflow.model.autoencoders`): the
@@ -26,6 +26,7 @@ from ldmflow.errors import LdmflowError
 from ldmflow.model import autoencoders, meta
 
 KIND = "ldmflow.diffusion"
+VERSION = 1  # of this folder's format: another is refused (:func:`ldmflow.model.meta.check_version`)
 META = meta.NAME
 UNET = "unet"
 AUTOENCODER = "autoencoder"
@@ -62,6 +63,7 @@ class ModelInfo:
     lineage: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the diffusion stage's config
     kind: str = KIND
+    version: int = VERSION
 
     @property
     def null_label(self) -> int:
@@ -98,7 +100,7 @@ def read_info(folder: str | Path) -> ModelInfo:
     def prepare(body: dict) -> dict:
         return {**body, "defaults": SamplerDefaults(**body.get("defaults", {}))}
 
-    return meta.read(Path(folder) / META, KIND, ModelInfo, ModelError, prepare)
+    return meta.read(Path(folder) / META, KIND, VERSION, ModelInfo, ModelError, prepare)
 
 
 def load_parts(folder: str | Path, device: str = "cpu"):

@@ -33,7 +33,7 @@ class RegisteredVersion:
     version: str
     source: str
     run_id: str | None
-    model_id: str | None = None  # the MLflow logged model (versions registered before 0.2 have none)
+    model_id: str | None = None  # the MLflow logged model (None: a version registered outside ldmflow)
 
     @property
     def uri(self) -> str:

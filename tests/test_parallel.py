@@ -4,6 +4,7 @@ process reads a sharded checkpoint's weights. A one-rank gloo group in this proc
 two-rank runs under Ray Train are in test_train.py)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -80,3 +81,19 @@ def test_a_checkpoint_resumes_exactly_in_another_layout(process_group, tmp_path,
     ema = checkpoints.load_weights(tmp_path / "checkpoint", "ema", build())  # the driver's read, in one process
     for key, value in ema_saved.state_dict().items():
         assert torch.equal(ema.state_dict()[key], value), key
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_before_it_is_read(process_group, tmp_path):
+    writer = fresh("ddp")
+    save(writer, tmp_path / "checkpoint", sharded=False)
+    state_file = tmp_path / "checkpoint" / checkpoints.STATE
+    assert json.loads(state_file.read_text())["version"] == checkpoints.VERSION
+    state_file.write_text(json.dumps({"step": 3}))  # as written before checkpoints had a version
+    reader = fresh("ddp")
+    before = {k: v.clone() for k, v in reader["modules"]["unet"].state_dict().items()}
+    with pytest.raises(checkpoints.CheckpointError, match="format version 0 is older than this ldmflow's"):
+        checkpoints.load_training(tmp_path / "checkpoint", **reader)
+    with pytest.raises(checkpoints.CheckpointError, match="start the run afresh"):
+        checkpoints.load_weights(tmp_path / "checkpoint", "ema", build())
+    for name, value in reader["modules"]["unet"].state_dict().items():
+        assert torch.equal(value, before[name])

@@ -6,7 +6,8 @@ folder and the MLflow pyfunc sample exactly like the in-memory model."""
 
 import base64
 import io
-import shutil
+import json
+import re
 import threading
 from dataclasses import replace
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmflow.model import model_format
+from ldmflow.model import autoencoders, model_format
 from ldmflow.model.grids import to_pil
 from ldmflow.model.sampler import Sampler
 from ldmflow.registry import models
@@ -202,14 +203,6 @@ def test_saved_folder_and_pyfunc_sample_like_the_in_memory_model(parts, sampler,
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
         assert np.abs(got.astype(int) - np.asarray(want).astype(int)).max() <= 1
 
-    # A package written before the ldmflow namespace (its MLmodel names `serving.pyfunc`)
-    # still loads through ldmflow, which reads the folder and never imports the loader.
-    assert f"loader_module: {models.PYFUNC_LOADER}" in (packaged / "MLmodel").read_text()
-    old = tmp_path / "old-mlflow"
-    shutil.copytree(packaged, old)
-    (old / "MLmodel").write_text((old / "MLmodel").read_text().replace(models.PYFUNC_LOADER, "serving.pyfunc"))
-    torch.testing.assert_close(Sampler.from_folder(old).generate(label=6, n=2, seed=11),
-                               sampler.generate(label=6, n=2, seed=11))
 
 
 def test_text_model_follows_its_prompt(tmp_path):
@@ -233,6 +226,30 @@ def test_a_folder_that_is_not_a_model_is_refused_with_its_reason(tmp_path, parts
     (tmp_path / "ldmflow.json").write_text('{"kind": "ldmflow.autoencoder"}')
     with pytest.raises(model_format.ModelError, match="kind is 'ldmflow.autoencoder'"):
         model_format.read_info(tmp_path)
-    (tmp_path / "ldmflow.json").write_text('{"kind": "ldmflow.diffusion", "conditioning": "class"}')
+    (tmp_path / "ldmflow.json").write_text('{"kind": "ldmflow.diffusion", "version": 1, "conditioning": "class"}')
     with pytest.raises(model_format.ModelError, match="malformed"):
         model_format.read_info(tmp_path)
+
+
+def test_a_model_of_another_format_version_is_refused_in_one_line(tmp_path, parts):
+    unet, _, vae_folder, info = parts
+    model_format.save(tmp_path / "model", unet, vae_folder, info)
+    meta = tmp_path / "model" / "ldmflow.json"
+    assert json.loads(meta.read_text())["version"] == model_format.VERSION
+    body = json.loads(meta.read_text())
+    for version, says in ((None, "format version 0 is older than this ldmflow's (1) and is not converted: train it"),
+                          (2, "format version 2 is newer than this ldmflow's (1): upgrade ldmflow")):
+        if version is None:
+            body.pop("version")
+        else:
+            body["version"] = version
+        meta.write_text(json.dumps(body))
+        with pytest.raises(model_format.ModelError, match=re.escape(says)) as refused:
+            Sampler.from_folder(tmp_path / "model")
+        assert "\n" not in str(refused.value)
+    autoencoder_meta = tmp_path / "model" / "autoencoder" / "ldmflow.json"
+    body = json.loads(autoencoder_meta.read_text())
+    body.pop("version")
+    autoencoder_meta.write_text(json.dumps(body))
+    with pytest.raises(autoencoders.AutoencoderError, match="ldmflow.autoencoder format version 0 is older"):
+        autoencoders.load(tmp_path / "model" / "autoencoder")

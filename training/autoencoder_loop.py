@@ -114,7 +114,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     )
     batched, loader = loop.loader(stream, config.batch_size, shard_stream.collate, workers=config.loader_workers,
                                   prefetch=config.prefetch_batches)
-    data_start = _rank_position(state, stream, max(1, config.loader_workers)) if state is not None else None
+    data_start = loop.rank_start(stream, state["data"], max(1, config.loader_workers)) if state is not None else None
     tracker = runs.RankZeroTracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
     pixels = 3 * loop_config["resolution"] ** 2
     window: list[float] = []
@@ -176,14 +176,6 @@ def _gather(read: dict[str, Any], world: int) -> list[dict[str, Any]]:
     positions: list[Any] = [None] * world
     torch.distributed.all_gather_object(positions, read)
     return positions
-
-
-def _rank_position(state: dict[str, Any], stream: shard_stream.ShardStream, readers: int) -> dict[str, Any]:
-    """This rank's data position in a checkpoint's ``state`` (:func:`loop.rank_start`;
-    checkpoints of an older ldmflow: every rank's epoch and batch count)."""
-    if "data" not in state:
-        return {"epoch": state["epoch"], "batches_in_epoch": state["batches_in_epoch"]}
-    return loop.rank_start(stream, state["data"], readers)
 
 
 class _EncodeDecode(torch.nn.Module):

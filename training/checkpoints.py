@@ -13,8 +13,9 @@ in a pickle, which ldmflow never loads); ``sharded.json`` holds the optimizer
 hyperparameters and LR-scheduler state. It loads into any number of ranks, sharded or
 not, and into one process (:func:`load_weights`).
 
-Both: ``state.json`` holds the step, data position, RNG seeds and the full stage config;
-``rng-R.safetensors`` a rank's generator state.
+Both: ``state.json`` holds the format version, the step, data position, RNG seeds and the
+full stage config; ``rng-R.safetensors`` a rank's generator state. A checkpoint of another
+format version is refused before anything is read into the modules.
 """
 
 from __future__ import annotations
@@ -27,10 +28,31 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldmflow.errors import LdmflowError
+from ldmflow.model import meta
+
+VERSION = 1  # of the checkpoint format: another is refused, not converted
 STATE = "state.json"
 OPTIMIZERS = "optimizers.pt"
 SHARDED = "sharded"
 SHARDED_EXTRA = "sharded.json"
+
+
+class CheckpointError(LdmflowError, ValueError):
+    """A checkpoint this ldmflow does not read: another format version."""
+
+
+def _write_state(folder: Path, state: dict[str, Any]) -> None:
+    (folder / STATE).write_text(json.dumps({**state, "version": VERSION}, indent=2, sort_keys=True) + "\n")
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json`` less its version, which must be this ldmflow's."""
+    state = json.loads((Path(folder) / STATE).read_text())
+    meta.check_version(state.pop("version", 0), VERSION, f"checkpoint {folder}",
+                       "start the run afresh (ldmflow run --force STAGE, or another checkpoint_storage)",
+                       CheckpointError)
+    return state
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -45,24 +67,26 @@ def save(folder: str | Path, *, modules: dict[str, torch.nn.Module], optimizers:
         weights = {k: v.detach().contiguous().cpu() for k, v in unwrap(module).state_dict().items()}
         save_file(weights, folder / f"{name}.safetensors")
     torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, folder / OPTIMIZERS)
-    (folder / STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    _write_state(folder, state)
 
 
 def load(folder: str | Path, *, modules: dict[str, torch.nn.Module], optimizers: dict[str, Any]) -> dict[str, Any]:
     """Restore modules and optimizers in place; return the saved state."""
     folder = Path(folder)
+    state = read_state(folder)
     for name, module in modules.items():
         unwrap(module).load_state_dict(load_file(folder / f"{name}.safetensors"))
     saved = torch.load(folder / OPTIMIZERS, weights_only=True, map_location="cpu")
     for name, opt in optimizers.items():
         opt.load_state_dict(saved[name])
-    return json.loads((folder / STATE).read_text())
+    return state
 
 
 def load_weights(folder: str | Path, name: str, module: torch.nn.Module) -> torch.nn.Module:
     """Module ``name``'s weights into ``module``, a whole one, from either kind of checkpoint
     (a sharded one read in this process alone)."""
     folder = Path(folder)
+    read_state(folder)
     if not is_sharded(folder):
         unwrap(module).load_state_dict(load_file(folder / f"{name}.safetensors"))
         return module
@@ -99,7 +123,7 @@ def save_sharded(folder: str | Path, rank: int, *, modules: dict[str, torch.nn.M
     if rank == 0:
         extra["schedules"] = {name: schedule.state_dict() for name, schedule in schedules.items()}
         (folder / SHARDED_EXTRA).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
-        (folder / STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        _write_state(folder, state)
 
 
 def load_training(folder: str | Path, *, modules: dict[str, torch.nn.Module], optimizers: Optimizers,
@@ -111,13 +135,14 @@ def load_training(folder: str | Path, *, modules: dict[str, torch.nn.Module], op
     from ldmflow.training import parallel
 
     folder = Path(folder)
+    state = read_state(folder)
     if is_sharded(folder):
         _load_sharded(folder, modules, optimizers, schedules)
     elif any(parallel.is_sharded(module) for module in modules.values()):
         _load_whole_into_sharded(folder, modules, optimizers, schedules)
     else:
-        return load(folder, modules=modules, optimizers={name: opt for name, (_, opt) in optimizers.items()} | schedules)
-    return json.loads((folder / STATE).read_text())
+        load(folder, modules=modules, optimizers={name: opt for name, (_, opt) in optimizers.items()} | schedules)
+    return state
 
 
 def _training_state(modules: dict[str, torch.nn.Module], optimizers: Optimizers) -> tuple[dict[str, torch.Tensor], dict]:

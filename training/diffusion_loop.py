@@ -153,7 +153,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if saved is not None:
         positions = saved["position"]
         position.update(positions[rank] if len(positions) == world else {"step": saved["step"]})
-        saved_data = [p.get("data", p) for p in positions]  # older checkpoints: among the rank's own fields
+        saved_data = [p["data"] for p in positions]
 
     scheduler = schedules.training_scheduler(config.noise)
     embed = caption_embeddings(config, loop_config.get("stored_text", False), device)

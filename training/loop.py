@@ -91,7 +91,7 @@ def batches(batched: BatchStream, loader, rank: int, start: dict[str, Any] | Non
     the readers skipped. Time spent waiting for a batch is added to ``wait``.
     """
     readers = batched.readers
-    position = resume_position(start, readers, batched.batch_size)
+    position = resume_position(start, readers)
     if "units" in position:  # before the loader's workers start: they hold a copy of the stream
         batched.stream.rest = (position["epoch"], position["units"])
     rest = batched.stream.rest
@@ -121,18 +121,15 @@ def batches(batched: BatchStream, loader, rank: int, start: dict[str, Any] | Non
         position = {"epoch": epoch + 1, "readers": [0] * readers, "first": 0}
 
 
-def resume_position(saved: dict[str, Any] | None, readers: int, batch_size: int) -> dict[str, Any]:
-    """A saved position for this many readers: as saved; a checkpoint of an older ldmflow
-    (``batches_in_epoch``) with one reader, from its batch count; with another number of
-    readers, the next epoch from its start."""
+def resume_position(saved: dict[str, Any] | None, readers: int) -> dict[str, Any]:
+    """A saved position for this many readers (:func:`rank_start`'s): as saved; with another
+    number of readers, the next epoch from its start."""
     start = {"epoch": 0, "readers": [0] * readers, "first": 0}
     if not saved:
         return start
-    if len(saved.get("readers", ())) == readers:
-        return {"epoch": saved["epoch"], "readers": list(saved["readers"]), "first": saved.get("first", 0),
+    if len(saved["readers"]) == readers:
+        return {"epoch": saved["epoch"], "readers": list(saved["readers"]), "first": saved["first"],
                 **({"units": saved["units"]} if "units" in saved else {})}
-    if "batches_in_epoch" in saved and readers == 1:
-        return {"epoch": saved["epoch"], "readers": [saved["batches_in_epoch"] * batch_size], "first": 0}
     return {**start, "epoch": saved["epoch"] + 1}
 
 
@@ -148,7 +145,7 @@ def rank_start(stream: ShardStream, saved: Sequence[dict[str, Any]], readers: in
     world, rank = stream.world_size, stream.rank
     if len(saved) == world and len(saved[rank].get("readers", ())) == readers:
         return saved[rank]
-    if stream.counts is None or any("readers" not in position for position in saved):
+    if stream.counts is None:
         return {"epoch": max(position["epoch"] for position in saved) + 1, "readers": [0] * readers, "first": 0}
     epoch, left = shard_stream.remainder(saved, len(stream.urls), stream.counts, seed=stream.seed,
                                          shuffle_buffer=stream.shuffle_buffer)
