@@ -24,8 +24,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build(preset: str, conditioning: str, latent_shape: tuple[int, int, int], num_classes: int = 0):
-    """A fresh UNet for latents of ``latent_shape`` (C, h, w)."""
+def build(preset: str, conditioning: str, latent_shape: tuple[int, int, int], num_classes: int = 0, *,
+          lora_rank: int = 0, weights: dict[str, torch.Tensor] | None = None):
+    """The UNet for latents of ``latent_shape`` (C, h, w): fresh, or with ``weights`` (a state
+    dict of the same UNet: fine-tuning's parent); with rank-``lora_rank`` LoRA adapters on
+    top when it is not 0 (:func:`add_lora`)."""
+    unet = _unet(preset, conditioning, latent_shape, num_classes)
+    if weights is not None:
+        unet.load_state_dict(weights)
+    return add_lora(unet, lora_rank) if lora_rank else unet
+
+
+def _unet(preset: str, conditioning: str, latent_shape: tuple[int, int, int], num_classes: int):
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     sizes = PRESETS[preset]

@@ -11,7 +11,7 @@ through Ray Train, so a replaced worker or a rerun of the same job resumes.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +20,6 @@ import torch.nn.functional as F
 from ldmflow.data import shard_stream
 from ldmflow.model import autoencoders, precision
 from ldmflow.training import checkpoints, loop, runs
-
-if TYPE_CHECKING:
-    from ldmflow.training.autoencoder import AutoencoderConfig
 
 
 class PatchDiscriminator(torch.nn.Module):

@@ -106,6 +106,97 @@ def _all_finite(loss: torch.Tensor, world: int) -> bool:
     return bool(flag.item() == 1.0)
 
 
+@dataclass
+class Training:
+    """A worker's training state: the UNet being trained (DDP-wrapped or FSDP-sharded), its
+    EMA, the optimizer and LR schedule, and the RNG of the rank's noise and timesteps."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    build: Callable[[], torch.nn.Module]  # a fresh whole UNet of the same shape (a CPU copy of a sharded EMA)
+
+    def checkpointed(self) -> dict[str, Any]:
+        """What a checkpoint holds, as :func:`ldmflow.training.checkpoints.load_training` takes it."""
+        return dict(modules={"unet": self.model, "ema": self.ema}, optimizers={"optimizer": (self.model, self.optimizer)},
+                    schedules={"lr_schedule": self.lr_schedule})
+
+    def averaged(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The EMA's tensors and the trained ones they follow. A frozen one (LoRA's base) is
+        left out: its EMA stays bit-equal to its source, which rounding would not keep."""
+        pairs = [(e, p) for e, p in zip(self.ema.parameters(), self.model.parameters()) if p.requires_grad]
+        return [e for e, _ in pairs], [p for _, p in pairs]
+
+
+def build_training(config: DiffusionConfig, loop_config: dict[str, Any], rank: int, world: int, device) -> Training:
+    """The UNet, built once (with the parent's weights when fine-tuning, and LoRA adapters),
+    identical on every rank; its EMA; prepared for ``config.parallel``; AdamW and the warm-up
+    then cosine schedule (torch's ``LambdaLR`` of :func:`ldmflow.training.diffusion.lr_factor`)."""
+    shape = tuple(loop_config["latent_shape"])
+    num_classes = len(loop_config["class_names"] or ())
+
+    def build(weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        return unets.build(config.preset, config.conditioning, shape, num_classes, lora_rank=config.lora_rank,
+                           weights=weights)
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = build(_parent_weights(loop_config))
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    trained = parallel.prepare(model, ema, config.parallel, device, world)
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: diffusion.lr_factor(s, config.warmup_steps, config.steps, config.min_lr_factor))
+    return Training(trained, ema, optimizer, lr_schedule, torch.Generator().manual_seed(config.seed * 1000 + rank), build)
+
+
+def _parent_weights(loop_config: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Fine-tuning: the parent model's EMA weights, from Ray's object store."""
+    if loop_config.get("init_weights") is None:
+        return None
+    import ray
+    from safetensors.torch import load as load_safetensors
+
+    return load_safetensors(ray.get(loop_config["init_weights"]))
+
+
+def restore_training(training: Training, rank: int, world: int) -> tuple[dict[str, Any], list[dict] | None]:
+    """This rank's counters and every rank's data position from the run's last checkpoint
+    (fresh ones, and None, on a fresh start). On another world size than the checkpoint's,
+    the counters restart at its step (:func:`ldmflow.training.loop.rank_start` deals the data)."""
+    position: dict[str, Any] = {"step": 0, "bad_steps": 0, "skipped": 0}
+
+    def load(folder: str) -> dict[str, Any]:
+        saved = checkpoints.load_training(folder, **training.checkpointed())
+        if (Path(folder) / f"rng-{rank}.safetensors").exists():  # a rank the checkpoint's world had
+            training.generator.set_state(checkpoints.load_tensor(folder, f"rng-{rank}"))
+        return saved
+
+    saved = loop.restore(load)
+    if saved is None:
+        return position, None
+    positions = saved["position"]
+    position.update(positions[rank] if len(positions) == world else {"step": saved["step"]})
+    return position, [p["data"] for p in positions]
+
+
+def noised_inputs(batch: LatentBatch, config: DiffusionConfig, scale_factor: float, num_classes: int,
+                  embed: Callable[[LatentBatch], torch.Tensor] | None, generator: torch.Generator, device):
+    """A batch's clean latents, noise, timesteps and conditioning (labels dropped to the null
+    class, or embeddings to zero, at ``cond_dropout`` for classifier-free guidance)."""
+    x0 = draw_latents(batch, scale_factor, generator).to(device)
+    noise = diffusion.offset_noise(torch.randn(x0.shape, generator=generator), config.noise_offset, generator).to(device)
+    timesteps = torch.randint(0, config.noise.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
+    known = torch.where(batch.labels >= 0, batch.labels, torch.full_like(batch.labels, num_classes))  # unlabelled: null
+    labels = diffusion.drop_labels(known, config.cond_dropout, num_classes, generator).to(device)
+    text = None
+    if embed is not None:
+        text = diffusion.drop_embeddings(embed(batch), config.cond_dropout, generator).to(device)
+    return x0, noise, timesteps, unets.conditioning_kwargs(config.conditioning, labels, text)
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     from ldmflow.training.train import DiffusionConfig
@@ -113,47 +204,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     worker = loop.start(DiffusionConfig, loop_config)
     config, rank, world, device = worker.config, worker.rank, worker.world, worker.device
     autocast = precision.enabled(config.mixed_precision, device)
-    latent_shape = tuple(loop_config["latent_shape"])
     num_classes = len(loop_config["class_names"] or ())
     scale_factor = float(loop_config["scale_factor"])
-
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
-    def build() -> torch.nn.Module:
-        unet = unets.build(config.preset, config.conditioning, latent_shape, num_classes)
-        return unets.add_lora(unet, config.lora_rank) if config.lora_rank else unet
-
-    model = unets.build(config.preset, config.conditioning, latent_shape, num_classes)
-    if loop_config.get("init_weights") is not None:  # fine-tuning: the parent's EMA weights
-        import ray
-        from safetensors.torch import load as load_safetensors
-
-        model.load_state_dict(load_safetensors(ray.get(loop_config["init_weights"])))
-    if config.lora_rank:
-        model = unets.add_lora(model, config.lora_rank)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    trained = parallel.prepare(model, ema, config.parallel, device, world)
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: diffusion.lr_factor(s, config.warmup_steps, config.steps, config.min_lr_factor))
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    position: dict[str, Any] = {"step": 0, "bad_steps": 0, "skipped": 0}
-    readers = max(1, config.loader_workers)
-    saved_data = None
-    training_state = dict(modules={"unet": trained, "ema": ema}, optimizers={"optimizer": (trained, optimizer)},
-                          schedules={"lr_schedule": lr_schedule})
-
-    def load(folder: str) -> dict[str, Any]:
-        saved = checkpoints.load_training(folder, **training_state)
-        if (Path(folder) / f"rng-{rank}.safetensors").exists():
-            generator.set_state(checkpoints.load_tensor(folder, f"rng-{rank}"))
-        return saved
-
-    saved = loop.restore(load)
-    if saved is not None:
-        positions = saved["position"]
-        position.update(positions[rank] if len(positions) == world else {"step": saved["step"]})
-        saved_data = [p["data"] for p in positions]
+    training = build_training(config, loop_config, rank, world, device)
+    position, saved_data = restore_training(training, rank, world)
 
     scheduler = schedules.training_scheduler(config.noise)
     embed = caption_embeddings(config, loop_config.get("stored_text", False), device)
@@ -162,46 +216,33 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                                       decode=latent_shards.decode_latent, counts=loop_config.get("shard_counts"))
     batched, loader = loop.loader(stream, config.batch_size, collate_latents, workers=config.loader_workers,
                                   prefetch=config.prefetch_batches)
-    data_start = loop.rank_start(stream, saved_data, readers) if saved_data else None
+    data_start = loop.rank_start(stream, saved_data, max(1, config.loader_workers)) if saved_data else None
     tracker = GridTracker(loop_config, rank)
-    if saved is not None and position["step"]:
+    if saved_data is not None and position["step"]:
         tracker.log(position["step"], resumed_from_step=position["step"])  # a restart, visible in MLflow
 
-    # The EMA follows the trained weights; a frozen one (LoRA's base) stays bit-equal to its
-    # source, which rounding in the update would not keep. Chosen once: the loop's hot path.
-    averaged = [(e, p) for e, p in zip(ema.parameters(), trained.parameters()) if p.requires_grad]
-    ema_targets, ema_sources = [e for e, _ in averaged], [p for _, p in averaged]
-
+    model, optimizer, generator = training.model, training.optimizer, training.generator
+    ema_targets, ema_sources = training.averaged()  # chosen once: the loop's hot path
     step, bad_steps, skipped, micro = position["step"], position["bad_steps"], position["skipped"], 0
     window_started, window_samples, grad_norm = time.perf_counter(), 0, torch.tensor(0.0)
     wait = loop.DataWait()
     for read, batch in loop.batches(batched, loader, rank, data_start, wait):
         if step >= config.steps:
             break
-        x0 = draw_latents(batch, scale_factor, generator).to(device)
-        noise = diffusion.offset_noise(torch.randn(x0.shape, generator=generator), config.noise_offset, generator).to(device)
-        timesteps = torch.randint(0, config.noise.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
-        known = torch.where(batch.labels >= 0, batch.labels, torch.full_like(batch.labels, num_classes))  # unlabelled: null
-        labels = diffusion.drop_labels(known, config.cond_dropout, num_classes, generator).to(device)
-        text = None
-        if embed is not None:
-            text = diffusion.drop_embeddings(embed(batch), config.cond_dropout, generator).to(device)
-        cond = unets.conditioning_kwargs(config.conditioning, labels, text)
+        x0, noise, timesteps, cond = noised_inputs(batch, config, scale_factor, num_classes, embed, generator, device)
         accumulating = micro + 1 < config.grad_accum and world > 1  # sync gradients on the last micro-batch only
-        with parallel.no_sync(trained, accumulating):
-            loss = denoising_loss(trained, scheduler, x0, noise, timesteps, cond, config, autocast)
+        with parallel.no_sync(model, accumulating):
+            loss = denoising_loss(model, scheduler, x0, noise, timesteps, cond, config, autocast)
             finite = _all_finite(loss, world)
             if finite:
                 (loss / config.grad_accum).backward()
         micro += 1
         if finite and micro == config.grad_accum:
-            grad_norm = parallel.local(torch.nn.utils.clip_grad_norm_(trained.parameters(), config.grad_clip))
+            grad_norm = parallel.whole(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
             finite = bool(torch.isfinite(grad_norm))  # gradients are synchronised: every rank agrees
         if not finite:
             optimizer.zero_grad(set_to_none=True)
-            micro = 0
-            bad_steps += 1
-            skipped += 1
+            micro, bad_steps, skipped = 0, bad_steps + 1, skipped + 1
             tracker.log(step, skipped_nonfinite_steps=skipped)
             if bad_steps >= config.max_bad_steps:
                 raise NonFiniteLoss(f"{bad_steps} consecutive non-finite losses at step {step}")
@@ -213,25 +254,25 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         micro = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        lr_schedule.step()
+        training.lr_schedule.step()
         diffusion.ema_update(ema_targets, ema_sources, step, config.ema_decay, config.ema_warmup)
         step += 1
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - window_started
-            tracker.log(step, loss=loss.item(), lr=lr_schedule.get_last_lr()[0], grad_norm=float(grad_norm),
+            tracker.log(step, loss=loss.item(), lr=training.lr_schedule.get_last_lr()[0], grad_norm=float(grad_norm),
                         latents_per_s=window_samples / max(elapsed, 1e-9), data_wait_fraction=wait.fraction())
             window_started, window_samples = time.perf_counter(), 0
             wait.restart()
         if config.sample_every and step % config.sample_every == 0:
-            tracker.log_grid(step, parallel.cpu_copy(ema, rank, build), config, scale_factor)
+            tracker.log_grid(step, parallel.cpu_copy(training.ema, rank, training.build), config, scale_factor)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _report_checkpoint(step, read, skipped, loss.item(), rank, world, training_state, generator,
-                               loop_config["config"])
+            _report_checkpoint(step, read, skipped, loss.item(), rank, world, training, loop_config["config"])
             tracker.log(step, checkpoint=step)
     tracker.wait()  # the last grid is in MLflow when the run ends
 
 
-def _report_checkpoint(step, read, skipped, loss, rank, world, training_state, generator, config):
+def _report_checkpoint(step: int, read: dict[str, Any], skipped: int, loss: float, rank: int, world: int,
+                       training: Training, config: dict[str, Any]) -> None:
     """Every rank's RNG state and data position, with the weights, optimizer and LR state:
     written whole by rank 0, or sharded by every rank (a model sharded by FSDP)."""
     position = {"step": step, "data": read, "bad_steps": 0, "skipped": skipped}
@@ -239,11 +280,12 @@ def _report_checkpoint(step, read, skipped, loss, rank, world, training_state, g
     states = [None] * world
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.all_gather_object(positions, position)
-        torch.distributed.all_gather_object(states, generator.get_state())
+        torch.distributed.all_gather_object(states, training.generator.get_state())
     else:
-        positions, states = [position], [generator.get_state()]
+        positions, states = [position], [training.generator.get_state()]
     state = {"position": positions, "config": config, "step": step}
-    sharded = parallel.is_sharded(training_state["modules"]["unet"])
+    sharded = parallel.is_sharded(training.model)
+    training_state = training.checkpointed()
 
     def write(folder: str) -> None:
         if sharded:

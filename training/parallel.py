@@ -77,7 +77,7 @@ def no_sync(model: torch.nn.Module, skip: bool) -> Iterator[None]:
         yield
 
 
-def local(value: torch.Tensor) -> torch.Tensor:
+def whole(value: torch.Tensor) -> torch.Tensor:
     """A plain tensor of ``value`` (a replicated DTensor, such as a sharded model's gradient
     norm, made whole)."""
     from torch.distributed.tensor import DTensor

@@ -167,9 +167,8 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
                     max_failures=config.max_failures, storage_url=storage_path or config.checkpoint_storage or None,
                     run_id=run_id, label="train", progress=progress) as checkpoint:
         num_classes = len(manifest.class_names or ())
-        ema = unets.build(config.preset, config.conditioning, tuple(manifest.latent_shape), num_classes)
-        if config.lora_rank:
-            ema = unets.add_lora(ema, config.lora_rank)
+        ema = unets.build(config.preset, config.conditioning, tuple(manifest.latent_shape), num_classes,
+                          lora_rank=config.lora_rank)
         checkpoints.load_weights(checkpoint, "ema", ema)
     if config.lora_rank:
         ema = unets.merge_lora(ema)
