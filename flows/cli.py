@@ -66,7 +66,7 @@ def run_pipeline(
     except configs.ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
     runtime.prefect_api()  # before Prefect is imported
-    from ldmflow.flows import pipeline
+    from ldmflow.flows import pipeline, stage_runner
 
     stages = list(stage or [])
     if serve:
@@ -75,7 +75,7 @@ def run_pipeline(
         outcome = pipeline.run(config, force=list(force or []), stages=stages or None, progress=progress)
     except configs.ConfigError as exc:
         raise fail(exc, 2) from exc
-    except pipeline.StageNotRun as exc:
+    except stage_runner.StageNotRun as exc:
         raise fail(exc) from exc
     typer.echo(outcome.summary())
     if serve:

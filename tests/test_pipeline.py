@@ -109,12 +109,19 @@ def test_pipeline_on_s3_resumes_training_after_a_kill_then_skips_every_stage(buc
     assert record["outputs"]["model_uri"] == f"models:/pipe-model/{version.version}"
 
     # 4. An identity field of the evaluation changed: exactly evaluate and what follows it rerun.
+    #    The shard record is made one of format version 0: it is not used, so the shard stage
+    #    records its (unchanged) outputs again, and nothing after it reruns for that.
     config.write_text(executed.replace("num_samples: 30,", "num_samples: 20,").format(bucket=bucket))
+    shard_record = next(e.url for e in storage.list_prefix(f"{bucket}/datasets/pipe/_stages") if "/shard-" in e.url)
+    old = json.loads(storage.read_text(shard_record))
+    storage.write_text(shard_record, json.dumps({k: v for k, v in old.items() if k != "version"}))
     fourth = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert fourth.returncode == 0, fourth.stderr[-3000:]
     lines = stage_lines(fourth.stdout)
-    assert all("skipped" in lines[s] for s in ("shard", "autoencoder", "precompute", "train")), fourth.stdout
-    assert all("ran in" in lines[s] for s in ("evaluate", "promote")), fourth.stdout
+    assert all("skipped" in lines[s] for s in ("autoencoder", "precompute", "train")), fourth.stdout
+    assert all("ran in" in lines[s] for s in ("shard", "evaluate", "promote")), fourth.stdout
+    rewritten = json.loads(storage.read_text(shard_record))
+    assert rewritten["version"] == 1 and rewritten["outputs"]["images"] == old["outputs"]["images"]
 
 
 def test_the_summary_fetches_a_grid_trained_on_another_machine(tmp_path, monkeypatch):
@@ -122,7 +129,7 @@ def test_the_summary_fetches_a_grid_trained_on_another_machine(tmp_path, monkeyp
     train it (a fresh state folder) gets the picture from the tracking store."""
     from PIL import Image
 
-    from ldmflow.flows.pipeline import local_grid
+    from ldmflow.flows.stage_runner import local_grid
     from ldmflow.registry import tracking
 
     client = tracking.client()
