@@ -66,8 +66,9 @@ def main() -> None:
     from ldmflow.data.sharding import ShardConfig
     from ldmflow.flows import shard as shard_flow
     from ldmflow.flows.precompute import precompute_flow
-    from ldmflow.training import autoencoder, evaluation
-    from ldmflow.training.train import DiffusionConfig, train
+    from ldmflow.training import autoencoder, evaluation, stage_configs
+    from ldmflow.training.stage_configs import DiffusionConfig
+    from ldmflow.training.train import train
 
     scoring = evaluation.EvaluationConfig(num_samples=400, reference_samples=1000, steps=10, kid_subset_size=50)
 
@@ -84,7 +85,7 @@ def main() -> None:
                                 (str(folders), joint, 0)):
         shard_flow.run(source, dest, ShardConfig(resolution=args.resolution, shard_size=100, limit=limit), progress=False)
 
-    ae = autoencoder.train(joint, autoencoder.AutoencoderConfig(
+    ae = autoencoder.train(joint, stage_configs.AutoencoderConfig(
         steps=args.autoencoder_steps, batch_size=32, workers=1, lr=2e-3, warmup_steps=5,
         checkpoint_every=args.autoencoder_steps, log_every=50, scale_samples=128,
         model_name="bench-joint-autoencoder", experiment="bench-finetune"), progress=False)

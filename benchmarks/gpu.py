@@ -82,7 +82,7 @@ def training_rows(args, device, sync, peak_tflops: float | None) -> tuple[dict[s
 
     from ldmflow.model import schedules, unets
     from ldmflow.training.diffusion_loop import denoising_loss
-    from ldmflow.training.train import DiffusionConfig
+    from ldmflow.training.stage_configs import DiffusionConfig
 
     config = DiffusionConfig(preset=args.unet)
     side = args.resolution // 8

@@ -46,7 +46,7 @@ def tiny_model(folder: Path, conditioning: str = "class", resolution: int = 32) 
     import torch
 
     from ldmflow.model import autoencoders, model_format, unets
-    from ldmflow.training.train import DiffusionConfig, model_info
+    from ldmflow.training.stage_configs import DiffusionConfig, model_info
 
     torch.manual_seed(0)
     vae = autoencoders.build("tiny", resolution)

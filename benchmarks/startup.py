@@ -83,7 +83,8 @@ def probe_train(clock: Clock, data: dict) -> dict[str, float]:
     from diffusers import AutoencoderKL, UNet2DModel  # noqa: F401 - diffusers imports these lazily
 
     from ldmflow.data import cluster
-    from ldmflow.training.train import DiffusionConfig, train
+    from ldmflow.training.stage_configs import DiffusionConfig
+    from ldmflow.training.train import train
 
     clock.mark("imports (torch, diffusers, Ray Train, MLflow)")
     cluster.ensure_ray()
@@ -102,13 +103,13 @@ def probe_autoencoder(clock: Clock, data: dict) -> dict[str, float]:
     from diffusers import AutoencoderKL  # noqa: F401
 
     from ldmflow.data import cluster
-    from ldmflow.training import autoencoder
+    from ldmflow.training import autoencoder, stage_configs
 
     clock.mark("imports (torch, diffusers, Ray Train, MLflow)")
     cluster.ensure_ray()
     clock.mark("Ray started")
     for workers in (0, 1, 2):
-        config = autoencoder.AutoencoderConfig(steps=2, batch_size=16, workers=workers, log_every=1,
+        config = stage_configs.AutoencoderConfig(steps=2, batch_size=16, workers=workers, log_every=1,
                                                checkpoint_every=2, scale_samples=32, experiment="startup",
                                                model_name=f"startup-autoencoder-{workers}")
         time_fit(clock, f"{workers} Ray Train worker(s)",
@@ -288,13 +289,14 @@ def prepare(work: Path) -> dict:
     from ldmflow.data.sharding import ShardConfig
     from ldmflow.flows import shard as shard_flow
     from ldmflow.flows.precompute import precompute_flow
-    from ldmflow.training import autoencoder
-    from ldmflow.training.train import DiffusionConfig, train
+    from ldmflow.training import autoencoder, stage_configs
+    from ldmflow.training.stage_configs import DiffusionConfig
+    from ldmflow.training.train import train
 
     images = str(work / "images")
     shard_flow.run("builtin:digits", images, ShardConfig(resolution=16, shard_size=100, limit=400), progress=False)
     cluster.ensure_ray()
-    vae = autoencoder.train(images, autoencoder.AutoencoderConfig(
+    vae = autoencoder.train(images, stage_configs.AutoencoderConfig(
         steps=20, batch_size=32, workers=0, checkpoint_every=20, scale_samples=64, experiment="startup-data",
         model_name="startup-data-autoencoder"), progress=False)
     latents = str(work / "latents")

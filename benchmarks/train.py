@@ -52,7 +52,8 @@ def main() -> None:
     from ldmflow.model import autoencoders, schedules, unets
     from ldmflow.registry import tracking
     from ldmflow.training import bare_loop
-    from ldmflow.training.train import DiffusionConfig, train
+    from ldmflow.training.stage_configs import DiffusionConfig
+    from ldmflow.training.train import train
 
     work = Path(tempfile.mkdtemp(prefix="ldmflow-bench-train-"))
     images = str(work / "images")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ldmflow.training.autoencoder import AutoencoderConfig, TrainedAutoencoder, train
+from ldmflow.training.stage_configs import AutoencoderConfig
+from ldmflow.training.autoencoder import TrainedAutoencoder, train
 
 
 @task(name="train-autoencoder", cache_policy=NO_CACHE)

@@ -79,7 +79,7 @@ def train_autoencoder(
     config; logs losses, held-out PSNR against a bilinear baseline at the same latent grid,
     and a picture of originals beside reconstructions. Rerunning resumes from checkpoints.
     """
-    from ldmflow.training.autoencoder import AutoencoderConfig
+    from ldmflow.training.stage_configs import AutoencoderConfig
 
     stage_config = load_config(AutoencoderConfig, config, "autoencoder",
                                 dict(preset=preset, steps=steps, batch_size=batch_size, workers=workers, model_name=model_name))
@@ -152,7 +152,7 @@ def train(
     learning-rate schedule, and the new version names it as ldmflow.parent_model.
     """
     from ldmflow.data.latent_shards import LineageError
-    from ldmflow.training.train import DiffusionConfig
+    from ldmflow.training.stage_configs import DiffusionConfig
 
     stage_config = load_config(DiffusionConfig, config, "train",
                                 dict(steps=steps, batch_size=batch_size, workers=workers, autoencoder=autoencoder,

@@ -33,7 +33,7 @@ from ldmflow import configs
 from ldmflow.data import image_shards, storage
 from ldmflow.flows.settings import STAGES, load_spec
 from ldmflow.flows.stage_runner import PipelineOutcome, Runner, Stage, manifest_sha
-from ldmflow.registry import models, tracking
+from ldmflow.registry import models, runs, tracking
 from ldmflow.state import state_dir
 
 
@@ -46,8 +46,6 @@ def _lineage(run_id: str, inputs: dict[str, Any], outputs: dict[str, Any]) -> No
 
 def _stage_run(stage: str, key: str, experiment: str, config, inputs: dict, outputs: dict) -> str:
     """An MLflow run for a stage that has none of its own (shard, precompute): config and lineage."""
-    from ldmflow.training import runs
-
     run_id = runs.start(experiment, f"{stage}-{key[:12]}", config, tags={"ldmflow.stage": stage, "ldmflow.cache_key": key})
     _lineage(run_id, inputs, outputs)
     tracking.client().set_terminated(run_id)

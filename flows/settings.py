@@ -92,10 +92,10 @@ def stage_sections() -> dict[str, type]:
     from ldmflow.data.precompute import PrecomputeConfig
     from ldmflow.data.sharding import ShardConfig
     from ldmflow.serving.config import ServeConfig
-    from ldmflow.training.autoencoder import AutoencoderConfig
+    from ldmflow.training.stage_configs import AutoencoderConfig
     from ldmflow.training.evaluation import EvaluationConfig
     from ldmflow.training.promotion import PromotionConfig
-    from ldmflow.training.train import DiffusionConfig
+    from ldmflow.training.stage_configs import DiffusionConfig
 
     return {"shard": ShardConfig, "autoencoder": AutoencoderConfig, "precompute": PrecomputeConfig,
             "train": DiffusionConfig, "evaluate": EvaluationConfig, "promote": PromotionConfig, "serve": ServeConfig}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from ldmflow.training.train import DiffusionConfig, TrainedDiffusion, train
+from ldmflow.training.stage_configs import DiffusionConfig
+from ldmflow.training.train import TrainedDiffusion, train
 
 
 @task(name="train-diffusion", cache_policy=NO_CACHE)

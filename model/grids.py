@@ -1,7 +1,11 @@
-"""Pictures of a model: images as PIL, rows of images as one grid, and the fixed-seed sample
-grid every trained model is judged by at a glance (a row per class, per prompt, or one)."""
+"""Pictures of a model: images as PIL, or as base64 PNG (the way the HTTP API and the MLflow
+pyfunc both return them), rows of images as one grid, and the fixed-seed sample grid every
+trained model is judged by at a glance (a row per class, per prompt, or one)."""
 
 from __future__ import annotations
+
+import base64
+import io
 
 import torch
 
@@ -13,6 +17,16 @@ def to_pil(images: torch.Tensor) -> list:
     from PIL import Image
 
     return [Image.fromarray(array) for array in _bytes(images).permute(0, 2, 3, 1).numpy()]
+
+
+def png_base64(images: torch.Tensor) -> list[str]:
+    """(B, 3, H, W) in [−1, 1] → one base64 PNG per image."""
+    encoded = []
+    for image in to_pil(images):
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        encoded.append(base64.b64encode(out.getvalue()).decode("ascii"))
+    return encoded
 
 
 def grid(rows: list[torch.Tensor]):

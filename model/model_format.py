@@ -10,7 +10,7 @@ A model folder holds everything sampling needs and nothing pickled::
                      decoder (and encoder, for editing and inpainting) with its scale factor
 
 A registered model version is an MLflow pyfunc model (:mod:`ldmflow.registry.models`) whose
-``data/ldm`` is that folder, loaded by :mod:`ldmflow.serving.pyfunc` without unpickling
+``data/ldm`` is that folder, loaded by :mod:`ldmflow.registry.pyfunc` without unpickling
 anything.
 """
 

@@ -5,7 +5,7 @@ Every version is an MLflow 3 *logged model* of the run that trained it (so metri
 evaluation scores, attach to the model itself) registered under its name. A diffusion
 model is an MLflow pyfunc model whose ``data/ldm`` is the model folder
 (:mod:`ldmflow.model.model_format`) and whose ``loader_module`` is
-:mod:`ldmflow.serving.pyfunc`; an autoencoder is its folder as it is. Model URIs:
+:mod:`ldmflow.registry.pyfunc`; an autoencoder is its folder as it is. Model URIs:
 ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``,
 ``runs:/RUN_ID/PATH`` or a local folder.
 """
@@ -22,7 +22,7 @@ from ldmflow.errors import LdmflowError
 from ldmflow.model import model_format
 from ldmflow.registry import tracking
 
-PYFUNC_LOADER = "ldmflow.serving.pyfunc"  # written into every MLmodel: a persisted name
+PYFUNC_LOADER = "ldmflow.registry.pyfunc"  # written into every MLmodel: a persisted name
 CANDIDATE = "candidate"  # the alias of every newly trained version
 MODEL_ID_TAG = "ldmflow.model_id"  # on each version: the MLflow logged model it was made from
 

@@ -30,7 +30,7 @@ from ldmflow.data import jobs
 from ldmflow.data.jobs import RequestError
 from ldmflow.model.sampler import batches
 from ldmflow.serving.batcher import Batcher
-from ldmflow.serving.codec import png_base64
+from ldmflow.model.grids import png_base64
 from ldmflow.serving.config import ServeConfig
 from ldmflow.serving.follower import AliasFollower, Loaded, ModelSlot, load_model
 from ldmflow.serving import auth

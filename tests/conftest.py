@@ -147,10 +147,11 @@ def digits_model(ray_local, digits16, tmp_path_factory):
     fine-tuning and text-model tests."""
     from ldmflow.data.precompute import PrecomputeConfig
     from ldmflow.flows.precompute import precompute_flow
-    from ldmflow.training import autoencoder
-    from ldmflow.training.train import DiffusionConfig, train
+    from ldmflow.training import autoencoder, stage_configs
+    from ldmflow.training.stage_configs import DiffusionConfig
+    from ldmflow.training.train import train
 
-    ae = autoencoder.train(digits16, autoencoder.AutoencoderConfig(
+    ae = autoencoder.train(digits16, stage_configs.AutoencoderConfig(
         steps=80, batch_size=32, workers=0, lr=2e-3, warmup_steps=5, checkpoint_every=80, log_every=20,
         scale_samples=128, model_name="test-digits-autoencoder", experiment="test-digits"), progress=False)
     latents = str(tmp_path_factory.mktemp("digits-model") / "latents")

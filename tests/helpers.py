@@ -81,7 +81,7 @@ def tiny_diffusion_parts(work_dir, conditioning: str = "class", seed: int = 0, r
     import torch
 
     from ldmflow.model import autoencoders, unets
-    from ldmflow.training.train import DiffusionConfig, model_info
+    from ldmflow.training.stage_configs import DiffusionConfig, model_info
 
     torch.manual_seed(seed)
     vae = autoencoders.build("tiny", resolution).eval()

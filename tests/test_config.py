@@ -11,7 +11,7 @@ import yaml
 from ldmflow import configs
 from ldmflow.data.sharding import ShardConfig
 from ldmflow.flows.settings import PipelineConfig, load_spec
-from ldmflow.training.train import DiffusionConfig
+from ldmflow.training.stage_configs import DiffusionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

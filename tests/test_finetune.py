@@ -12,7 +12,8 @@ from ldmflow.data import latent_shards
 from ldmflow.errors import InputError
 from ldmflow.model import model_format
 from ldmflow.registry import models, tracking
-from ldmflow.training.train import DiffusionConfig, train
+from ldmflow.training.stage_configs import DiffusionConfig
+from ldmflow.training.train import train
 
 # One setting for the fine-tuned and the from-scratch runs; only init_from and steps differ. In Ray
 # Train's local mode: what is tested is where a run starts, not how it is distributed.

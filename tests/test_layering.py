@@ -1,7 +1,8 @@
 """The rooms import one way (docs/architecture.md): read every module's imports and check them.
 
 Imports inside functions count as much as those at the top: a lazy import is still a
-dependency. ``if TYPE_CHECKING:`` imports count too.
+dependency. ``if TYPE_CHECKING:`` imports count too, and so does a module's name written down
+for another program to import (a ``…_LOADER`` constant: the loader module an MLmodel names).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def imports(path: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             found.append((node.lineno, "." * node.level + (node.module or "")))
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.endswith("_LOADER")
+                                                  for t in node.targets):
+            if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                found.append((node.lineno, node.value.value))  # imported by whoever reads the name
     return found
 
 
@@ -96,9 +101,18 @@ def test_the_checker_catches_a_violation(tmp_path):
     """The rule reads real source: a model-layer file importing MLflow and training fails it."""
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "bad.py").write_text("import mlflow\n\n\ndef f():\n    from ldmflow.training import train\n")
+    (folder / "bad.py").write_text("import mlflow\n\nPYFUNC_LOADER = 'ldmflow.serving.pyfunc'\n\n\n"
+                                   "def f():\n    from ldmflow.training import train\n")
     problems = violations("model", tmp_path)
     assert any("imports mlflow" in p for p in problems) and any("ldmflow.training.train" in p for p in problems)
+    assert any(":3: model imports ldmflow.serving.pyfunc" in p for p in problems)
+
+
+def test_the_pyfunc_loader_an_mlmodel_names_is_a_module_of_the_registry():
+    from ldmflow.registry import models
+
+    assert room_of(models.PYFUNC_LOADER) == "registry"
+    assert (ROOT / "registry" / f"{models.PYFUNC_LOADER.rsplit('.', 1)[1]}.py").exists()
 
 
 def test_tests_and_benchmarks_import_the_package_by_its_name():

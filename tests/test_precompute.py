@@ -253,7 +253,7 @@ def test_relative_paths_reach_the_actors(ray_local, digits16, tiny_autoencoder, 
 
 def test_a_batch_takes_stored_embeddings_and_zeros_where_none_is_stored():
     from ldmflow.training.diffusion_loop import caption_embeddings, collate_latents
-    from ldmflow.training.train import DiffusionConfig
+    from ldmflow.training.stage_configs import DiffusionConfig
 
     vector = np.linspace(-1, 1, unets.TEXT_DIM, dtype=np.float32)
     samples = [latent_shards.LatentSample(key, np.zeros((4, 2, 2), np.float32), None, -1, caption, {}, text)

@@ -12,7 +12,8 @@ from ldmflow.data import builtin
 from ldmflow.model import model_format, unets
 from ldmflow.registry import models, tracking
 from ldmflow.training import evaluation
-from ldmflow.training.train import DiffusionConfig, train
+from ldmflow.training.stage_configs import DiffusionConfig
+from ldmflow.training.train import train
 
 
 def test_text_model_follows_seen_and_unseen_phrasings(digits_model, tmp_path):

@@ -18,7 +18,8 @@ from ldmflow.model import autoencoders, schedules, unets
 from ldmflow.registry import tracking
 from ldmflow.training.diffusion_loop import NonFiniteLoss, denoising_loss
 from ldmflow.training.loop import EmptyEpoch
-from ldmflow.training.train import DiffusionConfig, train
+from ldmflow.training.stage_configs import DiffusionConfig
+from ldmflow.training.train import train
 
 TINY = dict(steps=200, batch_size=16, lr=1e-3, warmup_steps=10, checkpoint_every=20, log_every=1, sample_steps=5,
             shuffle_buffer=50)

@@ -11,61 +11,17 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from ldmflow import configs
 from ldmflow.data import image_shards, shard_stream, storage
-from ldmflow.model import autoencoders, grids, precision
-from ldmflow.registry import models, tracking
+from ldmflow.model import autoencoders, grids
+from ldmflow.registry import models, runs, tracking
 from ldmflow.state import state_dir
-from ldmflow.training import checkpoints, launch, runs
-
-
-@configs.stage_config
-class AutoencoderConfig:
-    """The autoencoder stage: train ``AutoencoderKL`` under Ray Train, measure its latent scale
-    factor, register it."""
-
-    preset: Annotated[Literal["tiny", "base"], Field(description="`tiny` or `base`")] = "tiny"
-    steps: Annotated[int, Field(ge=1, description="optimizer steps")] = 400
-    batch_size: Annotated[int, Field(ge=1, description="images per worker per step")] = 32
-    lr: Annotated[float, Field(gt=0, description="AdamW learning rate (β = 0.5, 0.9) after warm-up")] = 1e-3
-    warmup_steps: Annotated[int, Field(ge=0, description="linear learning-rate warm-up")] = 20
-    recon_loss: Annotated[Literal["l1", "l2"], Field(description="`l1` or `l2`")] = "l1"
-    kl_weight: Annotated[float, Field(ge=0, description="weight of the KL term")] = 1e-6
-    disc_weight: Annotated[float, Field(
-        ge=0, description="weight of the adversarial term; 0 disables the discriminator")] = 0.0
-    disc_start: Annotated[int, Field(ge=0, description="step at which the discriminator starts")] = 200
-    workers: Annotated[int, Field(ge=0, description=(
-        "Ray Train workers (DDP ranks); 0: Ray Train's local mode, the loop in this process (no worker actors to "
-        "start, no recovery). A run resumes on another number, at its step, with the interrupted epoch's unread "
-        "images dealt anew"))] = configs.execution(2)
-    use_gpu: Annotated[Literal["auto", "true", "false"], Field(description="`auto`, `true` or `false`")] = "auto"
-    mixed_precision: Annotated[precision.MixedPrecision, Field(
-        description="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
-    seed: Annotated[int, Field(description="initialisation, shuffling and the held-out split")] = 0
-    held_out: Annotated[float, Field(
-        ge=0, lt=1, description="fraction of samples kept out of training for evaluation")] = 0.05
-    checkpoint_every: Annotated[int, Field(ge=1, description="steps between checkpoints")] = configs.execution(100)
-    checkpoint_storage: Annotated[str, Field(
-        description="folder or s3:// prefix for Ray Train checkpoints (on a multi-node cluster, one every node "
-                    "reaches); empty: the state folder")] = configs.execution("")
-    log_every: Annotated[int, Field(ge=1, description="steps between MLflow metric points")] = configs.execution(10)
-    max_failures: Annotated[int, Field(
-        ge=0, description="worker failures Ray Train recovers from")] = configs.execution(2)
-    scale_samples: Annotated[int, Field(ge=1, description="training images used to measure the scale factor")] = 512
-    shuffle_buffer: Annotated[int, Field(ge=0, description="samples in each reader's shuffle buffer")] = 500
-    loader_workers: Annotated[int, Field(
-        ge=0, description="DataLoader worker processes per rank, each reading its share of the rank's shards "
-                          "ahead of the step; 0: read between steps in the training process")] = configs.execution(1)
-    prefetch_batches: Annotated[int, Field(
-        ge=1, description="batches each loader worker keeps ready")] = configs.execution(4)
-    experiment: Annotated[str, Field(description="MLflow experiment")] = configs.execution("ldmflow-autoencoder")
-    model_name: Annotated[str, Field(description="registered model name")] = "ldmflow-autoencoder"
+from ldmflow.training import checkpoints, launch
+from ldmflow.training.stage_configs import AutoencoderConfig
 
 
 # ---------------------------------------------------------------------------------------

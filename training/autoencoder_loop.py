@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ldmflow.data import shard_stream
 from ldmflow.model import autoencoders, precision
-from ldmflow.training import checkpoints, loop, runs
+from ldmflow.registry import runs
+from ldmflow.training import checkpoints, loop, parallel
 
 
 class PatchDiscriminator(torch.nn.Module):
@@ -73,7 +74,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: DDP over the image shards, checkpoints to Ray Train."""
     import ray.train.torch
 
-    from ldmflow.training.autoencoder import AutoencoderConfig
+    from ldmflow.training.stage_configs import AutoencoderConfig
 
     worker = loop.start(AutoencoderConfig, loop_config)
     config, rank, world, device = worker.config, worker.rank, worker.world, worker.device
@@ -191,7 +192,7 @@ def _average_gradients(module: torch.nn.Module, world: int) -> None:
     """All-reduce the gradients of a module that is not wrapped in DDP."""
     if world == 1 or not torch.distributed.is_initialized():
         return
-    grads = [p.grad for p in checkpoints.unwrap(module).parameters() if p.grad is not None]
+    grads = [p.grad for p in parallel.unwrap(module).parameters() if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -53,7 +53,7 @@ def latents_per_second(model, scheduler, config, batches: Sequence[tuple[torch.T
 def machine_speed(seconds: float = 3.0, batch_size: int = 64) -> float:
     """This machine's latents/s on one thread: the ``tiny`` class UNet on 8×8×4 latents in
     batches of 64, as ``benchmarks/train.py``'s "bare loop, 1 thread" row."""
-    from ldmflow.training.train import DiffusionConfig
+    from ldmflow.training.stage_configs import DiffusionConfig
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

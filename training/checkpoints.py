@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from ldmflow.errors import LdmflowError
 from ldmflow.model import meta
+from ldmflow.training import parallel
+from ldmflow.training.parallel import unwrap
 
 VERSION = 1  # of the checkpoint format: another is refused, not converted
 STATE = "state.json"
@@ -53,11 +55,6 @@ def read_state(folder: str | Path) -> dict[str, Any]:
                        "start the run afresh (ldmflow run --force STAGE, or another checkpoint_storage)",
                        CheckpointError)
     return state
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return module.module if hasattr(module, "module") and isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
 def save(folder: str | Path, *, modules: dict[str, torch.nn.Module], optimizers: dict[str, Any], state: dict[str, Any]) -> None:
@@ -132,8 +129,6 @@ def load_training(folder: str | Path, *, modules: dict[str, torch.nn.Module], op
     and is read into (a whole checkpoint into sharded modules, a sharded one into whole or
     DDP modules, with any number of ranks); return the saved state. With sharded modules
     every rank must call it."""
-    from ldmflow.training import parallel
-
     folder = Path(folder)
     state = read_state(folder)
     if is_sharded(folder):

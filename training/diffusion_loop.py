@@ -25,10 +25,11 @@ import torch
 from ldmflow.data import latent_shards, shard_stream
 from ldmflow.errors import LdmflowError
 from ldmflow.model import precision, schedules, unets
-from ldmflow.training import checkpoints, diffusion, loop, parallel, runs
+from ldmflow.registry import runs
+from ldmflow.training import checkpoints, diffusion, loop, parallel
 
 if TYPE_CHECKING:
-    from ldmflow.training.train import DiffusionConfig
+    from ldmflow.training.stage_configs import DiffusionConfig
 
 
 class NonFiniteLoss(LdmflowError, RuntimeError):
@@ -199,7 +200,7 @@ def noised_inputs(batch: LatentBatch, config: DiffusionConfig, scale_factor: flo
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
-    from ldmflow.training.train import DiffusionConfig
+    from ldmflow.training.stage_configs import DiffusionConfig
 
     worker = loop.start(DiffusionConfig, loop_config)
     config, rank, world, device = worker.config, worker.rank, worker.world, worker.device
@@ -343,7 +344,7 @@ class GridTracker(runs.RankZeroTracker):
     def _draw(self, step: int, ema, config: DiffusionConfig, scale_factor: float) -> None:
         from ldmflow.model import grids
         from ldmflow.model.sampler import Sampler
-        from ldmflow.training.train import model_info
+        from ldmflow.training.stage_configs import model_info
 
         try:
             info = model_info(config, self.loop_config["latent_shape"], self.loop_config["class_names"], scale_factor,

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ldmflow.data import cluster
-from ldmflow.registry import tracking
+from ldmflow.registry import runs, tracking
 from ldmflow.state import state_dir
-from ldmflow.training import loop, runs
+from ldmflow.training import loop
 from ldmflow.training.progress import TrainingProgress
 
 

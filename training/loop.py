@@ -22,7 +22,7 @@ from ldmflow import configs
 from ldmflow.data import shard_stream
 from ldmflow.data.shard_stream import BatchStream, ShardStream
 from ldmflow.errors import LdmflowError
-from ldmflow.training import runs
+from ldmflow.registry import runs
 
 C = TypeVar("C")
 

@@ -24,6 +24,11 @@ import torch
 Strategy = Literal["ddp", "fsdp"]
 
 
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if hasattr(module, "module") and isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
 def prepare(model: torch.nn.Module, ema: torch.nn.Module, strategy: Strategy, device: torch.device,
             world: int) -> torch.nn.Module:
     """The model to train (wrapped for ``ddp``, sharded in place for ``fsdp``), with ``ema``
@@ -90,10 +95,8 @@ def cpu_copy(module: torch.nn.Module, rank: int, build: Callable[[], torch.nn.Mo
     loop. A sharded module is gathered: every rank must call this at the same step."""
     import copy
 
-    from ldmflow.training import checkpoints
-
     if not is_sharded(module):
-        return copy.deepcopy(checkpoints.unwrap(module)).to("cpu") if rank == 0 else None
+        return copy.deepcopy(unwrap(module)).to("cpu") if rank == 0 else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,5 +1,6 @@
-"""MLflow runs of the training stages: the driver creates the run (the stage config as
-params, lineage as tags) and closes it; rank 0 of the Ray Train worker group logs to it.
+"""MLflow runs of the stages: the driver creates the run (the stage config as params,
+lineage as tags) and closes it; in a training stage rank 0 of the Ray Train worker group
+logs to it (:class:`RankZeroTracker`).
 
 A run is named after its job (:func:`ldmflow.configs.run_name`): the same job run again
 resumes the same Ray Train checkpoints under a new MLflow run, and the run its dead driver

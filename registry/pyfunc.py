@@ -28,7 +28,7 @@ class PyfuncSampler:
         import pandas as pd
 
         from ldmflow.model.sampler import batches
-        from ldmflow.serving.codec import png_base64
+        from ldmflow.model.grids import png_base64
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         todo = []
