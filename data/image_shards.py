@@ -290,7 +290,7 @@ class DecodedSample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def model_input(pixels: np.ndarray) -> np.ndarray:
+def pixels_to_model(pixels: np.ndarray) -> np.ndarray:
     """Decoded pixels, (..., H, W, 3) uint8, as the models take them: (..., 3, H, W) float32 in [-1, 1]."""
     return np.moveaxis(pixels.astype(np.float32), -1, -3) / 127.5 - 1.0
 
@@ -310,7 +310,7 @@ def decode_sample(raw: dict[str, Any]) -> DecodedSample:
         pixels = decode_rgb(raw[ext])
     except Exception as exc:
         raise ValueError(f"sample {raw['__key__']!r} in {raw.get('__url__')}: undecodable image: {exc}") from exc
-    image = model_input(pixels)
+    image = pixels_to_model(pixels)
     label = int(raw[KEY_LABEL].decode("ascii")) if KEY_LABEL in raw else -1
     caption = raw[KEY_CAPTION].decode("utf-8") if KEY_CAPTION in raw else ""
     meta = json.loads(raw[KEY_META]) if KEY_META in raw else {}

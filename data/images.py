@@ -140,7 +140,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def model_input(image: Image.Image, resolution: int):
+def image_to_model(image: Image.Image, resolution: int):
     """A PIL image as a model's (3, R, R) float32 input in [−1, 1]: any mode to RGB, short side
     resized, centre crop (what an edit or inpainting request's image becomes)."""
     import torch

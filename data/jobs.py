@@ -1,4 +1,4 @@
-"""A sampling request turned into a model :class:`~ldmflow.model.sampler.Job`: one parser,
+"""A sampling request turned into a model :class:`~ldmflow.model.sampling.Job`: one parser,
 one set of limits and one set of refusals for the HTTP API, the MLflow pyfunc model and
 ``ldmflow sample``.
 
@@ -89,7 +89,7 @@ def build(sampler, fields: Mapping[str, Any], limits: Limits = Limits()) -> Any:
     else:
         side = sampler.info.resolution
         picture, size = decode_upload("image", image, side, limits)
-        given["image"] = images.model_input(picture, side)
+        given["image"] = images.image_to_model(picture, side)
         if mask is not None:
             drawn, mask_size = decode_upload("mask", mask, side, limits, "nearest")
             if mask_size != size:

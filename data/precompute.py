@@ -48,7 +48,7 @@ from ldmflow import configs, console
 from ldmflow.console import Progress
 from ldmflow.data import cluster, image_shards, latent_shards, shard_stream, storage
 from ldmflow.data.images import decode_rgb
-from ldmflow.model import autoencoders, precision, unets
+from ldmflow.model import autoencoders, precision, text_encoder
 
 
 
@@ -167,7 +167,7 @@ class LatentEncoder:
             members = json.loads(row["members"])
             means, logvars = [], []
             for start in range(0, len(pixels), self.batch_size):
-                mean, logvar = self.encode(image_shards.model_input(pixels[start : start + self.batch_size]))
+                mean, logvar = self.encode(image_shards.pixels_to_model(pixels[start : start + self.batch_size]))
                 means.append(mean)
                 logvars.append(logvar)
             captions = [m.get(image_shards.KEY_CAPTION, "").encode("latin-1").decode("utf-8") for m in members]
@@ -181,11 +181,11 @@ class LatentEncoder:
     def embed_captions(self, captions: list[str]) -> np.ndarray:
         """(N, TEXT_DIM) float32: each caption's embedding, zeros where a sample has none (and
         (N, 0) without ``caption_embeddings``)."""
-        out = np.zeros((len(captions), unets.TEXT_DIM if self.caption_embeddings else 0), np.float32)
+        out = np.zeros((len(captions), text_encoder.TEXT_DIM if self.caption_embeddings else 0), np.float32)
         captioned = [i for i, caption in enumerate(captions) if caption]
         if self.caption_embeddings and captioned:
             if self.text_encoder is None:
-                self.text_encoder = unets.TextEncoder(self.device)
+                self.text_encoder = text_encoder.SentenceEncoder(self.device)
             out[captioned] = self.text_encoder([captions[i] for i in captioned])[:, 0].numpy().astype(np.float32)
         return out
 
@@ -423,7 +423,7 @@ def precompute(
         failed_shards=tuple({"source_shard": tasks[i].shard, "error": failures[i]} for i in sorted(failures)),
         class_names=image_manifest.class_names,
         config=configs.to_dict(config),
-        text_encoder=unets.TEXT_ENCODER if config.caption_embeddings else None,
+        text_encoder=text_encoder.TEXT_ENCODER if config.caption_embeddings else None,
     )
     storage.write_text(image_shards.manifest_url(dest), manifest.to_json())
     for url in gone:

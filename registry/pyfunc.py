@@ -27,7 +27,7 @@ class PyfuncSampler:
         with the default limits): the same refusals, as :class:`~ldmflow.data.jobs.RequestError`."""
         import pandas as pd
 
-        from ldmflow.model.sampler import batches
+        from ldmflow.model.sampling import batch_groups
         from ldmflow.model.grids import png_base64
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
@@ -38,7 +38,7 @@ class PyfuncSampler:
                 raise jobs.RequestError("n", "one image per row")
             todo.append(jobs.build(self.sampler, fields))
         pngs: list = [None] * len(todo)
-        for indices in batches(todo):
+        for indices in batch_groups(todo):
             for i, result in zip(indices, self.sampler.run([todo[i] for i in indices])):
                 pngs[i] = png_base64(result)[0]
         return pd.DataFrame({"image": pngs, "seed": [job.seeds()[0] for job in todo]})

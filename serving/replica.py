@@ -28,7 +28,7 @@ from ray import serve
 from ldmflow import configs
 from ldmflow.data import jobs
 from ldmflow.data.jobs import RequestError
-from ldmflow.model.sampler import batches
+from ldmflow.model.sampling import batch_groups
 from ldmflow.serving.batcher import Batcher
 from ldmflow.model.grids import png_base64
 from ldmflow.serving.config import ServeConfig
@@ -140,7 +140,7 @@ class SamplerServer:
         """
         model = self.model
         results: list = [None] * len(jobs)
-        for indices in batches(jobs):
+        for indices in batch_groups(jobs):
             runnable = []
             for i in indices:
                 try:

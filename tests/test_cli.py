@@ -203,7 +203,7 @@ def test_sample_interpolates_and_edits_by_inversion(subprocess_env, tmp_path):
     from ldmflow.model.sampler import Sampler
 
     sampler = Sampler.from_folder(model)
-    source = images.model_input(Image.open(tmp_path / "seed1/000001.png"), sampler.info.resolution)
+    source = images.image_to_model(Image.open(tmp_path / "seed1/000001.png"), sampler.info.resolution)
 
     def drawn(**fields) -> np.ndarray:
         job = sampler.job(n=1, label=5, steps=3, seed=0, **fields)

@@ -13,7 +13,7 @@ import torch
 
 from ldmflow.data import image_shards, latent_shards, shard_stream
 from ldmflow.data.precompute import Placement, PrecomputeConfig, placement, precompute
-from ldmflow.model import autoencoders, unets
+from ldmflow.model import autoencoders, text_encoder
 from tests import helpers
 
 
@@ -64,10 +64,10 @@ def test_latents_equal_inline_encoding(ray_local, digits16, tiny_autoencoder, tm
         assert (sample.label, sample.caption, sample.meta["source"]) == (image.label, image.caption, image.meta["source"])
 
     # Each caption's embedding is stored beside its latents, as the text encoder gives it.
-    assert manifest.text_encoder == unets.TEXT_ENCODER
-    expected = unets.TextEncoder()([image.caption for image in images])[:, 0].numpy()
+    assert manifest.text_encoder == text_encoder.TEXT_ENCODER
+    expected = text_encoder.SentenceEncoder()([image.caption for image in images])[:, 0].numpy()
     for i, image in enumerate(images):
-        assert image.caption and got[image.key].text.shape == (unets.TEXT_DIM,)
+        assert image.caption and got[image.key].text.shape == (text_encoder.TEXT_DIM,)
         np.testing.assert_allclose(got[image.key].text, expected[i], atol=1e-6)
 
     latent_shards.check_lineage(manifest, ref.weights_sha256)
@@ -255,11 +255,11 @@ def test_a_batch_takes_stored_embeddings_and_zeros_where_none_is_stored():
     from ldmflow.training.diffusion_loop import caption_embeddings, collate_latents
     from ldmflow.training.stage_configs import DiffusionConfig
 
-    vector = np.linspace(-1, 1, unets.TEXT_DIM, dtype=np.float32)
+    vector = np.linspace(-1, 1, text_encoder.TEXT_DIM, dtype=np.float32)
     samples = [latent_shards.LatentSample(key, np.zeros((4, 2, 2), np.float32), None, -1, caption, {}, text)
                for key, caption, text in (("a", "a caption", vector), ("b", "", None))]
     batch = collate_latents(samples)
-    assert batch.text.shape == (2, 1, unets.TEXT_DIM)
+    assert batch.text.shape == (2, 1, text_encoder.TEXT_DIM)
     assert torch.equal(batch.text[0, 0], torch.from_numpy(vector)) and not batch.text[1].any()
     assert caption_embeddings(DiffusionConfig(conditioning="text"), True, "cpu")(batch) is batch.text
     assert caption_embeddings(DiffusionConfig(conditioning="class"), True, "cpu") is None

@@ -63,7 +63,7 @@ def test_interpolation_ends_at_each_seeds_own_image(sampler, name):
 
 
 def test_slerp_keeps_the_noise_norm_and_its_ends():
-    from ldmflow.model.sampler import slerp
+    from ldmflow.model.sampling import slerp
 
     a, b = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(4, 8, 8)
     path = slerp(a, b, torch.linspace(0, 1, 9))

@@ -9,7 +9,7 @@ import json
 from PIL import Image
 
 from ldmflow.data import builtin
-from ldmflow.model import model_format, unets
+from ldmflow.model import model_format, text_encoder
 from ldmflow.registry import models, tracking
 from ldmflow.training import evaluation
 from ldmflow.training.stage_configs import DiffusionConfig
@@ -23,7 +23,7 @@ def test_text_model_follows_seen_and_unseen_phrasings(digits_model, tmp_path):
         conditioning="text", steps=600, batch_size=32, workers=0, lr=2e-3, warmup_steps=20, checkpoint_every=600,
         sample_every=300, log_every=50, sample_steps=10, shuffle_buffer=100, experiment="test-text",
         model_name="test-digits-text"), progress=False)
-    assert json.loads((trained.folder / "unet" / "config.json").read_text())["cross_attention_dim"] == unets.TEXT_DIM
+    assert json.loads((trained.folder / "unet" / "config.json").read_text())["cross_attention_dim"] == text_encoder.TEXT_DIM
     assert Image.open(trained.grid).size == (8 * 16, 10 * 16)  # a row per digit, each under one of its captions
     grids = [a.path for a in tracking.client().list_artifacts(trained.run_id, "samples")]
     assert grids == ["samples/step-0000300.png", "samples/step-0000600.png"]

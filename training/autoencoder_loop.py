@@ -122,32 +122,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if step >= config.steps:
             break
         x = batch["image"].to(device)
-        with autocast:  # the losses below are fp32
-            x_hat, kl = model(x)
-        x_hat, kl = x_hat.float(), kl.float()
-        rec = reconstruction_loss(x, x_hat, config.recon_loss)
-        loss = rec + config.kl_weight * kl.mean() / pixels
         use_disc = disc is not None and step >= config.disc_start
-        if use_disc:
-            disc.requires_grad_(False)
-            with autocast:
-                fooled = disc(x_hat).float().mean()
-            loss = loss - config.disc_weight * fooled
-            disc.requires_grad_(True)
+        loss, rec, x_hat = autoencoder_loss(model, disc if use_disc else None, x, config, pixels, autocast)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
         lr = schedule.get_last_lr()[0]
         schedule.step()
-        d_loss = None
-        if use_disc:
-            with autocast:
-                logits_real, logits_fake = disc(x), disc(x_hat.detach())
-            d_loss = hinge_d_loss(logits_real.float(), logits_fake.float())
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            _average_gradients(disc, world)
-            opt_d.step()
+        d_loss = discriminator_step(disc, opt_d, x, x_hat, autocast, world) if use_disc else None
         step += 1
         seen += x.shape[0]
         window.append(rec.item())
@@ -165,6 +147,38 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             loop.report(metrics, rank, lambda folder: checkpoints.save(folder, modules=modules, optimizers=optimizers,
                                                                        state=state))
             tracker.log(step, checkpoint=step)
+
+
+def autoencoder_loss(model: torch.nn.Module, disc: PatchDiscriminator | None, x: torch.Tensor, config,
+                     pixels: int, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The autoencoder's loss on a batch, ``rec + kl_weight · KL / pixels`` (less
+    ``disc_weight · D(x̂)`` with a discriminator), its reconstruction term and x̂."""
+    with autocast:  # the losses below are fp32
+        x_hat, kl = model(x)
+    x_hat, kl = x_hat.float(), kl.float()
+    rec = reconstruction_loss(x, x_hat, config.recon_loss)
+    loss = rec + config.kl_weight * kl.mean() / pixels
+    if disc is not None:
+        disc.requires_grad_(False)  # the generator's step does not train the discriminator
+        with autocast:
+            fooled = disc(x_hat).float().mean()
+        loss = loss - config.disc_weight * fooled
+        disc.requires_grad_(True)
+    return loss, rec, x_hat
+
+
+def discriminator_step(disc: PatchDiscriminator, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                       x_hat: torch.Tensor, autocast, world: int) -> torch.Tensor:
+    """One hinge-loss step of the discriminator on the real images and the (detached)
+    reconstructions, its gradients averaged over the ranks; returns its loss."""
+    with autocast:
+        logits_real, logits_fake = disc(x), disc(x_hat.detach())
+    d_loss = hinge_d_loss(logits_real.float(), logits_fake.float())
+    optimizer.zero_grad(set_to_none=True)
+    d_loss.backward()
+    _average_gradients(disc, world)
+    optimizer.step()
+    return d_loss
 
 
 def _gather(read: dict[str, Any], world: int) -> list[dict[str, Any]]:

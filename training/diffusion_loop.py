@@ -24,7 +24,7 @@ import torch
 
 from ldmflow.data import latent_shards, shard_stream
 from ldmflow.errors import LdmflowError
-from ldmflow.model import precision, schedules, unets
+from ldmflow.model import precision, schedules, text_encoder, unets
 from ldmflow.registry import runs
 from ldmflow.training import checkpoints, diffusion, loop, parallel
 
@@ -49,7 +49,7 @@ def collate_latents(samples: list[latent_shards.LatentSample]) -> LatentBatch:
     logvar = None
     if samples[0].logvar is not None:
         logvar = torch.from_numpy(np.stack([s.logvar for s in samples]))
-    text = torch.zeros(len(samples), 1, unets.TEXT_DIM)
+    text = torch.zeros(len(samples), 1, text_encoder.TEXT_DIM)
     for i, sample in enumerate(samples):
         if sample.text is not None:
             text[i, 0] = torch.from_numpy(sample.text)
@@ -70,7 +70,7 @@ def caption_embeddings(config: DiffusionConfig, stored: bool, device) -> Callabl
         return None
     if stored:
         return lambda batch: batch.text
-    encoder = unets.TextEncoder(str(device))
+    encoder = text_encoder.SentenceEncoder(str(device))
     return lambda batch: encoder(batch.captions)
 
 

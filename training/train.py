@@ -12,7 +12,7 @@ from pathlib import Path
 from ldmflow import configs
 from ldmflow.data import image_shards, latent_shards, shard_stream, storage
 from ldmflow.errors import InputError
-from ldmflow.model import autoencoders, grids, model_format, unets
+from ldmflow.model import autoencoders, grids, model_format, text_encoder, unets
 from ldmflow.model.sampler import Sampler
 from ldmflow.registry import models, runs, tracking
 from ldmflow.state import state_dir
@@ -63,7 +63,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
                          "shards do not keep apart here: use parallel: ddp (the adapters are small)")
     parent = parent_model(config, manifest, vae_info) if config.init_from else None
     name = configs.run_name("diffusion", config, latents=manifest_sha)
-    stored_text = manifest.text_encoder == unets.TEXT_ENCODER  # precompute stored the caption embeddings
+    stored_text = manifest.text_encoder == text_encoder.TEXT_ENCODER  # precompute stored the caption embeddings
     run_id = runs.start(config.experiment, name, config, tags={
         "ldmflow.stage": "diffusion", "ldmflow.latents": latents_url, "ldmflow.latent_manifest_sha256": manifest_sha,
         "ldmflow.autoencoder": manifest.autoencoder.uri, "ldmflow.autoencoder_sha256": vae_info.weights_sha256,
