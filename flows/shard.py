@@ -24,7 +24,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ldmflow.console import Progress
-from ldmflow.data import image_shards, sharding, storage
+from ldmflow.data import image_shards, shard_plan, shard_writer, sharding, storage
 from ldmflow.data.sharding import ShardConfig
 from ldmflow.data.sources import check_source
 from ldmflow.errors import LdmflowError
@@ -63,18 +63,18 @@ def list_output_task(dest: str) -> tuple[image_shards.ImageManifest | None, dict
 
 @task(name="plan-shards", **STORAGE_RETRIES)
 def plan_task(source: str, config: ShardConfig, previous: image_shards.ImageManifest | None) -> sharding.Plan:
-    return sharding.plan(source, config, previous)
+    return shard_plan.plan(source, config, previous)
 
 
 @task(name="find-done-shards", **STORAGE_RETRIES)
 def todo_task(plan: sharding.Plan, dest: str, config: ShardConfig, listed: dict[str, int]):
-    return sharding.todo(plan, dest, config, listed)
+    return shard_writer.todo(plan, dest, config, listed)
 
 
 @task(name="write-shard", task_run_name="write-{todo.chunk.shard}", **STORAGE_RETRIES)
-def write_chunk_task(todo: sharding.Todo, dest: str, config: ShardConfig) -> tuple[sharding.Part | sharding.Unnamed, str]:
+def write_chunk_task(todo: shard_writer.Todo, dest: str, config: ShardConfig) -> tuple[sharding.Part | sharding.Unnamed, str]:
     """The chunk's part, and where it was written: ``host:pid``, and ``@NODE`` in a Ray worker."""
-    return sharding.write_chunk(todo, dest, config), where()
+    return shard_writer.write_chunk(todo, dest, config), where()
 
 
 def where() -> str:
@@ -152,7 +152,7 @@ def shard_flow(source: str, dest: str, config: ShardConfig = ShardConfig(), prog
     return outcome
 
 
-def write_chunks(todos: list[sharding.Todo], dest: str, config: ShardConfig, progress: bool
+def write_chunks(todos: list[shard_writer.Todo], dest: str, config: ShardConfig, progress: bool
                  ) -> tuple[list[sharding.Part | sharding.Unnamed], set[str]]:
     """Each chunk written (or found done) by a task: their parts, and the processes they ran in."""
     with ray_options(config) if config.on_ray() else nullcontext():

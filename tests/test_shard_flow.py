@@ -253,7 +253,7 @@ def test_in_order_keeps_order_and_bounds_what_is_in_flight():
     import threading
     import time
 
-    from ldmflow.data.sharding import image_pool, in_order
+    from ldmflow.data.shard_writer import image_pool, in_order
 
     lock, running, most = threading.Lock(), [0], [0]
     submitted = []
@@ -293,7 +293,7 @@ def test_deal_keeps_each_inputs_range():
     """A rerun deals inputs into the previous ranges: an input added or removed changes the
     chunk whose range holds it; an emptied range is dropped, one grown past twice the shard
     size split, its new pieces numbered after the largest shard."""
-    from ldmflow.data.sharding import deal
+    from ldmflow.data.shard_plan import deal
     from ldmflow.data.sources import RawItem
 
     def items(names):
@@ -471,7 +471,7 @@ def test_the_plan_holds_ranges_not_inputs(tmp_path):
     range, and the tasks list their own spans."""
     import tracemalloc
 
-    from ldmflow.data import sharding
+    from ldmflow.data import shard_plan, sharding
 
     def peak(count: int) -> tuple[int, sharding.Plan]:
         source = tmp_path / f"raw{count}"
@@ -482,7 +482,7 @@ def test_the_plan_holds_ranges_not_inputs(tmp_path):
             (folder / f"{i:06d}.cls").write_bytes(b"")
         tracemalloc.start()
         try:
-            plan = sharding.plan(str(source), ShardConfig(shard_size=500))
+            plan = shard_plan.plan(str(source), ShardConfig(shard_size=500))
             return tracemalloc.get_traced_memory()[1], plan
         finally:
             tracemalloc.stop()
