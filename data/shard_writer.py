@@ -19,9 +19,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ldmflow import configs
-from ldmflow.data import image_shards, images, sources, storage
+from ldmflow.data import image_shards, images, spans, storage
 from ldmflow.data.sharding import Chunk, Duplicate, Part, Plan, ShardConfig, Unnamed, channel_histograms
-from ldmflow.data.sources import RawItem, Reject, Vanished, fetch
+from ldmflow.data.fetching import Vanished, fetch
+from ldmflow.data.sources import RawItem, Reject
 
 
 def chunk_digest(plan: Plan, chunk: Chunk, config: ShardConfig) -> str:
@@ -105,9 +106,9 @@ def write_chunk(todo: Todo, dest: str, config: ShardConfig) -> Part | Unnamed:
     chunk, digest = todo.chunk, todo.digest
     items, rejects, labels = list(chunk.items), [], ()
     if not chunk.items:
-        raw, rejects = sources.read_span(todo.source, chunk.start, chunk.end, chunk.metadata, todo.class_folders)
-        labels = sources.label_names(raw)
-        items = sources.number_labels(raw, todo.class_names)
+        raw, rejects = spans.read_span(todo.source, chunk.start, chunk.end, chunk.metadata, todo.class_folders)
+        labels = spans.label_names(raw)
+        items = spans.number_labels(raw, todo.class_names)
         if items is None:
             return Unnamed(chunk.shard, labels)
     num_inputs = len(items) + len(rejects)

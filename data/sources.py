@@ -1,5 +1,5 @@
-"""Raw datasets: list the inputs of a source, whole or one span of names at a time, then
-fetch their bytes chunk by chunk.
+"""Raw datasets: what a source holds and how its inputs are listed, with their captions
+and labels (the bytes are read by :mod:`ldmflow.data.fetching`).
 
 A source is one of
 
@@ -17,9 +17,9 @@ class folder. A sidecar wins over metadata, metadata over the folder.
 Every file that is neither a sidecar nor a metadata file is an input; whatever cannot be
 used becomes a reject with its reason, so ``inputs = samples + duplicates + rejects``.
 
-A folder or prefix can be read one *span* at a time (:func:`read_span`): the files whose
-stems (names without extensions) lie in a range, so that no process need hold the whole
-listing. Tars and built-ins are listed whole (:func:`list_source`).
+A folder or prefix can be read one *span* at a time (:mod:`ldmflow.data.spans`): the files
+whose stems (names without extensions) lie in a range, so that no process need hold the
+whole listing. Tars and built-ins are listed whole (:func:`list_source`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import collections
 import csv
 import hashlib
 import io
-import itertools
 import json
 import posixpath
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -87,7 +86,7 @@ class Listing:
 
 
 @dataclass(frozen=True)
-class _File:
+class SourceFile:
     rel: str  # relative to the tree's root
     url: str
     size: int
@@ -132,19 +131,19 @@ def list_source(source: str, limit: int = 0, scanned: Scan | None = None) -> Lis
     if _is_tar_file(source):
         trees = [(storage.basename(source), _list_tar(source))]
     else:
-        loose: list[_File] = []
+        loose: list[SourceFile] = []
         trees = []
         for entry in entries:
             rel = storage.relative_to(entry.url, source)
             if rel.endswith(".tar"):
                 trees.append((rel, _list_tar(entry.url)))
             else:
-                loose.append(_File(rel, entry.url, entry.size, etag=entry.etag))
+                loose.append(SourceFile(rel, entry.url, entry.size, etag=entry.etag))
         trees.insert(0, ("", (loose, [])))
     items: list[tuple[RawItem, str | int | None]] = []
     rejects: list[Reject] = []
     for root, (files, tree_rejects) in trees:
-        tree_items, more_rejects = _resolve_tree(root, files)
+        tree_items, more_rejects = resolve_tree(root, files)
         items.extend(tree_items)
         rejects.extend(tree_rejects)
         rejects.extend(more_rejects)
@@ -192,9 +191,9 @@ def _list_builtin(source: str, limit: int) -> Listing:
     return Listing(tuple(items), (), dataset.class_names)
 
 
-def _list_tar(url: str) -> tuple[list[_File], list[Reject]]:
+def _list_tar(url: str) -> tuple[list[SourceFile], list[Reject]]:
     """Members of a tar, hashed as they stream by; small sidecars are kept in memory."""
-    files: list[_File] = []
+    files: list[SourceFile] = []
     rejects: list[Reject] = []
     name = storage.basename(url)
     try:
@@ -207,7 +206,7 @@ def _list_tar(url: str) -> tuple[list[_File], list[Reject]]:
                     data = tar.extractfile(member).read()
                     keep = data if _is_sidecar_or_metadata(member.name) else None
                     sha = hashlib.sha256(data).hexdigest()
-                    files.append(_File(member.name, f"{url}#{member.name}", len(data), sha, keep))
+                    files.append(SourceFile(member.name, f"{url}#{member.name}", len(data), sha, keep))
                 end = tar.offset
             if not stream.has_end_marker(end):
                 raise tarfile.ReadError("the archive ends without its end-of-archive marker")
@@ -255,7 +254,7 @@ def _is_sidecar_or_metadata(path: str) -> bool:
     return posixpath.basename(path) in METADATA_NAMES or path.endswith(SIDECAR_SUFFIXES)
 
 
-def _resolve_tree(root: str, files: list[_File], class_folders: bool | None = None
+def resolve_tree(root: str, files: list[SourceFile], class_folders: bool | None = None
                   ) -> tuple[list[tuple[RawItem, str | int | None]], list[Reject]]:
     """Pair the inputs of one tree (a folder or one tar, or a span of a folder's names)
     with their sidecars and metadata, read here. ``class_folders``: whether the whole tree
@@ -310,7 +309,7 @@ def _resolve_tree(root: str, files: list[_File], class_folders: bool | None = No
     return items, rejects
 
 
-def _read_small(files: Sequence[_File]) -> dict[str, bytes]:
+def _read_small(files: Sequence[SourceFile]) -> dict[str, bytes]:
     """Contents of sidecars and metadata files: in memory (tar members), else read concurrently."""
     contents = {f.rel: f.content for f in files if f.content is not None}
     todo = [f for f in files if f.content is None]
@@ -319,7 +318,7 @@ def _read_small(files: Sequence[_File]) -> dict[str, bytes]:
     return contents
 
 
-def _parse_metadata(f: _File, content: bytes) -> dict[str, tuple[str | None, str | int | None]]:
+def _parse_metadata(f: SourceFile, content: bytes) -> dict[str, tuple[str | None, str | int | None]]:
     """``file_name`` → (caption, label) from a metadata.jsonl or metadata.csv."""
     folder = posixpath.dirname(f.rel)
     text = content.decode("utf-8", "replace")
@@ -347,16 +346,16 @@ def _number_labels(items: Sequence[tuple[RawItem, str | int | None]]) -> tuple[l
     """Integer labels as they are, named by their numbers ("0" … the largest: a `.cls` sidecar
     of the WebDataset convention); names (class folders, string labels) as sorted indices."""
     labels = [label for _, label in items if label is not None]
-    if all(_as_int(label) is not None for label in labels):
-        numbers = [_as_int(label) for label in labels]
+    if all(as_int(label) is not None for label in labels):
+        numbers = [as_int(label) for label in labels]
         names = tuple(str(i) for i in range(max(numbers) + 1)) if numbers and min(numbers) >= 0 else None
-        return [replace(item, label=_as_int(label) if label is not None else None) for item, label in items], names
+        return [replace(item, label=as_int(label) if label is not None else None) for item, label in items], names
     names = tuple(sorted({str(label) for label in labels}))
     index = {name: i for i, name in enumerate(names)}
     return [replace(item, label=index[str(label)] if label is not None else None) for item, label in items], names
 
 
-def _as_int(value: str | int) -> int | None:
+def as_int(value: str | int) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -365,7 +364,7 @@ def _as_int(value: str | int) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------
-# Spans: a folder or prefix read a piece at a time, by the task that writes the piece
+# Names: what a file is, by its name
 
 
 def stem(rel: str) -> str:
@@ -383,160 +382,3 @@ def is_sidecar(rel: str) -> bool:
 
 def is_tar(rel: str) -> bool:
     return rel.endswith(".tar")
-
-
-def span_limit(end: str) -> str:
-    """The least name from which no file's stem sorts below ``end`` ("": no end). That is
-    ``end`` itself, unless a stem that begins ``end`` is followed there by a character that
-    sorts before "." (stem ``x``, end ``x-1``: ``x.png`` comes after ``x-1``); a stem's files
-    all sort below the stem followed by "/"."""
-    limit = end
-    for n in range(1, len(end)):
-        if end[n] < ".":
-            limit = max(limit, end[:n] + "/")
-    return limit
-
-
-def in_span(rel: str, start: str, end: str) -> bool:
-    return start <= stem(rel) and (not end or stem(rel) < end)
-
-
-def list_span(source: str, start: str, end: str) -> list[storage.Entry]:
-    """The files of a folder or prefix whose stems lie in [``start``, ``end``) (``end`` "":
-    no end), by one listing that begins at ``start``. Metadata files and tars belong to no
-    span: the caller knows them from its own listing."""
-    limit = span_limit(end)
-    found = []
-    for entry in storage.list_prefix(source, start=start):
-        rel = storage.relative_to(entry.url, source)
-        if limit and rel >= limit:
-            break
-        if in_span(rel, start, end) and not is_metadata(rel) and not is_tar(rel):
-            found.append(entry)
-    return found
-
-
-def read_span(source: str, start: str, end: str, metadata: Sequence[storage.Entry], class_folders: bool
-              ) -> tuple[list[tuple[RawItem, str | int | None]], list[Reject]]:
-    """The inputs of one span of ``source``, sorted, each with its caption and its label as
-    written (not yet a class index), and the span's rejects. ``metadata``: the metadata files
-    of the folders the span touches (a refused one is reported by the span holding its name);
-    ``class_folders``: whether the whole source is one folder per class."""
-    files = [_File(storage.relative_to(e.url, source), e.url, e.size, etag=e.etag)
-             for e in [*list_span(source, start, end), *metadata]]
-    items, rejects = _resolve_tree("", files, class_folders)
-    rejects = [r for r in rejects if not is_metadata(r.source) or in_span(r.source, start, end)]
-    items.sort(key=lambda pair: pair[0].source)
-    rejects.sort(key=lambda reject: reject.source)
-    return items, rejects
-
-
-def number_labels(items: Sequence[tuple[RawItem, str | int | None]], names: Sequence[str] | None
-                  ) -> list[RawItem] | None:
-    """A span's labels as class indices: by their place in ``names`` when given, else as the
-    integers they are. None when one is neither (a name not in ``names``, or a name where
-    the labels were taken for numbers): the source's names must be gathered first."""
-    index = {name: i for i, name in enumerate(names)} if names is not None else None
-    numbered = []
-    for item, label in items:
-        if label is not None:
-            label = _as_int(label) if index is None else index.get(str(label))
-            if label is None:
-                return None
-        numbered.append(replace(item, label=label))
-    return numbered
-
-
-def label_names(items: Sequence[tuple[RawItem, str | int | None]]) -> tuple[str, ...]:
-    """The labels of a span as written, each once."""
-    return tuple(sorted({str(label) for _, label in items if label is not None}))
-
-
-# ---------------------------------------------------------------------------------------
-# Fetching
-
-
-class Vanished(Exception):
-    """An input listed earlier that can no longer be read as listed."""
-
-
-FETCH_THREADS = 16  # requests in flight per chunk: a store's latency, not its bandwidth, bounds one GET at a time
-
-
-def fetch(items: Iterable[RawItem], ahead: int = 2 * FETCH_THREADS) -> Iterator[tuple[RawItem, bytes | Vanished]]:
-    """The bytes of each item, in order; an unreadable one yields :class:`Vanished`.
-
-    Files and objects are read ``FETCH_THREADS`` at a time, at most ``ahead`` beyond the one
-    the caller is at (one GET at a time would leave a chunk waiting on the store's latency:
-    20–50 ms an object on S3). Transient storage errors propagate (as
-    ``storage.StorageError``), in order, so the caller's task can be retried; a file that
-    disappeared or changed since listing is this item's error. Tar members are read by
-    streaming each tar once per call.
-    """
-    items = list(items)
-    from_tars: dict[str, dict[str, bytes]] = {}
-    tar_urls = sorted({item.url.split("#", 1)[0] for item in items if _is_tar_member(item)})
-    for tar_url in tar_urls:
-        wanted = {item.url.split("#", 1)[1] for item in items if item.url.startswith(tar_url + "#")}
-        from_tars[tar_url] = _read_members(tar_url, wanted)
-
-    def read(item: RawItem) -> bytes | Vanished | storage.StorageError:
-        try:
-            if builtin.is_builtin(item.url):
-                source, _, index = item.url.partition("#")
-                data = builtin.load(source).png(int(index))
-            elif _is_tar_member(item):
-                tar_url, _, member = item.url.partition("#")
-                if member not in from_tars[tar_url]:
-                    return Vanished(f"no longer readable from {storage.basename(tar_url)}")
-                data = from_tars[tar_url][member]
-            else:
-                data = storage.read_bytes(item.url)
-        except storage.NotFound:
-            return Vanished("no longer exists")
-        except storage.StorageError as exc:
-            return exc
-        except OSError as exc:
-            return Vanished(f"unreadable: {exc.strerror or exc}")
-        if item.sha256 is not None and hashlib.sha256(data).hexdigest() != item.sha256:
-            return Vanished("changed since it was listed")
-        return data
-
-    if not items:
-        return
-    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(items)), thread_name_prefix="ldmflow-fetch") as pool:
-        pending: collections.deque = collections.deque()
-        queued = iter(items)
-        for item in itertools.islice(queued, ahead):
-            pending.append((item, pool.submit(read, item)))
-        while pending:
-            item, future = pending.popleft()
-            following = next(queued, None)
-            if following is not None:
-                pending.append((following, pool.submit(read, following)))
-            result = future.result()
-            if isinstance(result, storage.StorageError):
-                for _, waiting in pending:
-                    waiting.cancel()
-                raise result
-            yield item, result
-
-
-def _is_tar_member(item: RawItem) -> bool:
-    return "#" in item.url and not builtin.is_builtin(item.url)
-
-
-def _read_members(url: str, wanted: set[str]) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    try:
-        with storage.open_read(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if member.name in wanted and member.isfile():
-                    found[member.name] = tar.extractfile(member).read()
-                    if len(found) == len(wanted):
-                        break
-    except storage.StorageError:
-        raise
-    except (tarfile.TarError, EOFError, OSError, ValueError):
-        pass  # members not found are reported by the caller as vanished
-    return found

@@ -496,7 +496,8 @@ def test_the_plan_holds_ranges_not_inputs(tmp_path):
 
 def test_fetch_reads_ahead_and_yields_in_order(tmp_path):
     """Inputs are read several at a time and come back in order, a vanished one in its place."""
-    from ldmflow.data.sources import RawItem, Vanished, fetch
+    from ldmflow.data.fetching import Vanished, fetch
+    from ldmflow.data.sources import RawItem
 
     items = []
     for i in range(50):
