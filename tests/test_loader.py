@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldmflow.data import image_shards, shard_stream, storage
+from ldmflow.data import image_shards, shard_order, shard_stream, storage
 
 
 def make_shards(root: str, num_shards: int, per_shard: int) -> list[str]:
@@ -36,7 +36,7 @@ def test_assign_shards_covers_every_sample_once_with_balanced_ranks(num_shards):
         for rank in range(world):
             shards = set()
             for worker in range(workers):
-                indices, split = shard_stream.assign_shards(
+                indices, split = shard_order.assign_shards(
                     num_shards, rank=rank, world_size=world, worker=worker, num_workers=workers, epoch=epoch, seed=7
                 )
                 stream = [shard * per_shard + i for shard in indices for i in range(per_shard)]
@@ -52,22 +52,22 @@ def test_assign_shards_covers_every_sample_once_with_balanced_ranks(num_shards):
 def test_assign_shards_balances_ranks_at_scale():
     """1,000 shards over 64 ranks × 8 loader workers: 15 or 16 shards a rank (round-robin over
     all 512 readers would give some ranks 16 and others 8)."""
-    counts = [sum(len(shard_stream.assign_shards(1000, rank=rank, world_size=64, worker=worker, num_workers=8)[0])
+    counts = [sum(len(shard_order.assign_shards(1000, rank=rank, world_size=64, worker=worker, num_workers=8)[0])
                   for worker in range(8)) for rank in range(64)]
     assert sum(counts) == 1000 and set(counts) == {15, 16}
 
 
 def test_assign_shards_reshuffles_each_epoch():
-    orders = {tuple(shard_stream.assign_shards(20, epoch=epoch, seed=1)[0]) for epoch in range(5)}
+    orders = {tuple(shard_order.assign_shards(20, epoch=epoch, seed=1)[0]) for epoch in range(5)}
     assert len(orders) == 5
-    assert shard_stream.assign_shards(20, epoch=3, seed=1) == shard_stream.assign_shards(20, epoch=3, seed=1)
+    assert shard_order.assign_shards(20, epoch=3, seed=1) == shard_order.assign_shards(20, epoch=3, seed=1)
 
 
 def test_shuffle_buffer_is_a_permutation():
     items = list(range(100))
-    out = list(shard_stream.shuffled(items, 10, random.Random(0)))
+    out = list(shard_order.shuffled(items, 10, random.Random(0)))
     assert sorted(out) == items and out != items
-    assert list(shard_stream.shuffled(items, 0, random.Random(0))) == items
+    assert list(shard_order.shuffled(items, 0, random.Random(0))) == items
 
 
 def test_ranks_and_workers_read_every_sample_once(tmp_path):
@@ -339,7 +339,7 @@ def test_replaying_the_shuffle_buffer_leaves_the_shards_already_consumed_unopene
     urls = make_shards(str(tmp_path), 8, 10)
     stream = shard_stream.ShardStream(urls, shuffle_buffer=8, seed=5, counts=[10] * 8)
     everything = [sample.key for _, sample in stream.read(0, 1)]
-    order, _ = shard_stream.assign_shards(8, seed=5)
+    order, _ = shard_order.assign_shards(8, seed=5)
     for index in order[:4]:  # the first half of this epoch's shards can no longer be read
         with open(urls[index], "wb") as shard:
             shard.write(b"not a tar")
@@ -351,11 +351,11 @@ def test_replaying_the_shuffle_buffer_leaves_the_shards_already_consumed_unopene
 def test_replay_shuffle_stands_where_the_pass_stood():
     """At every position of a pass, the buffer's last one included (where it drains)."""
     for total, size in ((100, 8), (50, 10), (7, 10), (30, 1)):
-        everything = list(shard_stream.shuffled(range(total), size, random.Random(3)))
+        everything = list(shard_order.shuffled(range(total), size, random.Random(3)))
         for skip in range(total + 1):
             rng = random.Random(3)
-            kept, taken, draining = shard_stream.replay_shuffle(total, size, rng, skip)
-            continued = kept if draining else list(shard_stream.shuffled(range(taken, total), size, rng, kept))
+            kept, taken, draining = shard_order.replay_shuffle(total, size, rng, skip)
+            continued = kept if draining else list(shard_order.shuffled(range(taken, total), size, rng, kept))
             assert continued == everything[skip:], (total, size, skip)
 
 

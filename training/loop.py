@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from ldmflow import configs
-from ldmflow.data import shard_stream
+from ldmflow.data import shard_order
 from ldmflow.data.shard_stream import BatchStream, ShardStream
 from ldmflow.errors import LdmflowError
 from ldmflow.registry import runs
@@ -138,7 +138,7 @@ def rank_start(stream: ShardStream, saved: Sequence[dict[str, Any]], readers: in
 
     On the ranks and readers that saved them, its own. On another number of either (a run
     resumed after losing a node, or on a larger reservation) the interrupted epoch's
-    remainder is dealt anew (:func:`ldmflow.data.shard_stream.remainder`), so each of its
+    remainder is dealt anew (:func:`ldmflow.data.shard_order.remainder`), so each of its
     samples not yet taken out of a shuffle buffer is read once; where the shards' sample
     counts are unknown, every rank starts the next epoch instead.
     """
@@ -147,10 +147,10 @@ def rank_start(stream: ShardStream, saved: Sequence[dict[str, Any]], readers: in
         return saved[rank]
     if stream.counts is None:
         return {"epoch": max(position["epoch"] for position in saved) + 1, "readers": [0] * readers, "first": 0}
-    epoch, left = shard_stream.remainder(saved, len(stream.urls), stream.counts, seed=stream.seed,
+    epoch, left = shard_order.remainder(saved, len(stream.urls), stream.counts, seed=stream.seed,
                                          shuffle_buffer=stream.shuffle_buffer)
     units = [[[shard, None if picks is None else list(picks)]
-              for shard, picks in shard_stream.deal(left, rank=rank, world_size=world, reader=reader, readers=readers)]
+              for shard, picks in shard_order.deal(left, rank=rank, world_size=world, reader=reader, readers=readers)]
              for reader in range(readers)]
     return {"epoch": epoch, "readers": [0] * readers, "first": 0, "units": units}
 
