@@ -4,7 +4,7 @@ Ratios against baselines measured in the same run, on whatever device is present
 GPU for the real figures; ``--smoke`` shrinks everything to check the script on a CPU):
 
 1. Precompute: the `base` autoencoder (f=8) encoding 256-px images through ldmflow's
-   encoder actor class (:class:`ldmflow.data.precompute.LatentEncoder`), in bf16 autocast
+   encoder actor class (:class:`ldmflow.data.encode_stages.LatentEncoder`), in bf16 autocast
    vs fp32: images/s.
 2. Training: the `base` class-conditional UNet on 32×32×4 latents, ldmflow's loss and
    optimizer step in bf16 autocast vs fp32: latents/s, achieved TFLOP/s (FLOPs counted by
@@ -57,7 +57,7 @@ def timed(run, repeats: int, sync) -> float:
 def precompute_rows(args, device, sync) -> dict[str, float]:
     import torch
 
-    from ldmflow.data.precompute import LatentEncoder
+    from ldmflow.data.encode_stages import LatentEncoder
     from ldmflow.model import autoencoders
 
     torch.manual_seed(0)

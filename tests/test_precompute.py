@@ -267,7 +267,7 @@ def test_a_batch_takes_stored_embeddings_and_zeros_where_none_is_stored():
 
 
 def test_bf16_encoding_stays_close_to_fp32(digits16, tiny_autoencoder):
-    from ldmflow.data.precompute import LatentEncoder
+    from ldmflow.data.encode_stages import LatentEncoder
     from ldmflow.model import precision
 
     folder, _ = tiny_autoencoder
