@@ -136,3 +136,19 @@ def test_only_ldmflow_is_installed_at_the_top_level(tmp_path):
                             env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_no_module_over_400_lines_and_no_function_over_80():
+    """Sizes a reader can hold: a module over 400 lines is two subjects, a function over 80
+    several steps that want names."""
+    too_long = []
+    for room in ROOMS:
+        for path in modules(room):
+            text = path.read_text()
+            where = path.relative_to(ROOT)
+            if len(text.splitlines()) > 400:
+                too_long.append(f"{where}: {len(text.splitlines())} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    too_long.append(f"{where}:{node.lineno}: {node.name} is {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []
