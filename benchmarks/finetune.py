@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import training_config  # noqa: E402 - after the checkout is on the path
 os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
 
 from ldmflow.flows import runtime  # noqa: E402
@@ -85,7 +86,7 @@ def main() -> None:
                                 (str(folders), joint, 0)):
         shard_flow.run(source, dest, ShardConfig(resolution=args.resolution, shard_size=100, limit=limit), progress=False)
 
-    ae = autoencoder.train(joint, stage_configs.AutoencoderConfig(
+    ae = autoencoder.train(joint, training_config(stage_configs.AutoencoderConfig, 
         steps=args.autoencoder_steps, batch_size=32, workers=1, lr=2e-3, warmup_steps=5,
         checkpoint_every=args.autoencoder_steps, log_every=50, scale_samples=128,
         model_name="bench-joint-autoencoder", experiment="bench-finetune"), progress=False)
@@ -93,10 +94,10 @@ def main() -> None:
         precompute_flow(images, f"{images}-latents", ae.model_uri, PrecomputeConfig(actors=1), progress=False)
 
     run = dict(batch_size=32, workers=1, log_every=50, sample_steps=10, shuffle_buffer=100, experiment="bench-finetune")
-    parent = train(f"{digits}-latents", DiffusionConfig(
+    parent = train(f"{digits}-latents", training_config(DiffusionConfig, 
         **run, steps=args.parent_steps, lr=2e-3, warmup_steps=20, checkpoint_every=args.parent_steps,
         model_name="bench-digits"), progress=False)
-    as_is = train(f"{mnist}-latents", DiffusionConfig(
+    as_is = train(f"{mnist}-latents", training_config(DiffusionConfig, 
         **run, steps=1, lr=1e-9, warmup_steps=0, checkpoint_every=1, init_from=parent.model_uri,
         model_name="bench-parent-on-mnist"), progress=False)
     print(f"autoencoder PSNR {ae.metrics['psnr']:.1f} dB; parent: digits accuracy "
@@ -105,10 +106,10 @@ def main() -> None:
 
     print(f"{'N':>5} {'score':>12} {'fine-tuned at N':>16} {'scratch at 3N':>14} {'ratio':>6}")
     for n in args.n:
-        tuned = accuracies(train(f"{mnist}-latents", DiffusionConfig(
+        tuned = accuracies(train(f"{mnist}-latents", training_config(DiffusionConfig, 
             **run, steps=n, lr=args.lr, warmup_steps=max(1, round(args.tune_warmup * n)), checkpoint_every=n,
             init_from=parent.model_uri, model_name="bench-finetuned"), progress=False))
-        scratch = accuracies(train(f"{mnist}-latents", DiffusionConfig(
+        scratch = accuracies(train(f"{mnist}-latents", training_config(DiffusionConfig, 
             **run, steps=3 * n, lr=args.lr, warmup_steps=5, checkpoint_every=3 * n,
             model_name="bench-scratch"), progress=False))
         for score, t, s in zip(("grid", "400 samples"), tuned, scratch):

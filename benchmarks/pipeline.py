@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = """\
 shard: {{resolution: 16, shard_size: 100, limit: 400}}
-autoencoder: {{steps: 60, batch_size: 32, workers: 2, checkpoint_every: 60, log_every: 20, scale_samples: 128,
+autoencoder: {{steps: 60, batch_size: 32, ray_train: {{workers: 2, checkpoint_every: 60, log_every: 20}}, scale_samples: 128,
               model_name: bench-autoencoder, experiment: bench-pipeline}}
 precompute: {{actors: 1}}
-train: {{steps: {steps}, batch_size: 32, workers: 2, checkpoint_every: {steps}, log_every: 20, sample_steps: 10,
+train: {{steps: {steps}, batch_size: 32, ray_train: {{workers: 2, checkpoint_every: {steps}, log_every: 20}}, sample_steps: 10,
         guidance: {guidance}, experiment: bench-pipeline, model_name: bench-model}}
 evaluate: {{num_samples: 100, reference_samples: 200, steps: 10}}
 pipeline: {{name: bench}}

@@ -38,15 +38,16 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import training_config  # noqa: E402 - after the checkout is on the path
 os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-startup-"))
 
 CLI = [sys.executable, "-m", "ldmflow.flows.cli"]
 COMMANDS = ("train", "train-autoencoder", "precompute", "sample", "serve")
 CONFIG = """\
-autoencoder: {steps: 2, batch_size: 16, log_every: 1, checkpoint_every: 2, scale_samples: 32,
+autoencoder: {steps: 2, batch_size: 16, ray_train: {log_every: 1, checkpoint_every: 2}, scale_samples: 32,
               experiment: startup, model_name: startup-cli-autoencoder}
 precompute: {actors: 1}
-train: {steps: 2, batch_size: 16, log_every: 1, checkpoint_every: 2, sample_steps: 2, experiment: startup,
+train: {steps: 2, batch_size: 16, ray_train: {log_every: 1, checkpoint_every: 2}, sample_steps: 2, experiment: startup,
         model_name: startup-cli}
 """
 
@@ -90,7 +91,7 @@ def probe_train(clock: Clock, data: dict) -> dict[str, float]:
     cluster.ensure_ray()
     clock.mark("Ray started")
     for workers, loaders in ((0, 0), (0, 1), (1, 1), (2, 1)):
-        config = DiffusionConfig(steps=2, batch_size=16, workers=workers, loader_workers=loaders, log_every=1,
+        config = training_config(DiffusionConfig, steps=2, batch_size=16, workers=workers, loader_workers=loaders, log_every=1,
                                  checkpoint_every=2, sample_steps=2, experiment="startup",
                                  model_name=f"startup-{workers}-{loaders}")
         time_fit(clock, f"{workers} Ray Train worker(s), {loaders} loader process(es)",
@@ -109,7 +110,7 @@ def probe_autoencoder(clock: Clock, data: dict) -> dict[str, float]:
     cluster.ensure_ray()
     clock.mark("Ray started")
     for workers in (0, 1, 2):
-        config = stage_configs.AutoencoderConfig(steps=2, batch_size=16, workers=workers, log_every=1,
+        config = training_config(stage_configs.AutoencoderConfig, steps=2, batch_size=16, workers=workers, log_every=1,
                                                checkpoint_every=2, scale_samples=32, experiment="startup",
                                                model_name=f"startup-autoencoder-{workers}")
         time_fit(clock, f"{workers} Ray Train worker(s)",
@@ -296,12 +297,12 @@ def prepare(work: Path) -> dict:
     images = str(work / "images")
     shard_flow.run("builtin:digits", images, ShardConfig(resolution=16, shard_size=100, limit=400), progress=False)
     cluster.ensure_ray()
-    vae = autoencoder.train(images, stage_configs.AutoencoderConfig(
+    vae = autoencoder.train(images, training_config(stage_configs.AutoencoderConfig, 
         steps=20, batch_size=32, workers=0, checkpoint_every=20, scale_samples=64, experiment="startup-data",
         model_name="startup-data-autoencoder"), progress=False)
     latents = str(work / "latents")
     precompute_flow(images, latents, vae.model_uri, PrecomputeConfig(actors=1), progress=False)
-    model = train(latents, DiffusionConfig(steps=20, batch_size=32, workers=0, checkpoint_every=20, sample_steps=2,
+    model = train(latents, training_config(DiffusionConfig, steps=20, batch_size=32, workers=0, checkpoint_every=20, sample_steps=2,
                                            experiment="startup-data", model_name="startup-data"), progress=False)
     return {"images": images, "latents": latents, "autoencoder": vae.model_uri, "model": model.model_uri}
 

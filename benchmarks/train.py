@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import training_config  # noqa: E402 - after the checkout is on the path
 os.environ.setdefault("LDMFLOW_HOME", tempfile.mkdtemp(prefix="ldmflow-bench-"))
 
 from ldmflow.flows import runtime  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> None:
     precompute(images, latent_dir, folder, latent_shards.AutoencoderRef(str(folder), info.weights_sha256, 1.0),
                PrecomputeConfig(), progress=False)
 
-    config = DiffusionConfig(steps=args.steps, batch_size=args.batch_size, log_every=25, checkpoint_every=args.steps,
+    config = training_config(DiffusionConfig, steps=args.steps, batch_size=args.batch_size, log_every=25, checkpoint_every=args.steps,
                              sample_steps=2, experiment="bench")
     scheduler = schedules.training_scheduler(config.noise)
     stream = shard_stream.ShardStream(image_shards.shard_urls(images), shuffle_buffer=0)
@@ -101,9 +102,9 @@ def main() -> None:
         workers, loader_workers, parallel = int(run.split(",")[0]), int(run.split(",")[1]), run.split(",")[2]
         # Each run in a checkpoint folder of its own: `parallel` is an execution field, so an FSDP run
         # would otherwise resume from the finished DDP run's last checkpoint.
-        trained = train(latent_dir, dataclasses.replace(config, workers=workers, loader_workers=loader_workers,
-                                                        parallel=parallel), storage_path=str(work / "ray" / run),
-                        progress=False)
+        run_config = dataclasses.replace(config, parallel=parallel, ray_train=dataclasses.replace(
+            config.ray_train, workers=workers, loader_workers=loader_workers))
+        trained = train(latent_dir, run_config, storage_path=str(work / "ray" / run), progress=False)
 
         def after_first_window(metric: str) -> float:
             history = sorted(tracking.client().get_metric_history(trained.run_id, metric), key=lambda m: m.step)

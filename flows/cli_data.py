@@ -82,7 +82,8 @@ def train_autoencoder(
     from ldmflow.training.stage_configs import AutoencoderConfig
 
     stage_config = load_config(AutoencoderConfig, config, "autoencoder",
-                                dict(preset=preset, steps=steps, batch_size=batch_size, workers=workers, model_name=model_name))
+                                dict(preset=preset, steps=steps, batch_size=batch_size, model_name=model_name,
+                                     ray_train={"workers": workers}))
     runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows.autoencoder import train_autoencoder_flow
 
@@ -155,8 +156,8 @@ def train(
     from ldmflow.training.stage_configs import DiffusionConfig
 
     stage_config = load_config(DiffusionConfig, config, "train",
-                                dict(steps=steps, batch_size=batch_size, workers=workers, autoencoder=autoencoder,
-                                     init_from=init_from, lora_rank=lora_rank))
+                                dict(steps=steps, batch_size=batch_size, autoencoder=autoencoder, init_from=init_from,
+                                     lora_rank=lora_rank, ray_train={"workers": workers}))
     runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows.train import train_flow
     from ldmflow.model.autoencoders import AutoencoderError

@@ -24,7 +24,8 @@ class ImageFormat(str, Enum):
 
 
 def load_config(cls, path: str | None, section: str, overrides: dict):
-    """``section`` of the config file at ``path`` with flag ``overrides``; a bad file is a
+    """``section`` of the config file at ``path`` with flag ``overrides`` (a mapping for a
+    nested section's flags: ``ray_train={"workers": 4}`` is ``--workers 4``); a bad file is a
     usage error of ``--config``, a bad flag value one of that flag, each naming the field."""
     from ldmflow import configs
 
@@ -36,10 +37,15 @@ def load_config(cls, path: str | None, section: str, overrides: dict):
         return configs.load(cls, path, section=section, overrides=overrides)
     except configs.ConfigError as exc:
         failure = exc
-    given = {name: value for name, value in overrides.items() if value is not None}
-    for name, value in given.items():  # the flag whose value is refused on its own
+    given = {}  # flag name -> its override
+    for name, value in overrides.items():
+        if isinstance(value, dict):
+            given |= {inner: {name: {inner: v}} for inner, v in value.items() if v is not None}
+        elif value is not None:
+            given[name] = {name: value}
+    for name, override in given.items():  # the flag whose value is refused on its own
         try:
-            configs.load(cls, None, overrides={name: value})
+            configs.load(cls, None, overrides=override)
         except configs.ConfigError as exc:
             raise typer.BadParameter(str(exc), param_hint=f"--{name.replace('_', '-')}") from exc
     flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)

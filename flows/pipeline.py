@@ -104,9 +104,8 @@ def autoencoder_stage(runner: Runner) -> Stage:
         return Stage("autoencoder", configs.key(reuse=uri), lambda: {"model_uri": uri, "reused": True})
 
     def train() -> dict:
-        config = replace(spec.autoencoder,
-                         checkpoint_storage=runner.fresh_checkpoints("autoencoder", spec.autoencoder.checkpoint_storage))
-        trained = train_autoencoder_flow(images["images"], config, runner.progress)
+        trained = train_autoencoder_flow(images["images"], runner.fresh_run("autoencoder", spec.autoencoder),
+                                         runner.progress)
         _lineage(trained.run_id, {"images": images["images"], "images_manifest_sha256": images["manifest_sha256"]},
                  {"model_uri": trained.model_uri, "weights_sha256": trained.info.weights_sha256})
         return {"model_uri": trained.model_uri, "run_id": trained.run_id,
@@ -153,8 +152,7 @@ def train_stage(runner: Runner) -> Stage:
     key = configs.key(config, latents=latents["manifest_sha256"])
 
     def train() -> dict:
-        trained = train_flow(latents["latents"], replace(config, checkpoint_storage=runner.fresh_checkpoints(
-            "train", config.checkpoint_storage)), runner.progress)
+        trained = train_flow(latents["latents"], runner.fresh_run("train", config), runner.progress)
         _lineage(trained.run_id, {"latents": latents["latents"], "latents_manifest_sha256": latents["manifest_sha256"],
                                   "autoencoder": runner.outputs["autoencoder"]["model_uri"]},
                  {"model_uri": trained.model_uri})

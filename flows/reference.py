@@ -25,6 +25,7 @@ SEE = {
     "precompute": ("precompute:", "autoencoder.md"),
     "train": ("train:", "training.md"),
     "train-noise": ("train: noise:", "training.md"),
+    "ray-train": ("ray_train:` of `autoencoder:` and of `train:", "training.md#what-runs-where"),
     "evaluate": ("evaluate:", "serving.md#evaluation"),
     "promote": ("promote:", "serving.md#promotion-and-rollback"),
     "serve": ("serve:", "serving.md#the-http-api-ldmflow-serve-model_uri"),
@@ -61,13 +62,13 @@ The column *kind* says what a field is to the pipeline's caching and resumption:
 
 The borderline cases, and why they fall where they do:
 
-- Training `workers` and `loader_workers` are execution, the one exception: the global
+- Training `ray_train.workers` and `ray_train.loader_workers` are execution, the one exception: the global
   batch is `batch_size × workers × grad_accum`, so another worker count takes different
   steps, but a run must keep its progress when a node is lost or the reservation changes.
   A run resumed on another number of workers is the same run: it goes on at its step, the
   interrupted epoch's unread samples dealt to the new ranks, with the new global batch. A
   finished stage is not trained again for a new `workers` alone (`--force train` does).
-- Training `use_gpu` and `mixed_precision` are identity: on a GPU, `mixed_precision: auto`
+- Training `ray_train.use_gpu` and `ray_train.mixed_precision` are identity: on a GPU, `mixed_precision: auto`
   is bf16 autocast, a different computation from fp32 on a CPU.
 - Precompute `batch_size` and `use_gpu` are execution: the encoder sees each image on its
   own (GroupNorm, eval mode), so batching and device change only floating-point rounding,
@@ -93,12 +94,13 @@ fields have no kind.
 def sections() -> list[tuple[str, type]]:
     """Every section of a config file, nested ones after their parent, with its class."""
     from ldmflow.model.schedules import NoiseSchedule
+    from ldmflow.training.stage_configs import RayTrainConfig
 
     ordered = []
     for name, cls in stage_sections().items():
         ordered.append((name, cls))
         if name == "train":
-            ordered.append(("train-noise", NoiseSchedule))
+            ordered += [("train-noise", NoiseSchedule), ("ray-train", RayTrainConfig)]
     return ordered + [("pipeline", PipelineConfig), ("pipeline-endpoints", Endpoints)]
 
 

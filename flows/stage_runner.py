@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prefect import get_run_logger
@@ -166,13 +166,14 @@ class Runner:
             return None
         return record
 
-    def fresh_checkpoints(self, stage: str, checkpoint_storage: str) -> str:
-        """Where a training stage keeps its Ray Train checkpoints: a new place when the stage is
-        forced, so it starts afresh instead of resuming its finished run."""
+    def fresh_run(self, stage: str, config: Any) -> Any:
+        """A training stage's ``config``, with its Ray Train checkpoints in a new place when the
+        stage is forced, so it starts afresh instead of resuming its finished run."""
         if stage not in self.force:
-            return checkpoint_storage
-        checkpoints = checkpoint_storage or str(state_dir() / "ray_results")
-        return f"{checkpoints.rstrip('/')}/forced-{int(time.time())}"
+            return config
+        checkpoints = config.ray_train.checkpoint_storage or str(state_dir() / "ray_results")
+        fresh = f"{checkpoints.rstrip('/')}/forced-{int(time.time())}"
+        return replace(config, ray_train=replace(config.ray_train, checkpoint_storage=fresh))
 
     def run(self, stage: Stage) -> dict:
         """The stage's outputs: from its record when it has one whose outputs are still there

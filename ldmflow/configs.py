@@ -119,7 +119,8 @@ def load(cls: type[C], path: str | None = None, section: str | None = None, over
     """Defaults, then the YAML file at ``path`` (its ``section`` if it has one), then overrides.
 
     ``overrides`` with value ``None`` are ignored, so unset command-line flags keep the
-    file's value.
+    file's value; a mapping overrides the fields it names of a nested section
+    (``{"ray_train": {"workers": 4}}``) and keeps the file's others.
     """
     values: dict[str, Any] = {}
     prefix = ""
@@ -145,12 +146,26 @@ def load(cls: type[C], path: str | None = None, section: str | None = None, over
         elif section is not None and _looks_sectioned(loaded, cls):
             loaded = {}
         values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values = _merged(values, overrides or {})
     try:
         return from_dict(cls, values, prefix)
     except ConfigError as exc:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{exc}") from None
+
+
+def _merged(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with ``overrides`` laid over them, nested mappings field by field, None skipped."""
+    merged = dict(values)
+    for name, value in overrides.items():
+        if isinstance(value, Mapping):
+            below = merged.get(name)
+            merged_below = _merged(below if isinstance(below, Mapping) else {}, value)
+            if merged_below:
+                merged[name] = merged_below
+        elif value is not None:
+            merged[name] = value
+    return merged
 
 
 def _looks_sectioned(loaded: Mapping[str, Any], cls: type) -> bool:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import training_config
+
 # Prefect reads its settings at import time: point it at a throwaway home first.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="ldmflow-tests-"))
 os.environ["LDMFLOW_HOME"] = str(_SESSION_HOME / "state")
@@ -151,11 +153,11 @@ def digits_model(ray_local, digits16, tmp_path_factory):
     from ldmflow.training.stage_configs import DiffusionConfig
     from ldmflow.training.train import train
 
-    ae = autoencoder.train(digits16, stage_configs.AutoencoderConfig(
+    ae = autoencoder.train(digits16, training_config(stage_configs.AutoencoderConfig, 
         steps=80, batch_size=32, workers=0, lr=2e-3, warmup_steps=5, checkpoint_every=80, log_every=20,
         scale_samples=128, model_name="test-digits-autoencoder", experiment="test-digits"), progress=False)
     latents = str(tmp_path_factory.mktemp("digits-model") / "latents")
     precompute_flow(digits16, latents, ae.model_uri, PrecomputeConfig(actors=1), progress=False)
-    return train(latents, DiffusionConfig(
+    return train(latents, training_config(DiffusionConfig, 
         steps=300, batch_size=32, workers=0, lr=2e-3, warmup_steps=20, checkpoint_every=300, log_every=50,
         sample_steps=10, shuffle_buffer=100, experiment="test-digits", model_name="test-digits"), progress=False)

@@ -10,6 +10,24 @@ import numpy as np
 from PIL import Image
 
 
+def training_config(cls, **fields):
+    """A training stage's config (``DiffusionConfig``, ``AutoencoderConfig``) from flat fields,
+    those of its ``ray_train:`` section (workers, checkpoint cadence, loader…) put there."""
+    import dataclasses
+
+    from ldmflow.training.stage_configs import RayTrainConfig
+
+    ray_train = {f.name: fields.pop(f.name) for f in dataclasses.fields(RayTrainConfig) if f.name in fields}
+    return cls(**fields, ray_train=RayTrainConfig(**ray_train))
+
+
+def with_ray_train(config, **fields):
+    """``config`` with fields of its ``ray_train:`` section changed."""
+    import dataclasses
+
+    return dataclasses.replace(config, ray_train=dataclasses.replace(config.ray_train, **fields))
+
+
 def pattern(width: int, height: int, seed: int = 0) -> np.ndarray:
     """A deterministic RGB test pattern with distinct quadrants (orientation is visible)."""
     rng = np.random.default_rng(seed)

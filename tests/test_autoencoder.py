@@ -9,6 +9,7 @@ from ldmflow.data import image_shards, shard_stream
 from ldmflow.model import autoencoders
 from ldmflow.registry import models, tracking
 from ldmflow.training import autoencoder, autoencoder_loop, stage_configs
+from tests.helpers import training_config
 
 
 def held_out_l1(vae, urls, config) -> float:
@@ -16,7 +17,7 @@ def held_out_l1(vae, urls, config) -> float:
 
 
 def test_train_two_workers_register_and_reload(ray_local, digits16):
-    config = stage_configs.AutoencoderConfig(steps=40, batch_size=16, workers=2, lr=2e-3, warmup_steps=5,
+    config = training_config(stage_configs.AutoencoderConfig, steps=40, batch_size=16, workers=2, lr=2e-3, warmup_steps=5,
                                            checkpoint_every=20, log_every=10, held_out=0.1, scale_samples=128,
                                            disc_weight=0.05, disc_start=30,  # the PatchGAN joins for the last steps
                                            model_name="test-autoencoder", experiment="test-autoencoder")

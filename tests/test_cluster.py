@@ -305,7 +305,7 @@ def test_training_survives_the_loss_of_a_worker_node(stack, pipeline_run):
     # What it cost (docs/operations.md): the steps trained again, at most one checkpoint
     # interval (the run went back to its newest recorded checkpoint, not to an older one or
     # the start), and the time from the kill to training again.
-    every = yaml.safe_load(CONFIG.read_text())["train"]["checkpoint_every"]
+    every = yaml.safe_load(CONFIG.read_text())["train"]["ray_train"]["checkpoint_every"]
     first = min(resumed, key=lambda m: m.timestamp)
     before = [m.step for m in losses if m.timestamp < first.timestamp]
     redone = max(0, max(before, default=0) - int(first.value))

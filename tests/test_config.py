@@ -23,6 +23,28 @@ def test_yaml_section_then_overrides(tmp_path):
     assert (config.resolution, config.format, config.workers) == (32, "jpg", ShardConfig().workers)
 
 
+def test_a_flag_overrides_one_field_of_a_nested_section_and_keeps_the_files_others(tmp_path):
+    """``--workers`` sets ``train.ray_train.workers``; the file's other Ray Train fields stay,
+    an unset flag changes nothing, and a refused value is blamed on its flag."""
+    import typer
+
+    from ldmflow.flows.cli_options import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 3\n  ray_train:\n    workers: 4\n    checkpoint_every: 7\n")
+    config = configs.load(DiffusionConfig, str(path), section="train", overrides={"ray_train": {"workers": 1}})
+    assert (config.steps, config.ray_train.workers, config.ray_train.checkpoint_every) == (3, 1, 7)
+    kept = configs.load(DiffusionConfig, str(path), section="train", overrides={"ray_train": {"workers": None}})
+    assert kept.ray_train.workers == 4
+    with pytest.raises(typer.BadParameter) as refused:
+        load_config(DiffusionConfig, str(path), "train", {"steps": None, "ray_train": {"workers": -1}})
+    assert refused.value.param_hint == "--workers" and "ray_train.workers" in str(refused.value)
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  workers: 4\n")
+    with pytest.raises(configs.ConfigError, match="train.workers: unknown field"):
+        configs.load(DiffusionConfig, str(old), section="train")
+
+
 def test_flat_file_and_file_without_this_section(tmp_path):
     flat = tmp_path / "flat.yaml"
     flat.write_text("shard_size: 7\n")
@@ -110,11 +132,15 @@ def test_shipped_configs_load_every_section_as_written(path):
 
 def test_identity_leaves_out_execution_fields_and_keys_follow_it():
     base = DiffusionConfig()
-    executed = dataclasses.replace(base, log_every=1, checkpoint_every=7, experiment="elsewhere", max_failures=0)
+    executed = dataclasses.replace(base, experiment="elsewhere", ray_train=dataclasses.replace(
+        base.ray_train, log_every=1, checkpoint_every=7, max_failures=0, workers=5, loader_workers=3))
     assert configs.identity(executed) == configs.identity(base)
     assert configs.key(executed, latents="x") == configs.key(base, latents="x")
     assert configs.run_name("diffusion", executed, latents="x") == configs.run_name("diffusion", base, latents="x")
-    assert "log_every" not in configs.identity(base) and "steps" in configs.identity(base)
+    assert "log_every" not in configs.identity(base)["ray_train"] and "steps" in configs.identity(base)
+    assert configs.identity(base)["ray_train"]["shuffle_buffer"] == base.ray_train.shuffle_buffer  # nested identity
+    reshuffled = dataclasses.replace(base, ray_train=dataclasses.replace(base.ray_train, shuffle_buffer=7))
+    assert configs.key(reshuffled, latents="x") != configs.key(base, latents="x")
     changed = dataclasses.replace(base, steps=base.steps + 1)
     assert configs.key(changed, latents="x") != configs.key(base, latents="x")
     assert configs.key(base, latents="x") != configs.key(base, latents="y")

@@ -14,6 +14,7 @@ from ldmflow.model import model_format
 from ldmflow.registry import models, tracking
 from ldmflow.training.stage_configs import DiffusionConfig
 from ldmflow.training.train import train
+from tests.helpers import training_config
 
 # One setting for the fine-tuned and the from-scratch runs; only init_from and steps differ. In Ray
 # Train's local mode: what is tested is where a run starts, not how it is distributed.
@@ -29,9 +30,9 @@ def digits_latents(digits_model) -> str:
 
 
 def test_fine_tuning_reaches_in_n_steps_what_scratch_does_not_in_3n(digits_model, digits_latents, tmp_path):
-    tuned = train(digits_latents, DiffusionConfig(**RUN, steps=N, checkpoint_every=N, init_from=digits_model.model_uri),
+    tuned = train(digits_latents, training_config(DiffusionConfig, **RUN, steps=N, checkpoint_every=N, init_from=digits_model.model_uri),
                   storage_path=str(tmp_path / "tuned"), progress=False)
-    scratch = train(digits_latents, DiffusionConfig(**RUN, steps=3 * N, checkpoint_every=3 * N),
+    scratch = train(digits_latents, training_config(DiffusionConfig, **RUN, steps=3 * N, checkpoint_every=3 * N),
                     storage_path=str(tmp_path / "scratch"), progress=False)
     # Class accuracy of each model's grid (8 samples a class) by the digits' domain classifier.
     accuracies = {"parent": digits_model.metrics["class_accuracy"], "tuned": tuned.metrics["class_accuracy"],
@@ -52,7 +53,7 @@ def test_lora_trains_adapters_and_registers_a_merged_plain_unet(digits_model, di
 
     from ldmflow.model.sampler import Sampler
 
-    tuned = train(digits_latents, DiffusionConfig(**RUN, steps=N, checkpoint_every=N, init_from=digits_model.model_uri,
+    tuned = train(digits_latents, training_config(DiffusionConfig, **RUN, steps=N, checkpoint_every=N, init_from=digits_model.model_uri,
                                                   lora_rank=4, sample_every=N),
                   storage_path=str(tmp_path / "lora"), progress=False)
     parent, _, _ = model_format.load_parts(digits_model.folder)
@@ -71,10 +72,10 @@ def test_lora_trains_adapters_and_registers_a_merged_plain_unet(digits_model, di
 
 def test_init_from_refuses_another_autoencoder_or_conditioning(digits_model, digits_latents, latent_other_autoencoder):
     with pytest.raises(InputError, match="its conditioning is 'class', this run's 'none'"):
-        train(digits_latents, DiffusionConfig(**RUN, steps=1, conditioning="none", init_from=digits_model.model_uri),
+        train(digits_latents, training_config(DiffusionConfig, **RUN, steps=1, conditioning="none", init_from=digits_model.model_uri),
               progress=False)
     with pytest.raises(latent_shards.LineageError, match="another autoencoder"):
-        train(latent_other_autoencoder, DiffusionConfig(**RUN, steps=1, init_from=digits_model.model_uri),
+        train(latent_other_autoencoder, training_config(DiffusionConfig, **RUN, steps=1, init_from=digits_model.model_uri),
               progress=False)
 
 

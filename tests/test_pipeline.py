@@ -16,11 +16,12 @@ CLI = [sys.executable, "-m", "ldmflow.flows.cli"]
 
 CONFIG = """\
 shard: {{resolution: 16, shard_size: 100, limit: 300}}
-autoencoder: {{steps: 30, batch_size: 32, workers: 0, checkpoint_every: 30, log_every: 10, scale_samples: 64,
+autoencoder: {{steps: 30, batch_size: 32, ray_train: {{workers: 0, checkpoint_every: 30, log_every: 10}}, scale_samples: 64,
               model_name: pipe-autoencoder, experiment: pipe}}
 precompute: {{actors: 1}}
-train: {{steps: 60, batch_size: 32, workers: 1, checkpoint_every: 20, log_every: 10, sample_steps: 5,
-        shuffle_buffer: 50, experiment: pipe, model_name: pipe-model, checkpoint_storage: "{bucket}/checkpoints"}}
+train: {{steps: 60, batch_size: 32, sample_steps: 5, experiment: pipe, model_name: pipe-model,
+        ray_train: {{workers: 1, checkpoint_every: 20, log_every: 10, shuffle_buffer: 50,
+                    checkpoint_storage: "{bucket}/checkpoints"}}}}
 evaluate: {{num_samples: 30, reference_samples: 100, steps: 5, kid_subset_size: 20, kid_subsets: 5}}
 pipeline: {{name: pipe, storage: "{bucket}/datasets"}}
 """
@@ -97,7 +98,8 @@ def test_pipeline_on_s3_resumes_training_after_a_kill_then_skips_every_stage(buc
     #    evaluation's batching): every stage is skipped, nothing restarts.
     executed = CONFIG.replace("limit: 300}", "limit: 300, workers: 1}").replace("log_every: 10,", "log_every: 5,") \
         .replace("precompute: {{actors: 1}}", "precompute: {{actors: 2, batch_size: 16}}") \
-        .replace("checkpoint_every: 20,", "checkpoint_every: 50,").replace("kid_subsets: 5}", "kid_subsets: 5, batch_size: 7}")
+        .replace("checkpoint_every: 20,", "checkpoint_every: 50,").replace("kid_subsets: 5}", "kid_subsets: 5, batch_size: 7}") \
+        .replace("{{workers: 1,", "{{workers: 2, loader_workers: 0,")
     assert executed != CONFIG
     config.write_text(executed.format(bucket=bucket))
     third = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -14,12 +14,13 @@ from ldmflow.registry import models, tracking
 from ldmflow.training import evaluation
 from ldmflow.training.stage_configs import DiffusionConfig
 from ldmflow.training.train import train
+from tests.helpers import training_config
 
 
 def test_text_model_follows_seen_and_unseen_phrasings(digits_model, tmp_path):
     # The session's digits latents: their captions are the built-in phrasings, embedded by precompute.
     latents = model_format.read_info(digits_model.folder).lineage["latents"]
-    trained = train(latents, DiffusionConfig(
+    trained = train(latents, training_config(DiffusionConfig, 
         conditioning="text", steps=600, batch_size=32, workers=0, lr=2e-3, warmup_steps=20, checkpoint_every=600,
         sample_every=300, log_every=50, sample_steps=10, shuffle_buffer=100, experiment="test-text",
         model_name="test-digits-text"), progress=False)

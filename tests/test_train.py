@@ -20,6 +20,7 @@ from ldmflow.training.diffusion_loop import NonFiniteLoss, denoising_loss
 from ldmflow.training.loop import EmptyEpoch
 from ldmflow.training.stage_configs import DiffusionConfig
 from ldmflow.training.train import train
+from tests.helpers import training_config, with_ray_train
 
 TINY = dict(steps=200, batch_size=16, lr=1e-3, warmup_steps=10, checkpoint_every=20, log_every=1, sample_steps=5,
             shuffle_buffer=50)
@@ -81,7 +82,7 @@ def _one_step(loop_config):
     import ray.train.torch
     from safetensors.torch import save_file
 
-    config = DiffusionConfig(**loop_config["config"])
+    config = training_config(DiffusionConfig, **loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(0)
@@ -204,13 +205,13 @@ def assert_resumed_exactly(recovered, unbroken, rel: float = 1e-5, abs: float = 
 @pytest.fixture(scope="module")
 def unbroken_ddp(latent_set, tmp_path_factory):
     dest, _ = latent_set
-    return train(dest, DiffusionConfig(**KILL_RUN, experiment="unbroken"),
+    return train(dest, training_config(DiffusionConfig, **KILL_RUN, experiment="unbroken"),
                  storage_path=str(tmp_path_factory.mktemp("unbroken-ddp")), progress=False)
 
 
 def test_killed_worker_is_replaced_and_resumes_exactly(latent_set, unbroken_ddp, tmp_path):
     dest, _ = latent_set
-    recovered = train_killing_a_worker(dest, DiffusionConfig(**KILL_RUN, experiment="killed"), tmp_path / "b")
+    recovered = train_killing_a_worker(dest, training_config(DiffusionConfig, **KILL_RUN, experiment="killed"), tmp_path / "b")
     assert_resumed_exactly(recovered, unbroken_ddp)
 
 
@@ -220,7 +221,7 @@ def test_fsdp_trains_as_ddp_and_resumes_exactly_from_sharded_checkpoints(latent_
     reduced in another order: a resume that lost the data position, an RNG state or the
     optimizer's state would be off by far more)."""
     dest, _ = latent_set
-    recovered = train_killing_a_worker(dest, DiffusionConfig(**KILL_RUN, parallel="fsdp", experiment="fsdp-killed"),
+    recovered = train_killing_a_worker(dest, training_config(DiffusionConfig, **KILL_RUN, parallel="fsdp", experiment="fsdp-killed"),
                                        tmp_path / "b")
     assert_resumed_exactly(recovered, unbroken_ddp, rel=1e-3, abs=1e-5)
     saved = [folder for folder in (tmp_path / "b").glob("*/checkpoint_*") if folder.is_dir()]
@@ -234,13 +235,11 @@ def test_a_run_checkpointed_on_two_ranks_resumes_on_one_at_its_step(latent_set, 
     """Elastic: a 2-worker run stopped after a checkpoint (a worker killed, no failure
     allowed) is the same job on 1 worker: found by its name, resumed at its step, the
     interrupted epoch's unread latents dealt to the one rank (each read once: test_loader)."""
-    from dataclasses import replace
-
     dest, _ = latent_set
-    config = DiffusionConfig(**KILL_RUN, max_failures=0, experiment="elastic")
+    config = training_config(DiffusionConfig, **KILL_RUN, max_failures=0, experiment="elastic")
     with pytest.raises(Exception, match="(?i)fail|died|exit"):
         train_killing_a_worker(dest, config, tmp_path / "b")
-    resumed = train(dest, replace(config, workers=1), storage_path=str(tmp_path / "b"), progress=False)
+    resumed = train(dest, with_ray_train(config, workers=1), storage_path=str(tmp_path / "b"), progress=False)
     client = tracking.client()
     runs = client.search_runs([client.get_run(resumed.run_id).info.experiment_id])
     assert {run.info.run_name for run in runs} == {client.get_run(resumed.run_id).info.run_name}  # one job
@@ -254,7 +253,7 @@ def test_lineage_guard_refuses_another_autoencoder(latent_set, tmp_path):
     dest, _ = latent_set
     save_tiny_autoencoder(tmp_path / "other", seed=1)
     with pytest.raises(latent_shards.LineageError, match="not by the configured one"):
-        train(dest, DiffusionConfig(**TINY, autoencoder=str(tmp_path / "other")), progress=False)
+        train(dest, training_config(DiffusionConfig, **TINY, autoencoder=str(tmp_path / "other")), progress=False)
 
 
 def poisoned_copy(dest: str, target: Path, names: list[str]) -> Path:
@@ -279,7 +278,7 @@ def local_checkpoints() -> set[Path]:
 def test_non_finite_losses_are_skipped_and_counted(latent_set, tmp_path):
     dest, _ = latent_set
     poisoned = poisoned_copy(dest, tmp_path / "poisoned", ["shard-000000.tar"])
-    config = DiffusionConfig(**{**TINY, "steps": 20}, workers=0, grad_accum=2, max_bad_steps=50, sample_every=10,
+    config = training_config(DiffusionConfig, **{**TINY, "steps": 20}, workers=0, grad_accum=2, max_bad_steps=50, sample_every=10,
                              experiment="nan")
     before = local_checkpoints()
     trained = train(str(poisoned), config, storage_path=str(tmp_path / "ray"), progress=False)
@@ -300,7 +299,7 @@ def test_too_many_non_finite_losses_stop_instead_of_corrupting(latent_set, tmp_p
     test_killed_worker_is_replaced_and_resumes_exactly.)"""
     dest, _ = latent_set
     poisoned = poisoned_copy(dest, tmp_path / "all-nan", [f"shard-{i:06d}.tar" for i in range(8)])
-    config = DiffusionConfig(**{**TINY, "steps": 10}, workers=0, max_bad_steps=2, experiment="all-nan")
+    config = training_config(DiffusionConfig, **{**TINY, "steps": 10}, workers=0, max_bad_steps=2, experiment="all-nan")
     before = local_checkpoints()
     with pytest.raises(NonFiniteLoss, match="2 consecutive non-finite losses at step 0"):
         train(str(poisoned), config, progress=False)
@@ -315,6 +314,6 @@ def test_unreadable_latent_set_fails_instead_of_spinning(latent_set, tmp_path):
     shutil.copytree(dest, broken)
     for shard in broken.glob("shard-*.tar"):
         shard.unlink()
-    config = DiffusionConfig(**{**TINY, "steps": 5}, workers=0, experiment="gone")
+    config = training_config(DiffusionConfig, **{**TINY, "steps": 5}, workers=0, experiment="gone")
     with pytest.raises(EmptyEpoch, match="read no batch in epoch 0"):
         train(str(broken), config, progress=False)

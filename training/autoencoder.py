@@ -76,9 +76,7 @@ def train(dataset: str, config: AutoencoderConfig, *, storage_path: str | None =
     loop_config = {"config": configs.to_dict(config), "shard_urls": urls, "resolution": resolution,
                    "shard_counts": [shard.num_samples for shard in manifest.shards],
                    "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
-    with launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
-                    max_failures=config.max_failures,
-                    storage_url=storage_path or config.checkpoint_storage or None, run_id=run_id,
+    with launch.fit(train_worker, loop_config, config.ray_train, name=name, storage_url=storage_path, run_id=run_id,
                     label="autoencoder", progress=progress) as checkpoint:
         vae = autoencoders.build(config.preset, resolution)
         checkpoints.load_weights(checkpoint, "vae", vae)

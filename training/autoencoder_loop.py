@@ -78,7 +78,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     worker = loop.start(AutoencoderConfig, loop_config)
     config, rank, world, device = worker.config, worker.rank, worker.world, worker.device
-    autocast = precision.autocast(config.mixed_precision, device)
+    run = config.ray_train
+    autocast = precision.autocast(run.mixed_precision, device)
     torch.manual_seed(config.seed)
 
     vae = autoencoders.build(config.preset, loop_config["resolution"])
@@ -105,14 +106,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         loop_config["shard_urls"],
         rank=rank,
         world_size=world,
-        shuffle_buffer=config.shuffle_buffer,
+        shuffle_buffer=run.shuffle_buffer,
         seed=config.seed,
         keep=lambda key: not shard_stream.is_held_out(key, config.held_out),
         counts=loop_config.get("shard_counts"),
     )
-    batched, loader = loop.loader(stream, config.batch_size, shard_stream.collate, workers=config.loader_workers,
-                                  prefetch=config.prefetch_batches)
-    data_start = loop.rank_start(stream, state["data"], max(1, config.loader_workers)) if state is not None else None
+    batched, loader = loop.loader(stream, config.batch_size, shard_stream.collate, workers=run.loader_workers,
+                                  prefetch=run.prefetch_batches)
+    data_start = loop.rank_start(stream, state["data"], max(1, run.loader_workers)) if state is not None else None
     tracker = runs.RankZeroTracker(loop_config.get("run_id"), loop_config.get("tracking_uri"), rank)
     pixels = 3 * loop_config["resolution"] ** 2
     window: list[float] = []
@@ -134,7 +135,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         seen += x.shape[0]
         window.append(rec.item())
         metrics = {"step": step, "rec_loss": float(np.mean(window))}
-        if step % config.log_every == 0 or step == config.steps:
+        if step % run.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - started
             tracker.log(step, rec_loss=metrics["rec_loss"], loss=loss.item(), lr=lr,
                         images_per_s=seen * world / max(elapsed, 1e-9), data_wait_fraction=wait.fraction(),
@@ -142,7 +143,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             window.clear()
             started, seen = time.perf_counter(), 0
             wait.restart()
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if step % run.checkpoint_every == 0 or step == config.steps:
             state = {"step": step, "data": _gather(read, world), "config": loop_config["config"]}
             loop.report(metrics, rank, lambda folder: checkpoints.save(folder, modules=modules, optimizers=optimizers,
                                                                        state=state))

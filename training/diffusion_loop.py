@@ -204,7 +204,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     worker = loop.start(DiffusionConfig, loop_config)
     config, rank, world, device = worker.config, worker.rank, worker.world, worker.device
-    autocast = precision.enabled(config.mixed_precision, device)
+    run = config.ray_train
+    autocast = precision.enabled(run.mixed_precision, device)
     num_classes = len(loop_config["class_names"] or ())
     scale_factor = float(loop_config["scale_factor"])
     training = build_training(config, loop_config, rank, world, device)
@@ -213,11 +214,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     scheduler = schedules.training_scheduler(config.noise)
     embed = caption_embeddings(config, loop_config.get("stored_text", False), device)
     stream = shard_stream.ShardStream(loop_config["shard_urls"], rank=rank, world_size=world,
-                                      shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+                                      shuffle_buffer=run.shuffle_buffer, seed=config.seed,
                                       decode=latent_shards.decode_latent, counts=loop_config.get("shard_counts"))
-    batched, loader = loop.loader(stream, config.batch_size, collate_latents, workers=config.loader_workers,
-                                  prefetch=config.prefetch_batches)
-    data_start = loop.rank_start(stream, saved_data, max(1, config.loader_workers)) if saved_data else None
+    batched, loader = loop.loader(stream, config.batch_size, collate_latents, workers=run.loader_workers,
+                                  prefetch=run.prefetch_batches)
+    data_start = loop.rank_start(stream, saved_data, max(1, run.loader_workers)) if saved_data else None
     tracker = GridTracker(loop_config, rank)
     if saved_data is not None and position["step"]:
         tracker.log(position["step"], resumed_from_step=position["step"])  # a restart, visible in MLflow
@@ -258,7 +259,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         training.lr_schedule.step()
         diffusion.ema_update(ema_targets, ema_sources, step, config.ema_decay, config.ema_warmup)
         step += 1
-        if step % config.log_every == 0 or step == config.steps:
+        if step % run.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - window_started
             tracker.log(step, loss=loss.item(), lr=training.lr_schedule.get_last_lr()[0], grad_norm=float(grad_norm),
                         latents_per_s=window_samples / max(elapsed, 1e-9), data_wait_fraction=wait.fraction())
@@ -266,7 +267,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             wait.restart()
         if config.sample_every and step % config.sample_every == 0:
             tracker.log_grid(step, parallel.cpu_copy(training.ema, rank, training.build), config, scale_factor)
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if step % run.checkpoint_every == 0 or step == config.steps:
             _report_checkpoint(step, read, skipped, loss.item(), rank, world, training, loop_config["config"])
             tracker.log(step, checkpoint=step)
     tracker.wait()  # the last grid is in MLflow when the run ends

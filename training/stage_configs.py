@@ -1,5 +1,6 @@
 """The training stages' configs, each one frozen dataclass (:func:`ldmflow.configs.stage_config`):
-the autoencoder's (section ``autoencoder:``) and the diffusion model's (section ``train:``).
+the autoencoder's (section ``autoencoder:``) and the diffusion model's (section ``train:``),
+and the Ray Train section both hold (``ray_train:``).
 
 Read by the drivers (:mod:`ldmflow.training.autoencoder`, :mod:`ldmflow.training.train`), by
 their Ray Train worker loops, which rebuild them from JSON, and by the command line; this
@@ -18,6 +19,35 @@ from ldmflow.model import autoencoders, model_format, precision, schedules
 
 
 @configs.stage_config
+class RayTrainConfig:
+    """How Ray Train runs a training stage's loop (section ``ray_train:`` of ``autoencoder:`` and
+    ``train:``, the same fields for both): its workers and devices, its checkpoints and
+    recovery, its metric cadence, and how each rank reads its shards."""
+
+    workers: Annotated[int, Field(ge=0, description=(
+        "Ray Train workers (data-parallel ranks; the global batch is `workers × batch_size`); 0: Ray Train's local "
+        "mode, the loop in this process (no worker actors to start, no recovery). A run resumes on another number, "
+        "at its step, with the interrupted epoch's unread samples dealt anew"))] = configs.execution(2)
+    use_gpu: Annotated[Literal["auto", "true", "false"], Field(
+        description="a GPU per worker: `auto` (where the cluster has them), `true` or `false`")] = "auto"
+    mixed_precision: Annotated[precision.MixedPrecision, Field(
+        description="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
+    checkpoint_every: Annotated[int, Field(ge=1, description="steps between checkpoints")] = configs.execution(100)
+    checkpoint_storage: Annotated[str, Field(
+        description="folder or s3:// prefix for Ray Train checkpoints (on a multi-node cluster, one every node "
+                    "reaches); empty: the state folder")] = configs.execution("")
+    max_failures: Annotated[int, Field(
+        ge=0, description="worker failures Ray Train recovers from")] = configs.execution(3)
+    log_every: Annotated[int, Field(ge=1, description="steps between MLflow metric points")] = configs.execution(10)
+    shuffle_buffer: Annotated[int, Field(ge=0, description="samples in each reader's shuffle buffer")] = 1000
+    loader_workers: Annotated[int, Field(
+        ge=0, description="DataLoader worker processes per rank, each reading its share of the rank's shards "
+                          "ahead of the step; 0: read between steps in the training process")] = configs.execution(1)
+    prefetch_batches: Annotated[int, Field(
+        ge=1, description="batches each loader worker keeps ready")] = configs.execution(4)
+
+
+@configs.stage_config
 class AutoencoderConfig:
     """The autoencoder stage: train ``AutoencoderKL`` under Ray Train, measure its latent scale
     factor, register it."""
@@ -32,30 +62,13 @@ class AutoencoderConfig:
     disc_weight: Annotated[float, Field(
         ge=0, description="weight of the adversarial term; 0 disables the discriminator")] = 0.0
     disc_start: Annotated[int, Field(ge=0, description="step at which the discriminator starts")] = 200
-    workers: Annotated[int, Field(ge=0, description=(
-        "Ray Train workers (DDP ranks); 0: Ray Train's local mode, the loop in this process (no worker actors to "
-        "start, no recovery). A run resumes on another number, at its step, with the interrupted epoch's unread "
-        "images dealt anew"))] = configs.execution(2)
-    use_gpu: Annotated[Literal["auto", "true", "false"], Field(description="`auto`, `true` or `false`")] = "auto"
-    mixed_precision: Annotated[precision.MixedPrecision, Field(
-        description="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
+    ray_train: Annotated[RayTrainConfig, Field(
+        description="how Ray Train runs the loop: workers, checkpoints, data loading (table below)")] = field(
+        default_factory=RayTrainConfig)
     seed: Annotated[int, Field(description="initialisation, shuffling and the held-out split")] = 0
     held_out: Annotated[float, Field(
         ge=0, lt=1, description="fraction of samples kept out of training for evaluation")] = 0.05
-    checkpoint_every: Annotated[int, Field(ge=1, description="steps between checkpoints")] = configs.execution(100)
-    checkpoint_storage: Annotated[str, Field(
-        description="folder or s3:// prefix for Ray Train checkpoints (on a multi-node cluster, one every node "
-                    "reaches); empty: the state folder")] = configs.execution("")
-    log_every: Annotated[int, Field(ge=1, description="steps between MLflow metric points")] = configs.execution(10)
-    max_failures: Annotated[int, Field(
-        ge=0, description="worker failures Ray Train recovers from")] = configs.execution(2)
     scale_samples: Annotated[int, Field(ge=1, description="training images used to measure the scale factor")] = 512
-    shuffle_buffer: Annotated[int, Field(ge=0, description="samples in each reader's shuffle buffer")] = 500
-    loader_workers: Annotated[int, Field(
-        ge=0, description="DataLoader worker processes per rank, each reading its share of the rank's shards "
-                          "ahead of the step; 0: read between steps in the training process")] = configs.execution(1)
-    prefetch_batches: Annotated[int, Field(
-        ge=1, description="batches each loader worker keeps ready")] = configs.execution(4)
     experiment: Annotated[str, Field(description="MLflow experiment")] = configs.execution("ldmflow-autoencoder")
     model_name: Annotated[str, Field(description="registered model name")] = "ldmflow-autoencoder"
 
@@ -93,34 +106,17 @@ class DiffusionConfig:
     ema_decay: Annotated[float, Field(ge=0, le=1, description="largest EMA decay")] = 0.999
     ema_warmup: Annotated[int, Field(
         ge=1, description="EMA decay is min(`ema_decay`, (1 + n) / (`ema_warmup` + n))")] = 10
-    mixed_precision: Annotated[precision.MixedPrecision, Field(
-        description="`auto` (bf16 autocast on GPU, fp32 on CPU), `bf16` or `no`")] = "auto"
-    workers: Annotated[int, Field(ge=0, description=(
-        "Ray Train workers (data-parallel ranks; the global batch is `workers × batch_size`); 0: Ray Train's local "
-        "mode, the loop in this process (no worker actors to start, no recovery). A run resumes on another number, "
-        "at its step, with the interrupted epoch's unread latents dealt anew"))] = configs.execution(2)
     parallel: Annotated[Literal["ddp", "fsdp"], Field(
-        description="`ddp` (every rank holds the whole UNet) or `fsdp` (each holds 1/`workers` of its weights, "
+        description="`ddp` (every rank holds the whole UNet) or `fsdp` (each holds 1/`ray_train.workers` of its weights, "
                     "gradients and optimizer state); a run resumes from either kind of checkpoint")] = configs.execution("ddp")
-    use_gpu: Annotated[Literal["auto", "true", "false"], Field(description="`auto`, `true` or `false`")] = "auto"
+    ray_train: Annotated[RayTrainConfig, Field(
+        description="how Ray Train runs the loop: workers, checkpoints, data loading (table below)")] = field(
+        default_factory=RayTrainConfig)
     seed: Annotated[int, Field(description="weights, data order and noise")] = 0
-    checkpoint_every: Annotated[int, Field(ge=1, description="steps between checkpoints")] = configs.execution(500)
-    checkpoint_storage: Annotated[str, Field(
-        description="folder or s3:// prefix for Ray Train checkpoints (on a multi-node cluster, one every node "
-                    "reaches); empty: the state folder")] = configs.execution("")
-    log_every: Annotated[int, Field(ge=1, description="steps between MLflow metric points")] = configs.execution(25)
     sample_every: Annotated[int, Field(
         ge=0, description="steps between sample grids; 0: only at the end")] = configs.execution(0)
-    max_failures: Annotated[int, Field(
-        ge=0, description="worker failures Ray Train recovers from")] = configs.execution(3)
     max_bad_steps: Annotated[int, Field(
         ge=1, description="consecutive non-finite losses before restoring the last checkpoint")] = configs.execution(5)
-    shuffle_buffer: Annotated[int, Field(ge=0, description="latents in each reader's shuffle buffer")] = 1000
-    loader_workers: Annotated[int, Field(
-        ge=0, description="DataLoader worker processes per rank, each reading its share of the rank's shards "
-                          "ahead of the step; 0: read between steps in the training process")] = configs.execution(1)
-    prefetch_batches: Annotated[int, Field(
-        ge=1, description="batches each loader worker keeps ready")] = configs.execution(4)
     autoencoder: Annotated[str, Field(
         description="autoencoder URI; empty: the one the latent manifest names")] = configs.execution("")
     sampler: Annotated[Literal["ddpm", "ddim", "dpm++"], Field(

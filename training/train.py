@@ -78,8 +78,8 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
 
         autoencoder_files = ray.put({p.name: p.read_bytes() for p in Path(vae_folder).iterdir() if p.is_file()})
     urls = latent_shards.shard_urls(latents_url, manifest)
-    if len(urls) < config.workers:
-        print(f"train: {len(urls)} latent shards for {config.workers} workers: splitting by sample instead of by shard")
+    if len(urls) < config.ray_train.workers:
+        print(f"train: {len(urls)} latent shards for {config.ray_train.workers} workers: splitting by sample instead of by shard")
     prompts = grid_prompts(urls) if config.conditioning == "text" else None
     loop_config = {
         "config": configs.to_dict(config), "shard_urls": urls, "latent_shape": list(manifest.latent_shape),
@@ -88,9 +88,8 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         "prompts": prompts, "stored_text": stored_text, "shard_counts": [shard.num_samples for shard in manifest.shards],
         "init_weights": parent.weights() if parent else None,
     }
-    with launch.fit(train_worker, loop_config, name=name, workers=config.workers, use_gpu=config.use_gpu,
-                    max_failures=config.max_failures, storage_url=storage_path or config.checkpoint_storage or None,
-                    run_id=run_id, label="train", progress=progress) as checkpoint:
+    with launch.fit(train_worker, loop_config, config.ray_train, name=name, storage_url=storage_path, run_id=run_id,
+                    label="train", progress=progress) as checkpoint:
         num_classes = len(manifest.class_names or ())
         ema = unets.build(config.preset, config.conditioning, tuple(manifest.latent_shape), num_classes,
                           lora_rank=config.lora_rank)
