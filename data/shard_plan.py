@@ -4,8 +4,9 @@
 its extension: an image and its sidecars share one). A folder or prefix of files is
 surveyed in one streamed listing (:func:`survey`) that keeps a count and a digest per range
 and never the names, so the driver holds O(shards); the task writing a chunk lists its own
-span. Tars and built-in sets are planned whole (:func:`plan_whole`), exact duplicates found
-across them. The :class:`Dealer` cuts a fresh output every ``shard_size`` inputs; a rerun
+span. A tar, or a folder of tars only, is a chunk per tar (:func:`tar_plan`) that its task
+streams. Built-in sets and folders mixing tars with other files are planned whole
+(:func:`plan_whole`), exact duplicates found across them. The :class:`Dealer` cuts a fresh output every ``shard_size`` inputs; a rerun
 deals into the *ranges* its previous manifest recorded.
 """
 
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from ldmflow import configs
-from ldmflow.data import builtin, image_shards, storage
+from ldmflow.data import builtin, image_shards, sources, storage
 from ldmflow.data.sharding import Chunk, Duplicate, Plan, ShardConfig, input_key, shard_number
 from ldmflow.data.sources import Listing, RawItem, is_metadata, is_sidecar, is_tar, list_source, scan, stem
 
@@ -145,33 +146,49 @@ def deal(items: Sequence[RawItem], shard_size: int, ranges: Sequence[tuple[str, 
 
 def plan(source: str, config: ShardConfig, previous: image_shards.ImageManifest | None = None) -> Plan:
     """Deal ``source`` into chunks: into ``previous``'s ranges when it was made with this
-    config. A folder or prefix of files is surveyed in one streamed listing (:func:`survey`);
-    tars and built-in sets are listed whole (:func:`plan_whole`)."""
+    config. A folder or prefix of files (or of tars only) is surveyed in one streamed listing
+    (:func:`survey`), and so is a tar; built-in sets, folders that mix tars with other files,
+    and runs with ``limit`` over tars are listed whole (:func:`plan_whole`)."""
     same_config = previous is not None and _identity_of(previous) == configs.identity(config)
     ranges = previous.ranges if same_config else ()
-    if not builtin.is_builtin(source) and not is_tar(source):
-        names = previous.class_names if same_config and not _numbered(previous.class_names) else None
-        surveyed = survey(source, config, ranges, names)
-        if surveyed is not None:
-            return surveyed
-    return plan_whole(source, config, ranges)
+    names = previous.class_names if same_config and not _numbered(previous.class_names) else None
+    if builtin.is_builtin(source) or (is_tar(source) and config.limit):
+        return plan_whole(source, config, ranges)
+    if is_tar(source):
+        try:
+            entry = storage.stat(source)
+        except storage.NotFound as exc:
+            raise sources.SourceError(f"{source}: no such tar") from exc
+        whole = hashlib.sha256(f"{source}\nlimit 0\n{storage.basename(source)} {entry.size} {entry.etag}\n".encode())
+        return tar_plan(source, [(storage.basename(source), entry)], whole.hexdigest(), config, ranges, names)
+    surveyed = survey(source, config, ranges, names)
+    return surveyed if surveyed is not None else plan_whole(source, config, ranges)
 
 
 def survey(source: str, config: ShardConfig, ranges: Sequence[tuple[str, str]] = (),
            class_names: tuple[str, ...] | None = None) -> Plan | None:
     """One streamed pass over the listing of a folder or prefix, dealing its names into
     ranges and keeping a digest of it all; the class folders (when every input is one folder
-    down) and the metadata files are the only other things kept. None when it holds tars,
-    which are planned whole."""
+    down) and the metadata files are the only other things kept. A folder of tars only is a
+    chunk per tar (:func:`tar_plan`); None when it mixes tars with other files, or holds tars
+    and a ``limit`` is set: those are planned whole."""
     dealer = Dealer(config.shard_size, ranges)
     whole = hashlib.sha256(f"{source}\nlimit {config.limit}\n".encode())
     metadata: list[storage.Entry] = []
     folders: set[str] | None = set()  # None once an input is not one folder down
-    taken = 0
+    tars: list[tuple[str, storage.Entry]] = []
+    taken = others = 0
     for entry in storage.list_prefix(source):
         rel = storage.relative_to(entry.url, source)
         if is_tar(rel):
+            if config.limit or others:
+                return None
+            tars.append((rel, entry))
+            whole.update(f"{rel} {entry.size} {entry.etag}\n".encode())
+            continue
+        if tars:
             return None
+        others += 1
         name = stem(rel)
         is_input = not is_sidecar(rel) and not is_metadata(rel)
         if is_input and config.limit and taken == config.limit:
@@ -189,12 +206,34 @@ def survey(source: str, config: ShardConfig, ranges: Sequence[tuple[str, str]] =
             else:
                 folders = None
         dealer.add(name, line, is_input)
+    if tars:
+        return tar_plan(source, tars, whole.hexdigest(), config, ranges, class_names)
     class_folders = bool(folders)
     if class_folders:
         class_names = tuple(sorted(folders))
     chunks = tuple(replace(chunk, metadata=_metadata_for(chunk, source, metadata)) for chunk in dealer.chunks())
     return Plan(source, chunks, input_key(whole.hexdigest(), config), class_names, spans=True,
                 class_folders=class_folders)
+
+
+def tar_plan(source: str, tars: Sequence[tuple[str, storage.Entry]], digest: str, config: ShardConfig,
+             ranges: Sequence[tuple[str, str]] = (), class_names: tuple[str, ...] | None = None) -> Plan:
+    """A source of tars (``tars``: each one's name in the source, and its entry): a chunk per
+    tar, which its task streams and writes as one shard. A tar keeps the shard it had in the
+    previous ``ranges``; a new one takes a number after the largest, and one no longer there
+    is dropped, so adding or changing a tar rewrites its own shard only."""
+    numbers = {start: shard_number(shard) for start, shard in ranges}
+    following = 1 + max(numbers.values(), default=-1)
+    dealt = []
+    for rel, entry in sorted(tars, key=lambda pair: pair[0]):
+        number = numbers.get(rel)
+        if number is None:
+            number, following = following, following + 1
+        listing = hashlib.sha256(f"{rel} {entry.size} {entry.etag}\n".encode()).hexdigest()
+        dealt.append((number, rel, listing, entry.url))
+    ends = [rel for _, rel, _, _ in dealt[1:]] + [""]
+    chunks = tuple(Chunk(number, rel, end, listing, tar=url) for (number, rel, listing, url), end in zip(dealt, ends))
+    return Plan(source, chunks, input_key(digest, config), class_names, spans=True)
 
 
 def _metadata_for(chunk: Chunk, source: str, metadata: Sequence[storage.Entry]) -> tuple[storage.Entry, ...]:

@@ -97,16 +97,19 @@ def completed_part(todo: Todo) -> Part | None:
 
 
 def write_chunk(todo: Todo, dest: str, config: ShardConfig) -> Part | Unnamed:
-    """Read one chunk (its items, or its span: listed, sidecars and metadata read, labels
-    numbered), fetch, validate, deduplicate and preprocess its inputs; write its shard, then
+    """Read one chunk (its items; its span: listed, sidecars and metadata read; or its tar,
+    streamed once; labels then numbered), fetch, validate, deduplicate and preprocess its inputs; write its shard, then
     its part record."""
     done = completed_part(todo)
     if done is not None:
         return replace(done, skipped=True)
     chunk, digest = todo.chunk, todo.digest
     items, rejects, labels = list(chunk.items), [], ()
-    if not chunk.items:
+    if chunk.tar:
+        raw, rejects = spans.read_tar(chunk.tar, chunk.start)
+    elif not chunk.items:
         raw, rejects = spans.read_span(todo.source, chunk.start, chunk.end, chunk.metadata, todo.class_folders)
+    if chunk.tar or not chunk.items:
         labels = spans.label_names(raw)
         items = spans.number_labels(raw, todo.class_names)
         if items is None:

@@ -7,8 +7,8 @@ as a task:
    sorted stems (a name without its extension: an image and its sidecars share one). A
    folder or prefix of files is surveyed in one streamed listing that keeps a count and a
    digest per range and never the names, so the driver holds O(shards); the task writing a
-   chunk lists its own span. Tars and built-in sets are planned whole, exact duplicates
-   found across them. A fresh output is cut every ``shard_size`` inputs; a rerun deals into
+   chunk lists its own span; a tar, or a folder of tars only, is a chunk per tar that its
+   task streams. Built-in sets are planned whole, exact duplicates found across them. A fresh output is cut every ``shard_size`` inputs; a rerun deals into
    the *ranges* its previous manifest recorded, so an input added or removed changes the
    one chunk whose range holds it. A range grown past twice ``shard_size`` is split, the
    new pieces taking new shard numbers; an emptied one is dropped.
@@ -88,14 +88,16 @@ class Duplicate:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One shard to write: a range of the source's stems, as dealt by :class:`Dealer`."""
+    """One shard to write: a range of the source's stems (as dealt by
+    :class:`~ldmflow.data.shard_plan.Dealer`), or one tar of a source of tars."""
 
     index: int  # its shard's number
-    start: str  # the first stem of its range; "" for the first chunk
+    start: str  # the first stem of its range ("" for the first chunk); a tar's name in the source
     end: str = ""  # the next chunk's start: the range is [start, end), "" for no end
-    listing: str = ""  # digest of the names, sizes and version tags dealt into the range
-    items: tuple[RawItem, ...] = ()  # given by the plan (tars, built-ins); else the task reads its span
+    listing: str = ""  # digest of the names, sizes and version tags dealt into the range (or of the tar)
+    items: tuple[RawItem, ...] = ()  # given by the plan (built-ins, a mixed source); else the task reads them
     metadata: tuple[storage.Entry, ...] = ()  # a span's: the metadata files of the folders it touches
+    tar: str = ""  # a source of tars: the URL of the tar this chunk is, read whole by its task
 
     @property
     def shard(self) -> str:
@@ -110,8 +112,12 @@ class Plan:
       of its names, and the task that writes a chunk lists its own span, reads its
       sidecars and metadata, numbers its labels and drops its duplicates. The driver holds
       O(shards), never O(inputs).
-    - tars and built-in sets: the plan reads them whole (tar members, hashes, sidecars in
-      memory) and gives each chunk its items, with duplicates across the whole source found.
+    - a tar, or a folder or prefix of tars only: ``spans`` too, a chunk per tar. The task
+      streams its tar (members hashed, sidecars resolved), numbers its labels and drops its
+      duplicates; the driver lists the tars and never opens one.
+    - built-in sets, and folders that mix tars with other files, or a run with ``limit``:
+      the plan reads them whole (tar members, hashes, sidecars in memory) and gives each
+      chunk its items, with duplicates across the whole source found.
     """
 
     source: str

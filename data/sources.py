@@ -19,7 +19,8 @@ used becomes a reject with its reason, so ``inputs = samples + duplicates + reje
 
 A folder or prefix can be read one *span* at a time (:mod:`ldmflow.data.spans`): the files
 whose stems (names without extensions) lie in a range, so that no process need hold the
-whole listing. Tars and built-ins are listed whole (:func:`list_source`).
+whole listing, and a tar one at a time (:func:`ldmflow.data.spans.read_tar`). Built-ins and
+folders mixing tars with other files are listed whole (:func:`list_source`).
 """
 
 from __future__ import annotations
@@ -129,14 +130,14 @@ def list_source(source: str, limit: int = 0, scanned: Scan | None = None) -> Lis
         return _list_builtin(source, limit)
     entries = (scanned or scan(source, limit)).entries
     if _is_tar_file(source):
-        trees = [(storage.basename(source), _list_tar(source))]
+        trees = [(storage.basename(source), list_tar(source))]
     else:
         loose: list[SourceFile] = []
         trees = []
         for entry in entries:
             rel = storage.relative_to(entry.url, source)
             if rel.endswith(".tar"):
-                trees.append((rel, _list_tar(entry.url)))
+                trees.append((rel, list_tar(entry.url)))
             else:
                 loose.append(SourceFile(rel, entry.url, entry.size, etag=entry.etag))
         trees.insert(0, ("", (loose, [])))
@@ -191,7 +192,7 @@ def _list_builtin(source: str, limit: int) -> Listing:
     return Listing(tuple(items), (), dataset.class_names)
 
 
-def _list_tar(url: str) -> tuple[list[SourceFile], list[Reject]]:
+def list_tar(url: str) -> tuple[list[SourceFile], list[Reject]]:
     """Members of a tar, hashed as they stream by; small sidecars are kept in memory."""
     files: list[SourceFile] = []
     rejects: list[Reject] = []

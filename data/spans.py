@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ldmflow.data import storage
-from ldmflow.data.sources import RawItem, Reject, SourceFile, as_int, is_metadata, is_tar, resolve_tree, stem
+from ldmflow.data.sources import (RawItem, Reject, SourceFile, as_int, is_metadata, is_tar, list_tar, resolve_tree,
+                                  stem)
 
 def span_limit(end: str) -> str:
     """The least name from which no file's stem sorts below ``end`` ("": no end). That is
@@ -55,6 +56,17 @@ def read_span(source: str, start: str, end: str, metadata: Sequence[storage.Entr
     items.sort(key=lambda pair: pair[0].source)
     rejects.sort(key=lambda reject: reject.source)
     return items, rejects
+
+
+def read_tar(url: str, root: str) -> tuple[list[tuple[RawItem, str | int | None]], list[Reject]]:
+    """The inputs of one tar of a source of tars (``root``: its name in the source, the
+    prefix of its inputs' names), read in one pass that hashes its members and keeps its
+    sidecars; sorted, each with its label as written, and the tar's rejects (a truncated tar
+    after the members before the damage, orphan sidecars)."""
+    files, rejects = list_tar(url)
+    items, more = resolve_tree(root, files)
+    items.sort(key=lambda pair: pair[0].source)
+    return items, sorted([*rejects, *more], key=lambda reject: reject.source)
 
 
 def number_labels(items: Sequence[tuple[RawItem, str | int | None]], names: Sequence[str] | None

@@ -184,18 +184,23 @@ def test_kill_and_rerun_gives_the_unbroken_manifest(tmp_path, subprocess_env):
     assert not [p for p in os.listdir(dest) if storage.is_temporary(p)]
 
 
-def test_tar_source_with_webdataset_members(tmp_path):
-    tar_path = tmp_path / "raw.tar"
-    with tarfile.open(tar_path, "w") as tar:
+def write_tar(path, count: int, seed: int = 0, label=lambda i: str(i % 2)) -> None:
+    """A WebDataset-style tar: ``sampleI.jpg`` with its ``.txt`` caption and ``.cls`` label."""
+    with tarfile.open(path, "w") as tar:
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
 
-        for i in range(5):
-            add(f"sample{i}.jpg", helpers.encode(Image.fromarray(helpers.pattern(20, 20, seed=i)), "JPEG"))
+        for i in range(count):
+            add(f"sample{i}.jpg", helpers.encode(Image.fromarray(helpers.pattern(20, 20, seed=seed * 100 + i)), "JPEG"))
             add(f"sample{i}.txt", f"caption {i}".encode())
-            add(f"sample{i}.cls", str(i % 2).encode())
+            add(f"sample{i}.cls", label(i).encode())
+
+
+def test_tar_source_with_webdataset_members(tmp_path):
+    tar_path = tmp_path / "raw.tar"
+    write_tar(tar_path, 5)
     manifest = shard_flow.run(str(tar_path), str(tmp_path / "out"), CONFIG, progress=False).manifest
     assert (manifest.num_inputs, manifest.num_samples) == (5, 5)
     samples = read_all(str(tmp_path / "out"))
@@ -212,6 +217,32 @@ def test_tar_source_with_webdataset_members(tmp_path):
     assert any(r["source"] == "part.tar" and "truncated or corrupt tar" in r["reason"] for r in rejects)
     assert cut.num_inputs == cut.num_samples + cut.num_duplicates + cut.num_rejected
     assert 0 < cut.num_samples < 5
+
+
+def test_a_folder_of_tars_is_a_chunk_per_tar_read_by_its_task(tmp_path):
+    """The plan lists the tars and opens none (its chunks hold no inputs); each task streams
+    its own tar. A tar added later is written as one new shard, the others skipped; named
+    labels found in the tars are gathered and numbered alike in every shard."""
+    from ldmflow.data import shard_plan
+
+    source = tmp_path / "tars"
+    source.mkdir()
+    for n in range(3):
+        write_tar(source / f"part-{n}.tar", 4, seed=n, label=lambda i: ["cat", "dog"][i % 2])
+    plan = shard_plan.plan(str(source), CONFIG)
+    assert [(c.start, bool(c.tar), c.items) for c in plan.chunks] == [(f"part-{n}.tar", True, ()) for n in range(3)]
+    dest = tmp_path / "out"
+    first = shard_flow.run(str(source), str(dest), CONFIG, progress=False)
+    assert (first.shards_written, first.manifest.num_samples, first.manifest.class_names) == (3, 12, ("cat", "dog"))
+    assert len(first.processes) >= 1 and all("@" not in p for p in first.processes)  # tasks of this flow
+
+    write_tar(source / "part-1a.tar", 2, seed=7, label=lambda i: "dog")
+    second = shard_flow.run(str(source), str(dest), CONFIG, progress=False)
+    assert (second.shards_written, second.shards_skipped) == (1, 3)
+    assert second.manifest.ranges[2] == ("part-1a.tar", "shard-000003.tar")  # sorted by name, numbered after the rest
+    samples = read_all(str(dest))
+    assert samples["part-1a.tar/sample0.jpg"].label == 1 and samples["part-0.tar/sample0.jpg"].label == 0
+    assert second.manifest.num_samples == 14
 
 
 def test_builtin_digits(tmp_path):
