@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ldmflow.data import jobs
 from ldmflow.errors import LdmflowError
@@ -25,6 +26,7 @@ from ldmflow.registry import tracking
 PYFUNC_LOADER = "ldmflow.registry.pyfunc"  # written into every MLmodel: a persisted name
 CANDIDATE = "candidate"  # the alias of every newly trained version
 MODEL_ID_TAG = "ldmflow.model_id"  # on each version: the MLflow logged model it was made from
+EVAL_TAG = "ldmflow.eval."  # on each evaluated version: its scores (ldmflow.training.evaluation.record)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,39 @@ def alias_version(uri: str) -> str | None:
     if not uri.startswith("models:/") or "@" not in uri:
         return None
     return resolve_version(uri).version
+
+
+def describe_versions(name: str) -> list[dict[str, Any]]:
+    """Every version of the registered model ``name``, newest first: its number, aliases,
+    training run and creation time, its evaluation scores (the numeric ``ldmflow.eval.*``
+    tags, as numbers) and all its ``ldmflow.*`` tags (lineage, promotion decisions)."""
+    client = tracking.client()
+    try:
+        registered = client.get_registered_model(name)
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception as exc:
+        raise ModelNotFound(f"{name}: not in the model registry at {tracking.shown_uri()}") from exc
+    aliases: dict[str, list[str]] = {}
+    for alias, version in sorted((registered.aliases or {}).items()):
+        aliases.setdefault(str(version), []).append(alias)
+    described = []
+    for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        tags = {key: value for key, value in version.tags.items() if key.startswith("ldmflow.")}
+        described.append({
+            "version": str(version.version), "aliases": aliases.get(str(version.version), []),
+            "run_id": version.run_id, "created": version.creation_timestamp / 1000,
+            "metrics": {key[len(EVAL_TAG):]: number for key, value in tags.items()
+                        if key.startswith(EVAL_TAG) and (number := _number(value)) is not None},
+            "tags": tags,
+        })
+    return described
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def load_sampler(uri: str, device: str = "cpu"):

@@ -2,7 +2,10 @@
 
 ``POST /v1/generate``, ``POST /v1/interpolate`` (along the path between two seeds, labels or
 prompts), ``POST /v1/edit`` (SDEdit), ``POST /v1/inpaint``, ``GET /v1/model``,
-``GET /healthz``; the OpenAPI document is at ``/openapi.json`` (FastAPI). Requests are
+``GET /v1/versions``, ``GET /healthz``; the OpenAPI document is at ``/openapi.json``
+(FastAPI). A request may name another ``version`` of the served model (a number or an
+alias: ``candidate``), which the replica loads beside the one it follows and keeps (the
+last :data:`OTHER_VERSIONS`), so two versions draw the same seeds side by side. Requests are
 batched (:mod:`ldmflow.serving.batcher`: a batch is formed when the model is free, from
 what queued meanwhile); those that can share a timestep schedule (same mode, sampler,
 steps and edit strength) run as one sampler call, and both classifier-free guidance passes
@@ -28,9 +31,10 @@ from ray import serve
 from ldmflow import configs
 from ldmflow.data import jobs
 from ldmflow.data.jobs import RequestError
-from ldmflow.model.sampling import batch_groups
-from ldmflow.serving.batcher import Batcher
 from ldmflow.model.grids import png_base64
+from ldmflow.model.sampling import batch_groups
+from ldmflow.registry import models
+from ldmflow.serving.batcher import Batcher
 from ldmflow.serving.config import ServeConfig
 from ldmflow.serving.follower import AliasFollower, Loaded, ModelSlot, load_model
 from ldmflow.serving import auth
@@ -43,9 +47,11 @@ from ldmflow.serving.schemas import (
     InpaintRequest,
     InterpolateRequest,
     ModelRef,
+    VersionsResponse,
 )
 
 KEY_DIGESTS = "api_key_sha256"  # the user_config entry with the API keys' digests
+OTHER_VERSIONS = 2  # versions a replica keeps loaded beside the one it follows
 
 api = FastAPI(title="ldmflow sampler", version="1",
               description="Generate, edit and inpaint images with a registered ldmflow latent diffusion model. "
@@ -110,6 +116,8 @@ class SamplerServer:
         self.config = ServeConfig()
         self._follower: AliasFollower | None = None
         self._batcher = Batcher(self._sample, self.config.max_batch_size, self.config.batch_wait_timeout_s)
+        self.others: dict[str, Loaded] = {}  # other versions of the served model, by number, last used last
+        self._loading = asyncio.Lock()
 
     @property
     def model(self) -> Loaded | None:
@@ -132,57 +140,89 @@ class SamplerServer:
 
     # -- batching ---------------------------------------------------------------------
 
-    async def _sample(self, jobs: list) -> list:
-        """Run a batch of jobs (:class:`~ldmflow.serving.batcher.Batcher` forms it when the
-        previous one is done); incompatible jobs (other steps, sampler, mode) run as sub-batches.
-
-        The model is read once: a swap during the batch does not affect it.
-        """
-        model = self.model
-        results: list = [None] * len(jobs)
-        for indices in batch_groups(jobs):
-            runnable = []
-            for i in indices:
-                try:
-                    model.sampler.check(jobs[i])  # the model may have changed since validation
-                    runnable.append(i)
-                except ValueError as exc:
-                    results[i] = RequestError.of(exc, 409)
-            if runnable:
-                images = await asyncio.to_thread(model.sampler.run, [jobs[i] for i in runnable])
-                self.metrics.sampled(jobs[runnable[0]].mode, len(runnable), sum(jobs[i].n for i in runnable))
-                for i, image in zip(runnable, images):
-                    results[i] = (image, model, len(runnable))
+    async def _sample(self, items: list) -> list:
+        """Run a batch of ``(job, model)`` items (:class:`~ldmflow.serving.batcher.Batcher`
+        forms it when the previous one is done; model None: the one followed, read once, so a
+        swap during the batch does not affect it). Each model's jobs run as sub-batches of
+        those that share a timestep schedule (steps, sampler, mode)."""
+        followed = self.model
+        results: list = [None] * len(items)
+        by_model: dict[int, tuple[Loaded, list[int]]] = {}
+        for i, (_, model) in enumerate(items):
+            model = model or followed
+            by_model.setdefault(id(model), (model, []))[1].append(i)
+        for model, indices in by_model.values():
+            jobs = [items[i][0] for i in indices]
+            for group in batch_groups(jobs):
+                runnable = []
+                for g in group:
+                    try:
+                        model.sampler.check(jobs[g])  # the model may have changed since validation
+                        runnable.append(g)
+                    except ValueError as exc:
+                        results[indices[g]] = RequestError.of(exc, 409)
+                if runnable:
+                    images = await asyncio.to_thread(model.sampler.run, [jobs[g] for g in runnable])
+                    self.metrics.sampled(jobs[runnable[0]].mode, len(runnable), sum(jobs[g].n for g in runnable))
+                    for g, image in zip(runnable, images):
+                        results[indices[g]] = (image, model, len(runnable))
         return results
 
-    async def _respond(self, job) -> ImagesResponse:
-        outcome = await self._batcher(job)
+    async def _respond(self, job, model: Loaded | None) -> ImagesResponse:
+        outcome = await self._batcher((job, model))
         if isinstance(outcome, RequestError):
             raise outcome
         images, model, batch = outcome
         ref = ModelRef(name=model.name, version=model.version, uri=model.uri)
-        return ImagesResponse(images=png_base64(images), seeds=job.seeds(), model=ref,
-                              batch=batch)
+        return ImagesResponse(images=png_base64(images), seeds=job.seeds(), model=ref, batch=batch)
+
+    async def _version(self, version: str | None) -> Loaded | None:
+        """The model a request's ``version`` names: None (the one followed) when it names
+        none or the version followed; else that version, loaded on first use and kept."""
+        followed = self.model
+        if version is None:
+            return None
+        if followed.name is None:
+            raise RequestError("version", "this server serves a model folder, which has no other versions")
+        uri = f"models:/{followed.name}/{version}" if version.isdigit() else f"models:/{followed.name}@{version}"
+        try:
+            number = (await asyncio.to_thread(models.resolve_version, uri)).version
+        except models.ModelNotFound:
+            raise RequestError("version", f"{followed.name} has no version or alias {version!r}") from None
+        if number == followed.version:
+            return None
+        async with self._loading:  # one load of a version, however many requests ask for it at once
+            if number not in self.others:
+                self.others[number] = await asyncio.to_thread(load_model, f"models:/{followed.name}/{number}")
+                while len(self.others) > OTHER_VERSIONS:
+                    del self.others[next(iter(self.others))]
+            self.others[number] = self.others.pop(number)  # last used last
+            return self.others[number]
 
     # -- validation -------------------------------------------------------------------
 
-    async def _job(self, body: GenerateRequest, uploads: bool = False):
-        """The body as a job (:func:`ldmflow.data.jobs.build`, within this server's limits);
-        with ``uploads``, decoded in a thread, off the event loop the replica's other
-        requests share."""
+    async def _job(self, body: GenerateRequest, uploads: bool = False) -> ImagesResponse:
+        """Draw what the body asks: built into a job for the version it names
+        (:func:`ldmflow.data.jobs.build`, within this server's limits; with ``uploads``,
+        decoded in a thread, off the event loop the replica's other requests share), then
+        batched."""
         config = self.config
         limits = jobs.Limits(config.max_images, config.max_steps, config.max_image_bytes, config.max_image_pixels)
         fields = body.model_dump()
+        model = await self._version(fields.pop("version"))
+        sampler = (model or self.model).sampler
         if uploads:
-            return await asyncio.to_thread(jobs.build, self.model.sampler, fields, limits)
-        return jobs.build(self.model.sampler, fields, limits)
+            job = await asyncio.to_thread(jobs.build, sampler, fields, limits)
+        else:
+            job = jobs.build(sampler, fields, limits)
+        return await self._respond(job, model)
 
     # -- routes -----------------------------------------------------------------------
 
     @api.post("/v1/generate", response_model=ImagesResponse, responses=REFUSALS)
     async def generate(self, body: GenerateRequest) -> ImagesResponse:
         """Draw ``n`` images for a label, a prompt, or unconditionally."""
-        return await self._respond(await self._job(body))
+        return await self._job(body)
 
     @api.post("/v1/interpolate", response_model=ImagesResponse, responses=REFUSALS)
     async def interpolate(self, body: InterpolateRequest) -> ImagesResponse:
@@ -190,18 +230,18 @@ class SamplerServer:
         ``prompt`` to ``to_prompt``): the first equals ``seed`` drawn alone, the last ``to_seed``."""
         if body.to_seed is None and body.to_label is None and body.to_prompt is None:
             raise RequestError("to_seed", "give to_seed, to_label or to_prompt: where the path ends")
-        return await self._respond(await self._job(body))
+        return await self._job(body)
 
     @api.post("/v1/edit", response_model=ImagesResponse, responses=REFUSALS)
     async def edit(self, body: EditRequest) -> ImagesResponse:
         """``sdedit``: noise the image's latent to ``strength``, then denoise with the new
         condition; ``invert``: DDIM-invert it to its noise, then draw from that noise."""
-        return await self._respond(await self._job(body, uploads=True))
+        return await self._job(body, uploads=True)
 
     @api.post("/v1/inpaint", response_model=ImagesResponse, responses=REFUSALS)
     async def inpaint(self, body: InpaintRequest) -> ImagesResponse:
         """Keep the image where the mask is black; generate where it is white."""
-        return await self._respond(await self._job(body, uploads=True))
+        return await self._job(body, uploads=True)
 
     @api.get("/v1/model", responses={401: REFUSALS[401]})
     async def model_info(self) -> dict:
@@ -218,6 +258,15 @@ class SamplerServer:
                        "max_image_bytes": self.config.max_image_bytes,
                        "max_image_pixels": self.config.max_image_pixels},
         }
+
+    @api.get("/v1/versions", response_model=VersionsResponse, responses={401: REFUSALS[401]})
+    async def versions(self) -> VersionsResponse:
+        """Every version of the served model, newest first, with its aliases, evaluation scores
+        and lineage tags: what a request's ``version`` may name."""
+        name = self.model.name
+        if name is None:
+            return VersionsResponse(name=None, versions=[])
+        return VersionsResponse(name=name, versions=await asyncio.to_thread(models.describe_versions, name))
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -19,6 +19,10 @@ class GenerateRequest(BaseModel):
     steps: int | None = Field(None, ge=1, description="Denoising steps (the model's default when absent).")
     sampler: Literal["ddpm", "ddim", "dpm++"] | None = None
     guidance: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
+    version: str | None = Field(
+        None, pattern=r"^([0-9]+|[A-Za-z][A-Za-z0-9_-]{0,63})$",
+        description="Another version of the served model, by number or alias (`candidate`, `production`): drawn "
+                    "beside the one this server follows; that one when absent.")
 
 
 class InterpolateRequest(GenerateRequest):
@@ -55,6 +59,20 @@ class ImagesResponse(BaseModel):
     seeds: list[int]
     model: ModelRef
     batch: int = Field(description="Requests sampled together with this one (itself included).")
+
+
+class VersionInfo(BaseModel):
+    version: str
+    aliases: list[str]
+    run_id: str | None = Field(description="The MLflow run that trained it.")
+    created: float = Field(description="When it was registered, in seconds since the epoch.")
+    metrics: dict[str, float] = Field(description="Its evaluation scores (fd, kid, class_accuracy…), where evaluated.")
+    tags: dict[str, str] = Field(description="Its ldmflow.* tags: lineage, evaluation, promotion decisions.")
+
+
+class VersionsResponse(BaseModel):
+    name: str | None = Field(description="The registered model served (none for a model folder).")
+    versions: list[VersionInfo] = Field(description="Newest first.")
 
 
 class ErrorBody(BaseModel):

@@ -225,6 +225,37 @@ def test_model_description_and_openapi(server):
     assert "HTTPValidationError" not in openapi["components"]["schemas"]
 
 
+def test_another_version_draws_beside_the_followed_one_and_every_version_is_listed(server, digits_model):
+    """A request may name a version by number or alias: the replica loads it beside the one
+    it follows, and the same seeds draw the same images from the same weights. /v1/versions
+    lists each version with its aliases, scores and lineage."""
+    run = tracking.client().create_run(tracking.experiment_id("test-serving")).info.run_id
+    other = models.register(digits_model.folder, NAME, run).version  # alias candidate
+    tracking.client().set_model_version_tag(NAME, other, "ldmflow.eval.fd", "12.5")
+    body = {"label": 4, "n": 2, "seed": 5, "steps": 6}
+    status, followed = call(server, "/v1/generate", body)
+    assert status == 200, followed
+    for version in ("candidate", other):
+        status, drawn = call(server, "/v1/generate", {**body, "version": version})
+        assert status == 200, drawn
+        assert drawn["model"] == {"name": NAME, "version": other, "uri": f"models:/{NAME}/{other}"}
+        assert drawn["seeds"] == followed["seeds"]
+        for mine, theirs in zip(drawn["images"], followed["images"]):
+            assert np.abs(pixels(mine) - pixels(theirs)).max() <= 1
+    status, listed = call(server, "/v1/versions")
+    assert status == 200 and listed["name"] == NAME
+    by_version = {v["version"]: v for v in listed["versions"]}
+    assert [v["version"] for v in listed["versions"]] == sorted(by_version, key=int, reverse=True)
+    assert "candidate" in by_version[other]["aliases"] and by_version[other]["metrics"]["fd"] == 12.5
+    assert "production" in by_version[followed["model"]["version"]]["aliases"]
+    assert by_version[other]["tags"]["ldmflow.run_id"] == digits_model.run_id
+    for version, says in (("nonesuch", f"version: {NAME} has no version or alias 'nonesuch'"), ("../1", "version: ")):
+        status, refused = call(server, "/v1/generate", {**body, "version": version})
+        assert status == 422 and refused["field"] == "version" and refused["error"].startswith(says), refused
+    _, openapi = call(server, "/openapi.json")
+    assert "/v1/versions" in openapi["paths"] and "version" in openapi["components"]["schemas"]["GenerateRequest"]["properties"]
+
+
 def test_promotion_reaches_the_server_without_a_failed_request(server, digits_model):
     run = tracking.client().create_run(tracking.experiment_id("test-serving")).info.run_id
     new_version = models.register(digits_model.folder, NAME, run).version

@@ -269,7 +269,7 @@ def evaluate(model_uri: str, config: EvaluationConfig = EvaluationConfig(), *, p
     return result
 
 
-EVAL_TAG = "ldmflow.eval."
+EVAL_TAG = models.EVAL_TAG
 
 
 def record(registered, result: Evaluation) -> None:
