@@ -46,15 +46,17 @@ def promote(
     metric: Annotated[Optional[str], typer.Option(help="fd, kid, class_accuracy, prompt_accuracy or prompt_accuracy_unseen.")] = None,
     margin: Annotated[Optional[float], typer.Option(help="How much better the candidate must be.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Promote even if the candidate is not better.")] = False,
+    reason: Annotated[str, typer.Option(help="Why: recorded with the decision, and who ran it.")] = "",
     progress: Annotated[bool, typer.Option(help="Show a progress line (images drawn, images/s, ETA).")] = True,
 ) -> None:
     """Move the production alias to the newest version if it beats the current one.
 
     Both versions are evaluated on the same fixed seeds (recorded scores are reused); the
-    decision and both scores become tags of the candidate. Refusing is not an error (exit 0).
+    decision, both scores, who ran it and --reason become tags of the candidate, as a
+    promotion from the sampler's page records them. Refusing is not an error (exit 0).
     """
     from ldmflow.training.evaluation import EvaluationConfig
-    from ldmflow.training.promotion import PromotionConfig
+    from ldmflow.registry.gate import PromotionConfig
 
     promotion = load_config(PromotionConfig, config, "promote", dict(metric=metric, margin=margin))
     evaluation = load_config(EvaluationConfig, config, "evaluate", {})
@@ -64,7 +66,7 @@ def promote(
     from ldmflow.registry.models import ModelNotFound
 
     try:
-        decision = promote_flow(name, promotion, evaluation, force, progress=progress)
+        decision = promote_flow(name, promotion, evaluation, force, progress=progress, why=reason)
     except (RegistryError, ModelNotFound) as exc:
         raise fail(exc) from exc
     typer.echo(decision.summary())
@@ -185,13 +187,16 @@ def serve_model(
     from ldmflow.serving.config import ServeConfig
     from ldmflow.serving.follower import load_model
 
+    from ldmflow.registry.gate import PromotionConfig
+
     stage_config = load_config(ServeConfig, config, "serve",
                                 dict(host=host, port=port, num_replicas=num_replicas, max_replicas=max_replicas,
                                      num_gpus=num_gpus))
-    app.api_key_digests(stage_config, stage_config.host)  # before anything starts
+    promotion = load_config(PromotionConfig, config, "promote", {})
+    app.key_digests(stage_config, stage_config.host)  # before anything starts
     try:
         load_model(model_uri)  # fail here, with one line, rather than in a replica
-        url = app.run(model_uri, stage_config)
+        url = app.run(model_uri, stage_config, promotion=promotion)
     except (ModelNotFound, ModelError) as exc:
         raise fail(exc) from exc
     typer.echo(f"serve: {model_uri} at {url} (OpenAPI: {url}/openapi.json); Ctrl-C to stop")

@@ -199,7 +199,8 @@ def serve_stage(runner: Runner) -> Stage:
     from ldmflow.serving import app
 
     name = runner.outputs["train"]["model_uri"][len("models:/"):].split("/")[0]
-    return Stage("serve", "", lambda: {"url": app.run(f"models:/{name}@production", runner.spec.serve)}, cached=False)
+    return Stage("serve", "", lambda: {"url": app.run(f"models:/{name}@production", runner.spec.serve,
+                                                       promotion=runner.spec.promote)}, cached=False)
 
 
 STAGE_MAKERS: dict[str, Callable[[Runner], Stage]] = {

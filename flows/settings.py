@@ -94,7 +94,7 @@ def stage_sections() -> dict[str, type]:
     from ldmflow.serving.config import ServeConfig
     from ldmflow.training.stage_configs import AutoencoderConfig
     from ldmflow.training.evaluation import EvaluationConfig
-    from ldmflow.training.promotion import PromotionConfig
+    from ldmflow.registry.gate import PromotionConfig
     from ldmflow.training.stage_configs import DiffusionConfig
 
     return {"shard": ShardConfig, "autoencoder": AutoencoderConfig, "precompute": PrecomputeConfig,

@@ -6,6 +6,10 @@ config file itself. The process that starts the application reads them and hands
 replicas only their SHA-256 digests: a key never travels through Ray, never reaches a log
 or the dashboard. A request presents ``Authorization: Bearer KEY``; its digest is compared
 with every configured one in constant time.
+
+Promotion keys are apart (``LDMFLOW_PROMOTE_KEYS``, ``serve.promote_keys_file``): only they
+may move ``production`` (``POST /v1/promote``, ``/v1/reject``), and they may also draw. Each
+may carry the name of who holds it (``ana:KEY``), recorded with every decision made with it.
 """
 
 from __future__ import annotations
@@ -18,21 +22,23 @@ from pathlib import Path
 from ldmflow.errors import UsageError
 
 ENV = "LDMFLOW_API_KEYS"
+PROMOTE_ENV = "LDMFLOW_PROMOTE_KEYS"
 OPEN_PATHS = ("/healthz",)  # a load balancer's health check carries no key
+PROMOTE_PATHS = ("/v1/promote", "/v1/reject")  # only a promotion key opens these
 
 
 class AuthError(UsageError):
     """Keys that cannot be read, or a server that would be open to anyone who reaches it."""
 
 
-def load_keys(environ: dict[str, str], keys_file: str = "") -> list[str]:
-    """The configured keys: ``LDMFLOW_API_KEYS`` and the lines of ``keys_file``."""
-    keys = environ.get(ENV, "").replace(",", " ").split()
+def load_keys(environ: dict[str, str], keys_file: str = "", env: str = ENV, field: str = "api_keys_file") -> list[str]:
+    """The configured keys: ``$env`` (``LDMFLOW_API_KEYS``) and the lines of ``keys_file``."""
+    keys = environ.get(env, "").replace(",", " ").split()
     if keys_file:
         try:
             text = Path(keys_file).read_text()
         except OSError as exc:
-            raise AuthError(f"serve.api_keys_file {keys_file}: cannot read it: {exc.strerror or exc}") from None
+            raise AuthError(f"serve.{field} {keys_file}: cannot read it: {exc.strerror or exc}") from None
         keys += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     short = [key for key in keys if len(key) < 16]
     if short:
@@ -43,6 +49,27 @@ def load_keys(environ: dict[str, str], keys_file: str = "") -> list[str]:
 
 def digests(keys: list[str]) -> list[str]:
     return sorted({hashlib.sha256(key.encode()).hexdigest() for key in keys})
+
+
+def promote_key_digests(environ: dict[str, str], keys_file: str = "") -> dict[str, str]:
+    """The promotion keys' digests, each with who holds it: ``who:KEY`` names them, a bare
+    key is known by the start of its digest."""
+    named = {}
+    for entry in load_keys(environ, keys_file, PROMOTE_ENV, "promote_keys_file"):
+        who, _, key = entry.rpartition(":")
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        named[digest] = who or f"key {digest[:8]}"
+    return named
+
+
+def holder(authorization: str | None, named_digests: dict[str, str]) -> str | None:
+    """Who holds the key an ``Authorization`` header carries, among ``named_digests``
+    (digest -> who), compared as :func:`allowed` compares; None for no such key."""
+    found = None
+    for digest, who in named_digests.items():
+        if allowed(authorization, (digest,)):
+            found = who
+    return found
 
 
 def allowed(authorization: str | None, key_digests: tuple[str, ...] | list[str]) -> bool:
@@ -65,7 +92,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(host: str | None, key_digests: list[str], allow_unauthenticated: bool) -> None:
+def check_exposure(host: str | None, key_digests: list[str] | dict, allow_unauthenticated: bool) -> None:
     """Refuse an API without keys that anyone else could reach: ``host`` not a loopback
     address (None: the address is decided elsewhere, as under KubeRay), unless the config
     says ``allow_unauthenticated: true``."""

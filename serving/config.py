@@ -39,6 +39,9 @@ class ServeConfig:
     api_keys_file: Annotated[str, Field(
         description="a file of API keys, one a line (keys never go in a config file; `LDMFLOW_API_KEYS` "
                     "adds more); with keys, every route but /healthz needs `Authorization: Bearer KEY`")] = ""
+    promote_keys_file: Annotated[str, Field(
+        description="a file of promotion keys, one a line, `who:KEY` or `KEY` (`LDMFLOW_PROMOTE_KEYS` adds "
+                    "more): only they may promote or reject a version over HTTP; they may also draw")] = ""
     allow_unauthenticated: Annotated[bool, Field(
         description="serve without API keys on an address other than loopback (something in front "
                     "checks who calls)")] = False

@@ -33,7 +33,8 @@ from ldmflow.data import jobs
 from ldmflow.data.jobs import RequestError
 from ldmflow.model.grids import png_base64
 from ldmflow.model.sampling import batch_groups
-from ldmflow.registry import models
+from ldmflow.registry import gate, models
+from ldmflow.registry.gate import PromotionConfig
 from ldmflow.serving.batcher import Batcher
 from ldmflow.serving.config import ServeConfig
 from ldmflow.serving.follower import AliasFollower, Loaded, ModelSlot, load_model
@@ -46,33 +47,53 @@ from ldmflow.serving.schemas import (
     ImagesResponse,
     InpaintRequest,
     InterpolateRequest,
+    DecisionResponse,
     ModelRef,
+    PromoteRequest,
+    RejectRequest,
     VersionsResponse,
 )
 
 KEY_DIGESTS = "api_key_sha256"  # the user_config entry with the API keys' digests
+PROMOTE_KEY_DIGESTS = "promote_key_sha256"  # ... with the promotion keys' digests and who holds each
+PROMOTION = "promotion"  # ... with the gate's config (the promote: section)
 OTHER_VERSIONS = 2  # versions a replica keeps loaded beside the one it follows
 
 api = FastAPI(title="ldmflow sampler", version="1",
               description="Generate, edit and inpaint images with a registered ldmflow latent diffusion model. "
                           "With API keys configured, every route but /healthz needs `Authorization: Bearer KEY`.")
 api.state.key_digests = ()
+api.state.promote_digests = {}  # digest -> who holds the promotion key
 api.state.metrics = None  # a replica's ServingMetrics
 
 # The error body of every refused request, as the OpenAPI document describes it.
 REFUSALS = {status: {"model": ErrorBody, "description": meaning} for status, meaning in (
-    (401, "no valid API key"), (409, "the model changed under the request"), (413, "an upload too large"),
-    (422, "a field that cannot be used"))}
+    (401, "no valid API key"), (403, "a key that may not promote"), (409, "the model changed under the request"),
+    (413, "an upload too large"), (422, "a field that cannot be used"))}
 
 
 @api.middleware("http")
 async def _authorize(request: Request, call_next):
-    key_digests = request.app.state.key_digests
-    if key_digests and request.url.path not in auth.OPEN_PATHS and not auth.allowed(
-            request.headers.get("authorization"), key_digests):
-        return JSONResponse({"error": "authorization: a valid `Authorization: Bearer KEY` header is needed",
-                             "field": "authorization"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    """Every route but /healthz needs a key when keys are configured (an API key or a
+    promotion key); promoting and rejecting need a promotion key, always. Who holds it is
+    ``request.state.who``."""
+    state, path = request.app.state, request.url.path
+    authorization = request.headers.get("authorization")
+    who = auth.holder(authorization, state.promote_digests)
+    request.state.who = who
+    if path in auth.PROMOTE_PATHS and who is None:
+        if auth.allowed(authorization, state.key_digests):
+            return _refusal(403, "authorization: this key may draw but not promote: use a promotion key")
+        return _refusal(401, "authorization: a promotion key (`Authorization: Bearer KEY`) is needed")
+    if (state.key_digests or state.promote_digests) and path not in auth.OPEN_PATHS and who is None and not \
+            auth.allowed(authorization, state.key_digests):
+        return _refusal(401, "authorization: a valid `Authorization: Bearer KEY` header is needed")
     return await call_next(request)
+
+
+def _refusal(status: int, error: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    return JSONResponse({"error": error, "field": "authorization"}, status_code=status, headers=headers)
 
 
 @api.middleware("http")  # added last, so outermost: refusals of every kind are counted too
@@ -114,6 +135,7 @@ class SamplerServer:
             lambda: {*api.openapi()["paths"], api.openapi_url, api.docs_url})
         self.slot = ModelSlot(on_change=lambda loaded: self.metrics.serving(loaded.name, loaded.version))
         self.config = ServeConfig()
+        self.promotion = PromotionConfig()
         self._follower: AliasFollower | None = None
         self._batcher = Batcher(self._sample, self.config.max_batch_size, self.config.batch_wait_timeout_s)
         self.others: dict[str, Loaded] = {}  # other versions of the served model, by number, last used last
@@ -129,6 +151,8 @@ class SamplerServer:
         fields = dict(user_config)
         uri = fields.pop("model_uri")
         api.state.key_digests = tuple(fields.pop(KEY_DIGESTS, ()))
+        api.state.promote_digests = dict(fields.pop(PROMOTE_KEY_DIGESTS, {}))
+        self.promotion = configs.from_dict(PromotionConfig, fields.pop(PROMOTION, {}))
         self.config = configs.from_dict(ServeConfig, fields)
         self._batcher.max_batch_size = self.config.max_batch_size
         self._batcher.wait_s = self.config.batch_wait_timeout_s
@@ -267,6 +291,35 @@ class SamplerServer:
         if name is None:
             return VersionsResponse(name=None, versions=[])
         return VersionsResponse(name=name, versions=await asyncio.to_thread(models.describe_versions, name))
+
+    @api.post("/v1/promote", response_model=DecisionResponse, responses=REFUSALS)
+    async def promote(self, body: PromoteRequest, request: Request) -> DecisionResponse:
+        """Move ``production`` to ``version`` behind the promotion gate (the server's ``promote:``
+        config), on the evaluations recorded for it and for production: as ``ldmflow promote``
+        does, and recorded the same way, with the key holder and ``reason``. A version not
+        better is refused (``promoted: false``) unless ``force``; one never evaluated is a 409."""
+        who = request.state.who
+        decision = await self._decide(lambda name: gate.promote_recorded(
+            name, body.version, self.promotion, force=body.force, who=who, why=body.reason))
+        return DecisionResponse(**vars(decision), by=who)
+
+    @api.post("/v1/reject", response_model=DecisionResponse, responses=REFUSALS)
+    async def reject(self, body: RejectRequest, request: Request) -> DecisionResponse:
+        """Record that the key holder refused ``version``, and why; no alias moves."""
+        who = request.state.who
+        decision = await self._decide(lambda name: gate.reject(name, body.version, who=who, why=body.reason))
+        return DecisionResponse(**vars(decision), by=who)
+
+    async def _decide(self, decide) -> gate.Decision:
+        name = self.model.name
+        if name is None:
+            raise RequestError("version", "this server serves a model folder, which has no versions to promote")
+        try:
+            return await asyncio.to_thread(decide, name)
+        except gate.GateError as exc:
+            raise RequestError("version", str(exc), 409) from None
+        except gate.RegistryError as exc:
+            raise RequestError("version", str(exc)) from None
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+VERSION_PATTERN = r"^([0-9]+|[A-Za-z][A-Za-z0-9_-]{0,63})$"  # a version number or an alias
+
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -20,7 +22,7 @@ class GenerateRequest(BaseModel):
     sampler: Literal["ddpm", "ddim", "dpm++"] | None = None
     guidance: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale.")
     version: str | None = Field(
-        None, pattern=r"^([0-9]+|[A-Za-z][A-Za-z0-9_-]{0,63})$",
+        None, pattern=VERSION_PATTERN,
         description="Another version of the served model, by number or alias (`candidate`, `production`): drawn "
                     "beside the one this server follows; that one when absent.")
 
@@ -59,6 +61,33 @@ class ImagesResponse(BaseModel):
     seeds: list[int]
     model: ModelRef
     batch: int = Field(description="Requests sampled together with this one (itself included).")
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(pattern=VERSION_PATTERN, description="The version to promote, by number or alias.")
+    reason: str = Field("", max_length=2000, description="Why: recorded with the decision, with who decided.")
+    force: bool = Field(False, description="Promote even if its evaluation is not better than production's.")
+
+
+class RejectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(pattern=VERSION_PATTERN, description="The version refused, by number or alias.")
+    reason: str = Field("", max_length=2000, description="Why: recorded with the decision, with who decided.")
+
+
+class DecisionResponse(BaseModel):
+    name: str
+    candidate: str = Field(description="The version decided on.")
+    production: str | None = Field(description="The version that held production before.")
+    promoted: bool
+    reason: str = Field(description="What the gate found, or the reviewer's words.")
+    metric: str
+    candidate_score: float | None = None
+    production_score: float | None = None
+    by: str = Field(description="Who decided: the promotion key's holder.")
 
 
 class VersionInfo(BaseModel):

@@ -10,7 +10,7 @@ import torch
 
 from ldmflow.model import model_format
 from ldmflow.model.sampler import Sampler
-from ldmflow.registry import aliases, models, tracking
+from ldmflow.registry import aliases, gate, models, tracking
 from ldmflow.training import evaluation, features, promotion
 from tests.helpers import tiny_diffusion_parts
 
@@ -220,7 +220,7 @@ def test_promotion_refuses_a_worse_candidate_accepts_a_better_one_and_rolls_back
     name = "gate-test"
     good = digits_model.folder
     bad = random_unet_copy(good, tmp_path / "bad")
-    config = promotion.PromotionConfig(metric="fd")
+    config = gate.PromotionConfig(metric="fd")
 
     register_folder_copy(bad, name)  # v1: the first version goes to production whatever its score
     first = promotion.promote(name, config, EVAL)
@@ -244,8 +244,11 @@ def test_promotion_refuses_a_worse_candidate_accepts_a_better_one_and_rolls_back
     assert alias(name, "candidate") == "3"
     assert client.get_model_version(name, "3").tags["ldmflow.promotion.decision"] == "refused"
 
-    forced = promotion.promote(name, config, EVAL, force=True)  # scores come from the version tags
+    forced = promotion.promote(name, config, EVAL, force=True, who="ci", why="a drill")  # scores from the tags
     assert forced.promoted and "forced" in forced.reason
+    tags = client.get_model_version(name, "3").tags
+    assert (tags["ldmflow.promotion.by"], tags["ldmflow.promotion.why"], tags["ldmflow.promotion.forced"]) == (
+        "ci", "a drill", "true")
     assert aliases.history(name) == ["1", "2", "3"]
 
     back = aliases.rollback(name)
@@ -254,3 +257,18 @@ def test_promotion_refuses_a_worse_candidate_accepts_a_better_one_and_rolls_back
     assert aliases.rollback(name).restored == "1"
     with pytest.raises(aliases.RegistryError, match="nothing to roll back to"):
         aliases.rollback(name)
+
+    # The gate on recorded evaluations (the sampler's POST /v1/promote): the same decision,
+    # the same record, with who and why; a version never evaluated is refused, not evaluated.
+    again = gate.promote_recorded(name, "2", config, who="ana", why="sharper sevens")
+    assert again.promoted and again.production == "1" and alias(name, "production") == "2"
+    tags = client.get_model_version(name, "2").tags
+    assert (tags["ldmflow.promotion.decision"], tags["ldmflow.promotion.by"], tags["ldmflow.promotion.why"]) == (
+        "promoted", "ana", "sharper sevens")
+    assert float(tags["ldmflow.promotion.candidate_score"]) == pytest.approx(better.candidate_score)
+    refused = gate.reject(name, "3", who="ana", why="blurry")
+    assert not refused.promoted and client.get_model_version(name, "3").tags["ldmflow.promotion.decision"] == "rejected"
+    register_folder_copy(good, name)  # v4: never evaluated
+    with pytest.raises(gate.GateError, match="version 4 has no recorded fd: evaluate it first"):
+        gate.promote_recorded(name, "4", config)
+    assert alias(name, "production") == "2"

@@ -22,6 +22,7 @@ from tests import helpers
 
 NAME = "serve-test"
 KEY = "test-key-0123456789abcdefghijklmnop"  # the server below is configured with it
+PROMOTE_KEY = "promote-key-0123456789abcdefghijkl"  # ... and with this promotion key, held by "ana"
 
 
 def free_port() -> int:
@@ -39,9 +40,11 @@ def server(digits_model, tmp_path_factory):
     tracking.client().set_registered_model_alias(NAME, "production", version)
     keys = tmp_path_factory.mktemp("keys") / "api-keys"
     keys.write_text(f"# the test client's key\n{KEY}\n")
+    promote_keys = keys.parent / "promote-keys"
+    promote_keys.write_text(f"ana:{PROMOTE_KEY}\n")
     config = app.ServeConfig(port=free_port(), num_cpus=0.5, follow_seconds=0.5, max_batch_size=8,
                              batch_wait_timeout_s=0.05, max_steps=50, max_images=8, max_image_bytes=50_000,
-                             max_image_pixels=1_000_000, api_keys_file=str(keys))
+                             max_image_pixels=1_000_000, api_keys_file=str(keys), promote_keys_file=str(promote_keys))
     url = app.run(f"models:/{NAME}@production", config)
     yield url
     serve.shutdown()
@@ -288,6 +291,50 @@ def test_promotion_reaches_the_server_without_a_failed_request(server, digits_mo
     versions = [body["model"]["version"] for _, body in outcomes]
     assert versions[0] == "1" and versions[-1] == new_version
     assert call(server, "/v1/model")[1]["version"] == new_version
+
+
+def test_a_promotion_key_promotes_behind_the_gate_and_rejects_recording_who_and_why(server, digits_model):
+    """POST /v1/promote applies the gate of ``ldmflow promote`` to the recorded evaluations:
+    only a promotion key opens it; a better candidate takes production, a worse one is
+    refused, a rejection moves nothing; each decision names the key's holder and the reason."""
+    client = tracking.client()
+    run = client.create_run(tracking.experiment_id("test-serving")).info.run_id
+    worse = models.register(digits_model.folder, NAME, run).version
+    better = models.register(digits_model.folder, NAME, run).version  # the newest: alias candidate
+    production = call(server, "/v1/model")[1]["version"]
+    as_ana = f"Bearer {PROMOTE_KEY}"
+
+    status, refused = call(server, "/v1/promote", {"version": better})  # the API key may draw only
+    assert (status, refused["field"]) == (403, "authorization"), refused
+    assert call(server, "/v1/promote", {"version": better}, authorization=None)[0] == 401
+    status, refused = call(server, "/v1/promote", {"version": better}, authorization=as_ana)
+    assert status == 409 and f"version {better} has no recorded fd" in refused["error"], refused
+
+    for version, fd in ((production, 20.0), (better, 10.0), (worse, 30.0)):
+        client.set_model_version_tag(NAME, version, "ldmflow.eval.fd", repr(fd))
+        client.set_model_version_tag(NAME, version, "ldmflow.eval.config", "one-config")
+    status, decision = call(server, "/v1/promote", {"version": "candidate", "reason": "sharper sevens"},
+                            authorization=as_ana)
+    assert status == 200, decision
+    assert (decision["promoted"], decision["candidate"], decision["production"], decision["by"]) == (
+        True, better, production, "ana")
+    assert (decision["candidate_score"], decision["production_score"]) == (10.0, 20.0)
+    assert client.get_model_version_by_alias(NAME, "production").version == better
+    tags = client.get_model_version(NAME, better).tags
+    assert (tags["ldmflow.promotion.decision"], tags["ldmflow.promotion.by"], tags["ldmflow.promotion.why"]) == (
+        "promoted", "ana", "sharper sevens")
+
+    status, decision = call(server, "/v1/promote", {"version": worse}, authorization=as_ana)
+    assert status == 200 and not decision["promoted"] and decision["reason"].startswith("not better"), decision
+    status, decision = call(server, "/v1/reject", {"version": worse, "reason": "blurry"}, authorization=as_ana)
+    assert status == 200 and not decision["promoted"], decision
+    assert client.get_model_version(NAME, worse).tags["ldmflow.promotion.decision"] == "rejected"
+    assert client.get_model_version_by_alias(NAME, "production").version == better
+
+    assert call(server, "/v1/generate", {"label": 1, "steps": 2}, authorization=as_ana)[0] == 200  # it may draw
+    _, openapi = call(server, "/openapi.json")
+    assert {"/v1/promote", "/v1/reject", "/v1/versions"} <= set(openapi["paths"])
+    helpers.wait_until(lambda: call(server, "/v1/model")[1]["version"] == better, 60, "the server on the promoted version")
 
 
 def scrape() -> dict[tuple, float]:

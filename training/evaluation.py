@@ -27,10 +27,9 @@ from ldmflow.errors import InputError
 from ldmflow.console import Progress
 from ldmflow.data import builtin
 from ldmflow.registry import models, tracking
+from ldmflow.registry.gate import LOWER_IS_BETTER
 from ldmflow.training import features
 
-LOWER_IS_BETTER = {"fd": True, "kid": True, "class_accuracy": False, "prompt_accuracy": False,
-                   "prompt_accuracy_unseen": False}
 
 
 @configs.stage_config
