@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ldmflow-installed
 STATE ?= .ldmflow
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean browser
 
 install: $(STAMP)
 
@@ -22,8 +22,21 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/ldmflow --state-dir $(STATE) pipeline --config configs/tiny.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# The sampler page's browser test drives the system's Chromium and chromedriver. As root,
+# install them with the system's package manager where they are missing; elsewhere the
+# test says it is skipped and why.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver (the page's browser test)"; \
+	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	      echo "could not install chromium: the page's browser test will be skipped"; \
+	  fi; \
+	fi
 
 bench: $(STAMP)
 	$(PY) benchmarks/shard.py

@@ -23,7 +23,9 @@ from ldmflow.errors import UsageError
 
 ENV = "LDMFLOW_API_KEYS"
 PROMOTE_ENV = "LDMFLOW_PROMOTE_KEYS"
-OPEN_PATHS = ("/healthz",)  # a load balancer's health check carries no key
+# A load balancer's health check carries no key, nor does a browser fetching the page (the
+# page asks for the key and sends it with every call it makes).
+OPEN_PATHS = ("/healthz", "/", "/page/page.js", "/page/page.css")
 PROMOTE_PATHS = ("/v1/promote", "/v1/reject")  # only a promotion key opens these
 
 

@@ -22,10 +22,11 @@ Requests, latency, batch sizes, images and the model version are Prometheus metr
 
 import asyncio
 from dataclasses import asdict
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from ldmflow import configs
@@ -58,6 +59,8 @@ KEY_DIGESTS = "api_key_sha256"  # the user_config entry with the API keys' diges
 PROMOTE_KEY_DIGESTS = "promote_key_sha256"  # ... with the promotion keys' digests and who holds each
 PROMOTION = "promotion"  # ... with the gate's config (the promote: section)
 OTHER_VERSIONS = 2  # versions a replica keeps loaded beside the one it follows
+PAGE = Path(__file__).with_name("page")  # the page served at /: HTML, CSS and JavaScript, no build step
+PAGE_FILES = {"page.js": "text/javascript", "page.css": "text/css"}
 
 api = FastAPI(title="ldmflow sampler", version="1",
               description="Generate, edit and inpaint images with a registered ldmflow latent diffusion model. "
@@ -321,8 +324,21 @@ class SamplerServer:
         except gate.RegistryError as exc:
             raise RequestError("version", str(exc)) from None
 
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The page to look before promoting (compare, draw and edit, promote or reject)."""
+        return HTMLResponse((PAGE / "index.html").read_text())
+
+    @api.get("/page/{name}", include_in_schema=False)
+    async def page_file(self, name: str) -> Response:
+        if name not in PAGE_FILES:
+            return JSONResponse({"error": f"path: no page file {name!r}", "field": "path"}, status_code=404)
+        return Response((PAGE / name).read_bytes(), media_type=PAGE_FILES[name])
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.model.uri, "version": self.model.version}
+        """Up, with the model it serves, and whether the other routes need a key."""
+        return {"status": "ok", "model": self.model.uri, "version": self.model.version,
+                "keys": bool(api.state.key_digests or api.state.promote_digests)}
 
 

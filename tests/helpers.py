@@ -240,3 +240,39 @@ class CountingProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+CHROMIUM_MISSING = "no system chromium and chromedriver (make test installs them as root)"
+
+
+def chromium_available() -> bool:
+    import shutil
+
+    return shutil.which("chromium") is not None and shutil.which("chromedriver") is not None
+
+
+def chromium():
+    """The system's Chromium, headless, driven through the packaged chromedriver by Selenium
+    (nothing downloaded); its console kept for :meth:`get_log`."""
+    import os
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager fetches nothing: the paths are given
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1200,1600"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=shutil.which("chromedriver")))
+    driver.set_script_timeout(60)
+    return driver
+
+
+def page_images(driver, where: str) -> list[str]:
+    """The data URLs of the images the page shows in element ``where``."""
+    return [img.get_attribute("src") for img in driver.find_elements("css selector", f"#{where} img")]
+

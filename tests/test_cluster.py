@@ -387,6 +387,33 @@ def _assert_scraped_through_rays_discovery_file(ray_temp: Path) -> None:
     assert samples.get(("ray_ldmflow_model_version", (("model", MODEL),)), 0) >= 1, samples
 
 
+def _the_page_compares_on_the_stack(url: str) -> None:
+    """The sampler's page against the stack's served model: its versions from the tracking
+    server, and (where the system has Chromium) a compare drawn in a real browser."""
+    with urllib.request.urlopen(url + "/", timeout=60) as response:
+        assert "<title>ldmflow" in response.read().decode()
+    with urllib.request.urlopen(url + "/v1/versions", timeout=60) as response:
+        listed = json.loads(response.read())
+    assert listed["name"] == MODEL and any("production" in v["aliases"] for v in listed["versions"]), listed
+    if not helpers.chromium_available():
+        return
+    from selenium.webdriver.support.ui import Select
+
+    driver = helpers.chromium()
+    try:
+        driver.get(url + "/")
+        helpers.wait_until(lambda: driver.find_elements("css selector", "#versions tbody tr"), 60, "the versions")
+        for side in ("left", "right"):
+            Select(driver.find_element("id", side)).select_by_value("production")
+        driver.find_element("id", "compare").click()
+        helpers.wait_until(lambda: len(helpers.page_images(driver, "left-images")) == 4
+                           == len(helpers.page_images(driver, "right-images")), 120, "a compare on the stack")
+        assert helpers.page_images(driver, "left-images") == helpers.page_images(driver, "right-images")
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        driver.quit()
+
+
 def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, driver_run, tmp_path):
     from PIL import Image
 
@@ -414,6 +441,7 @@ def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, driver
             answer = json.loads(response.read())
         images = [Image.open(io.BytesIO(base64.b64decode(item))) for item in answer["images"]]
         assert len(images) == 2 and images[0].size[0] > 0
+        _the_page_compares_on_the_stack(f"http://127.0.0.1:{port}")
         placed = _ray_probe(stack.env, REPLICA, "ALIVE")
         assert len(set(placed["nodes"])) == 2, placed  # one replica on each worker node
         _assert_scraped_through_rays_discovery_file(stack.home / "ray")
