@@ -153,7 +153,7 @@ def test_the_page_compares_inpaints_and_promotes_in_a_real_browser(served, brows
     driver.find_element("id", "reason").send_keys("sharper sevens")
     driver.find_element("id", "promote").click()
     helpers.wait_until(lambda: "may draw but not promote" in status(driver), 30, "the refusal of an API key")
-    assert tracking.client().get_model_version_by_alias(NAME, "production").version == production
+    assert str(tracking.client().get_model_version_by_alias(NAME, "production").version) == production
     use_key(driver, PROMOTE_KEY)
     helpers.wait_until(lambda: len(driver.find_elements("css selector", "#versions tbody tr")) == 2, 30, "reloaded")
     Select(driver.find_element("id", "promote-version")).select_by_value("candidate")
@@ -161,10 +161,12 @@ def test_the_page_compares_inpaints_and_promotes_in_a_real_browser(served, brows
     helpers.wait_until(lambda: driver.find_element("id", "decision").text.startswith("promoted version"), 30,
                        "the decision on the page")
     assert f"promoted version {candidate} (by ana)" in driver.find_element("id", "decision").text
-    assert tracking.client().get_model_version_by_alias(NAME, "production").version == candidate
+    assert str(tracking.client().get_model_version_by_alias(NAME, "production").version) == candidate
     tags = tracking.client().get_model_version(NAME, candidate).tags
     decision = {key[len(gate.DECISION_TAG):]: value for key, value in tags.items() if key.startswith(gate.DECISION_TAG)}
     assert set(decision) == {"decision", "reason", "metric", "candidate_score", "production_version",
                              "production_score", "forced", "by", "why", "time"}  # what the CLI's promote writes
     assert (decision["decision"], decision["by"], decision["why"]) == ("promoted", "ana", "sharper sevens")
+    helpers.wait_until(lambda: "promoted by ana" in driver.find_element("id", "versions").text, 30,
+                       "the versions listed again, with the decision")
     driver.save_screenshot(os.environ.get("LDMFLOW_PAGE_SCREENSHOT") or str(tmp_path / "page.png"))

@@ -319,7 +319,7 @@ def test_a_promotion_key_promotes_behind_the_gate_and_rejects_recording_who_and_
     assert (decision["promoted"], decision["candidate"], decision["production"], decision["by"]) == (
         True, better, production, "ana")
     assert (decision["candidate_score"], decision["production_score"]) == (10.0, 20.0)
-    assert client.get_model_version_by_alias(NAME, "production").version == better
+    assert str(client.get_model_version_by_alias(NAME, "production").version) == better
     tags = client.get_model_version(NAME, better).tags
     assert (tags["ldmflow.promotion.decision"], tags["ldmflow.promotion.by"], tags["ldmflow.promotion.why"]) == (
         "promoted", "ana", "sharper sevens")
@@ -329,7 +329,7 @@ def test_a_promotion_key_promotes_behind_the_gate_and_rejects_recording_who_and_
     status, decision = call(server, "/v1/reject", {"version": worse, "reason": "blurry"}, authorization=as_ana)
     assert status == 200 and not decision["promoted"], decision
     assert client.get_model_version(NAME, worse).tags["ldmflow.promotion.decision"] == "rejected"
-    assert client.get_model_version_by_alias(NAME, "production").version == better
+    assert str(client.get_model_version_by_alias(NAME, "production").version) == better
 
     assert call(server, "/v1/generate", {"label": 1, "steps": 2}, authorization=as_ana)[0] == 200  # it may draw
     _, openapi = call(server, "/openapi.json")

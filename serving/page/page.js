@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY = "ldmflow-key";
-const page = { model: null, versions: [], path: [] };
+const page = { model: null, versions: [], path: [], sized: false };
 
 function key() {
   return sessionStorage.getItem(KEY) || "";
@@ -53,11 +53,13 @@ function showImages(target, images, titles = []) {
   }));
 }
 
-// The condition inputs a model takes: a class select, a prompt, or nothing.
+// The condition inputs a model takes: a class select, a prompt, or nothing (what was chosen
+// is kept when the page reloads its model).
 function conditionInputs() {
   const info = page.model;
   for (const span of document.querySelectorAll(".condition")) {
     const source = span.classList.contains("source");
+    const chosen = span.querySelector(".condition-value")?.value;
     span.replaceChildren();
     if (!info || info.conditioning === "none") continue;
     const label = document.createElement("label");
@@ -74,6 +76,7 @@ function conditionInputs() {
       input.value = "";
     }
     input.className = "condition-value";
+    if (chosen !== undefined) input.value = chosen;
     label.append(input);
     span.append(label);
   }
@@ -119,7 +122,7 @@ function versionRows() {
     const decision = v.tags["ldmflow.promotion.decision"];
     const cells = [v.version, v.aliases.join(", "),
                    Object.entries(v.metrics).map(([k, x]) => `${k} ${x.toPrecision(4)}`).join(", "),
-                   v.run_id || "", decision ? `${decision} by ${v.tags["ldmflow.promotion.by"] || "?"}` : ""];
+                   v.tags["ldmflow.run_id"] || v.run_id || "", decision ? `${decision} by ${v.tags["ldmflow.promotion.by"] || "?"}` : ""];
     row.replaceChildren(...cells.map((text) => {
       const cell = document.createElement("td");
       cell.textContent = text;
@@ -134,14 +137,15 @@ async function load() {
   $("model-name").textContent = `${page.model.name || page.model.uri}`;
   const listed = await api("/v1/versions");
   page.versions = listed.versions;
-  for (const canvas of [$("source-canvas"), $("mask-canvas")]) {
-    canvas.width = canvas.height = page.model.resolution;
+  if (!page.sized || $("mask-canvas").width !== page.model.resolution) {  // resizing clears what was drawn
+    page.sized = true;
+    for (const canvas of [$("source-canvas"), $("mask-canvas")]) canvas.width = canvas.height = page.model.resolution;
+    clearMask();
+    $("steps").value = page.model.defaults.steps;
   }
-  clearMask();
   conditionInputs();
   versionChoices();
   versionRows();
-  $("steps").value = page.model.defaults.steps;
 }
 
 async function compare() {
