@@ -42,13 +42,13 @@ from ldmflow.serving.follower import AliasFollower, Loaded, ModelSlot, load_mode
 from ldmflow.serving import auth
 from ldmflow.serving.metrics import ServingMetrics
 from ldmflow.serving.schemas import (
+    DecisionResponse,
     EditRequest,
     ErrorBody,
     GenerateRequest,
     ImagesResponse,
     InpaintRequest,
     InterpolateRequest,
-    DecisionResponse,
     ModelRef,
     PromoteRequest,
     RejectRequest,
@@ -63,8 +63,10 @@ PAGE = Path(__file__).with_name("page")  # the page served at /: HTML, CSS and J
 PAGE_FILES = {"page.js": "text/javascript", "page.css": "text/css"}
 
 api = FastAPI(title="ldmflow sampler", version="1",
-              description="Generate, edit and inpaint images with a registered ldmflow latent diffusion model. "
-                          "With API keys configured, every route but /healthz needs `Authorization: Bearer KEY`.")
+              description="Generate, edit and inpaint images with a registered ldmflow latent diffusion model, "
+                          "compare its versions and promote one. With keys configured, every route but /healthz "
+                          "and the page needs `Authorization: Bearer KEY`; promoting and rejecting need a "
+                          "promotion key.")
 api.state.key_digests = ()
 api.state.promote_digests = {}  # digest -> who holds the promotion key
 api.state.metrics = None  # a replica's ServingMetrics

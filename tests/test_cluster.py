@@ -441,10 +441,10 @@ def test_serve_from_another_folder_after_the_driver_folder_is_gone(stack, driver
             answer = json.loads(response.read())
         images = [Image.open(io.BytesIO(base64.b64decode(item))) for item in answer["images"]]
         assert len(images) == 2 and images[0].size[0] > 0
-        _the_page_compares_on_the_stack(f"http://127.0.0.1:{port}")
         placed = _ray_probe(stack.env, REPLICA, "ALIVE")
         assert len(set(placed["nodes"])) == 2, placed  # one replica on each worker node
-        _assert_scraped_through_rays_discovery_file(stack.home / "ray")
+        _assert_scraped_through_rays_discovery_file(stack.home / "ray")  # counts the one request above
+        _the_page_compares_on_the_stack(f"http://127.0.0.1:{port}")  # after: its requests are counted too
 
         # Node loss: the raylet of one replica's node is SIGKILLed while two clients keep
         # asking. At most the requests in flight on it fail; Serve replaces the replica on
