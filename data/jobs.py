@@ -15,21 +15,22 @@ import base64
 import binascii
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ldmflow.data import images
 from ldmflow.errors import LdmflowError
+from ldmflow.model import restoration
 
 # Every field of a request, with its MLflow column type (the pyfunc signature is made from it).
 FIELDS: dict[str, str] = {
     "label": "long", "prompt": "string", "n": "long", "seed": "long", "steps": "long", "sampler": "string",
     "guidance": "double", "to_seed": "long", "to_label": "long", "to_prompt": "string", "at": "double",
     "image": "string", "mode": "string", "strength": "double", "source_label": "long", "source_prompt": "string",
-    "mask": "string",
+    "mask": "string", "jump_length": "long", "jump_count": "long",
 }
 INTEGERS = frozenset(name for name, kind in FIELDS.items() if kind == "long")
-MODES = ("sdedit", "invert")
+MODES = ("sdedit", "invert", "restore")
 EDIT_STRENGTH = 0.6  # an SDEdit's strength when the request gives none
 MAX_SEED = 2**31 - 1
 
@@ -62,9 +63,10 @@ class RequestError(LdmflowError, ValueError):
 def build(sampler, fields: Mapping[str, Any], limits: Limits = Limits()) -> Any:
     """The job ``fields`` ask of ``sampler`` (a :class:`~ldmflow.model.sampler.Sampler`), or
     :class:`RequestError`. A missing ``seed`` is drawn at random; an ``image`` alone is an
-    SDEdit (``mode: sdedit``, at ``strength``, 0.6 unless given) or an inversion (``mode:
-    invert``, under ``source_label``/``source_prompt``); with a ``mask`` of its size, an
-    inpainting."""
+    SDEdit (``mode: sdedit``, at ``strength``, 0.6 unless given), a restoration (``mode:
+    restore``: an SDEdit at the strength chosen for the image's noise,
+    :func:`ldmflow.model.restoration.strength`) or an inversion (``mode: invert``, under
+    ``source_label``/``source_prompt``); with a ``mask`` of its size, an inpainting."""
     given = {name: value for name, value in fields.items() if value is not None}
     for name in given:
         if name not in FIELDS:
@@ -98,6 +100,9 @@ def build(sampler, fields: Mapping[str, Any], limits: Limits = Limits()) -> Any:
             given["mask"] = images.mask_input(drawn, side)
         if mode == "invert":
             given.update(invert=True, strength=1.0)
+        elif mode == "restore" and ("strength" in given or mask is not None):
+            raise RequestError("strength" if mask is None else "mask",
+                               "mode restore chooses the strength for the image's noise, and takes no mask")
         elif "source_label" in given or "source_prompt" in given:
             raise RequestError("source_label" if "source_label" in given else "source_prompt",
                                "the input's own condition is for mode invert")
@@ -106,6 +111,8 @@ def build(sampler, fields: Mapping[str, Any], limits: Limits = Limits()) -> Any:
     job = sampler.job(**given)
     if job.steps > limits.max_steps:
         raise RequestError("steps", f"at most {limits.max_steps}")
+    if mode == "restore" and image is not None:
+        job = replace(job, strength=restoration.strength(sampler, job.image, job.steps, job.sampler, job.seed))
     try:
         sampler.check(job)
     except ValueError as exc:

@@ -120,6 +120,13 @@ def sample(
     strength: Annotated[Optional[float], typer.Option(
         help="Edit strength: 0 returns the image, 1 ignores it (default 0.6).")] = None,
     mask: Annotated[Optional[str], typer.Option(help="Inpainting mask image: white where new content goes.")] = None,
+    jump_length: Annotated[Optional[int], typer.Option(
+        help="Zero-shot inpainting's resampling (RePaint): steps each jump goes back.")] = None,
+    jump_count: Annotated[Optional[int], typer.Option(
+        help="Zero-shot inpainting's resampling: times each stretch of --jump-length steps runs (1: none; "
+             "default 3 with ddpm and ddim).")] = None,
+    restore: Annotated[bool, typer.Option(
+        help="Restore a noisy --init-image: SDEdit at the strength chosen for the noise it carries.")] = False,
     invert: Annotated[bool, typer.Option(
         help="Edit by inversion: DDIM-invert --init-image to its noise, then draw from that noise under --label/--prompt.")] = False,
     source_label: Annotated[Optional[int], typer.Option(help="With --invert: the input image's own class, if known.")] = None,
@@ -131,8 +138,9 @@ def sample(
     With --interpolate-to (and/or --label-to, --prompt-to) the n images run along the path
     between two seeds' noises (and two conditions): the first equals --seed's image, the
     last --interpolate-to's, each drawn alone with --n 1. With --init-image: SDEdit at
-    --strength, inpainting with --mask, or with --invert the image's own noise (DDIM
-    inversion under --source-label/--source-prompt) drawn again under --label/--prompt.
+    --strength, a restoration with --restore (SDEdit at the strength its noise needs),
+    inpainting with --mask, or with --invert the image's own noise (DDIM inversion under
+    --source-label/--source-prompt) drawn again under --label/--prompt.
     """
     from pathlib import Path
 
@@ -146,7 +154,8 @@ def sample(
         model, _ = load_sampler(model_uri)
         fields = dict(n=n, label=label, prompt=prompt, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                       to_seed=interpolate_to, to_label=label_to, to_prompt=prompt_to, strength=strength,
-                      source_label=source_label, source_prompt=source_prompt, mode="invert" if invert else None,
+                      source_label=source_label, source_prompt=source_prompt, jump_length=jump_length,
+                      jump_count=jump_count, mode="invert" if invert else "restore" if restore else None,
                       image=Path(init_image).read_bytes() if init_image else None,
                       mask=Path(mask).read_bytes() if mask else None)
         job = jobs.build(model, fields)  # as an HTTP request or a pyfunc row is, with the same limits
@@ -161,7 +170,8 @@ def sample(
     for i, image in enumerate(to_pil(drawn)):
         image.save(folder / (f"path-{i:03d}.png" if job.interpolates else f"{seed + i:06d}.png"))
     grid([drawn]).save(folder / "grid.png")
-    typer.echo(f"sample: {n} images from {model_uri} -> {folder}/ (grid.png)")
+    chosen = f" at strength {job.strength:.2f}" if restore else ""
+    typer.echo(f"sample: {n} images from {model_uri}{chosen} -> {folder}/ (grid.png)")
 
 
 def serve_model(

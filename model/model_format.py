@@ -4,7 +4,8 @@ the MLflow pyfunc loader, evaluation and export.
 A model folder holds everything sampling needs and nothing pickled::
 
     ldmflow.json     kind and format version, conditioning, noise schedule, latent geometry, scale factor,
-                     class names, text encoder, sampler defaults, lineage, training config
+                     class names, text encoder, sampler defaults, lineage, training config, and
+                     whether the UNet is trained for inpainting
     unet/            the EMA UNet (diffusers' config.json + safetensors)
     autoencoder/     a copy of the autoencoder folder (:mod:`ldmflow.model.autoencoders`): the
                      decoder (and encoder, for editing and inpainting) with its scale factor
@@ -62,6 +63,7 @@ class ModelInfo:
     autoencoder: dict[str, Any]  # uri, weights_sha256, scale_factor of the one that made the latents
     lineage: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the diffusion stage's config
+    inpainting: bool = False  # the UNet takes ldmflow.model.inpainting's extra input channels
     kind: str = KIND
     version: int = VERSION
 

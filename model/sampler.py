@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
-from ldmflow.model import model_format, schedules, unets
-from ldmflow.model.sampling import SAMPLERS, Job, generators, per_image_noise, slerp
+from ldmflow.model import inpainting, model_format, schedules, unets
+from ldmflow.model.sampling import SAMPLERS, Job, generators, per_image_noise, resampling_plan, slerp
 from ldmflow.model.text_encoder import SentenceEncoder
+
 
 @torch.no_grad()
 def reverse_process(
@@ -41,6 +41,7 @@ def reverse_process(
     start_step: int = 0,
     known: tuple[torch.Tensor, torch.Tensor] | None = None,
     known_noise=None,
+    plan: list[int] | None = None,
     on_step: Callable[[], None] = lambda: None,
 ) -> torch.Tensor:
     """The reverse process with classifier-free guidance (Ho & Salimans 2022).
@@ -49,18 +50,25 @@ def reverse_process(
     timestep ``start_step`` (SDEdit, Meng et al. 2022). Both guidance passes run as one
     batch of 2B; ``guidance`` is a scalar or a (B, 1, 1, 1) tensor. ``known = (latent, mask)``
     with mask 1 where the latent is kept re-imposes the known region, noised to each step's
-    level by ``known_noise(shape)``, after every step (inpainting by latent blending, as in
-    RePaint without resampling). ``scheduler`` must be fresh for this call; ``on_step`` is
-    called after each step.
+    level by ``known_noise(shape)``, after every step (inpainting by latent blending).
+    ``plan`` (:func:`~ldmflow.model.sampling.resampling_plan`) orders the steps with RePaint's
+    jumps back, each re-noising the latent by ``known_noise``; by default each step runs once.
+    ``scheduler`` must be fresh for this call, and stateless between steps (DDPM, DDIM) when
+    the plan jumps; ``on_step`` is called after each step.
     """
     scheduler.set_timesteps(steps, device=latents.device)
-    timesteps = scheduler.timesteps[start_step:]
+    timesteps = scheduler.timesteps
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start_step * scheduler.order)
     if start_step == 0:
         latents = latents * scheduler.init_noise_sigma
     guided = null_conditioning is not None and not _all_one(guidance)
-    for i, t in enumerate(timesteps):
+    order = plan if plan is not None else range(start_step, len(timesteps))
+    last = None
+    for i in order:
+        if last is not None and i <= last:  # a jump back: noise from after step `last` to before step i
+            latents = renoise(scheduler, latents, timesteps[last + 1], timesteps[i], known_noise(latents.shape[1:]))
+        last, t = i, timesteps[i]
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
         kwargs = {k: torch.cat([null_conditioning[k], v]) for k, v in conditioning.items()} if guided else conditioning
@@ -79,6 +87,14 @@ def reverse_process(
     return latents
 
 
+def renoise(scheduler, latents: torch.Tensor, t_from, t_to, noise: torch.Tensor) -> torch.Tensor:
+    """``latents`` at the noise level of timestep ``t_from`` taken forward to ``t_to`` (a
+    higher one): q(x_to | x_from) = N(√(ᾱ_to/ᾱ_from)·x_from, (1 − ᾱ_to/ᾱ_from)·I)."""
+    alphas = scheduler.alphas_cumprod.to(latents.device)
+    ratio = alphas[int(t_to)] / alphas[int(t_from)]
+    return ratio.sqrt() * latents + (1 - ratio).sqrt() * noise.to(latents.device)
+
+
 def _all_one(guidance) -> bool:
     if isinstance(guidance, torch.Tensor):
         return bool((guidance == 1).all())
@@ -95,6 +111,8 @@ class Sampler:
         self.device = device
         self.schedule = schedules.NoiseSchedule(**info.noise)
         self._text_encoder = text_encoder
+        self.mask_dilation = inpainting.MASK_DILATION
+        self.feather_pixels = inpainting.FEATHER_PIXELS
 
     @classmethod
     def from_folder(cls, folder, device: str = "cpu") -> "Sampler":
@@ -111,7 +129,10 @@ class Sampler:
         # Inversion is DDIM's: it is the sampler an inverting job runs unless told otherwise.
         job = Job(sampler="ddim" if given.get("invert") else defaults.sampler, steps=defaults.steps,
                   guidance=defaults.guidance)
-        return replace(job, **given)
+        job = replace(job, **given)
+        if job.mode == "inpaint" and "jump_count" not in given and not self.info.inpainting:
+            job = replace(job, **{**inpainting.default_jumps(job.steps, job.sampler), **given})
+        return job
 
     def check(self, job: Job) -> None:
         """Raise ValueError naming the field of a job this model cannot run."""
@@ -144,6 +165,7 @@ class Sampler:
                 raise ValueError("mask: inpainting needs an image")
             if tuple(job.mask.shape) != (1, side, side):
                 raise ValueError(f"mask: must be (1, {side}, {side}), got {tuple(job.mask.shape)}")
+        inpainting.check_resampling(job, self.info.inpainting)
 
     def _check_interpolation(self, job: Job) -> None:
         if job.image is not None:
@@ -200,15 +222,19 @@ class Sampler:
         scheduler = schedules.sampling_scheduler(self.schedule, first.sampler)
         scheduler.set_timesteps(first.steps)
         cond, null = self._conditioning(jobs)
+        if not any(job.label is not None or job.prompt or job.to_label is not None or job.to_prompt for job in jobs):
+            null = None  # every image is unconditional: guidance would add nothing to the null pass
         guidance = torch.tensor([job.guidance for job in jobs for _ in range(job.n)]).view(-1, 1, 1, 1).to(self.device)
         noise = self._interpolated(jobs, per_image_noise(gens, latent_shape)).to(self.device)
 
-        start_step, known, init = 0, None, None
+        start_step, init = 0, None
         if first.mode != "generate":
             init = self._repeat([job.image for job in jobs], jobs)  # (B, 3, H, W)
             init_latent = self.encode(init)
+        pixel_mask, known, plan, extra = self._inpainting(jobs, init_latent if init is not None else noise)
+        denoiser = self._with_channels(self._denoiser(jobs), extra)
         if first.mode == "invert":
-            latents = self.invert(init_latent, jobs, on_step)
+            latents = self.invert(init_latent, jobs, on_step, denoiser)
         elif first.mode == "edit":
             start_step = first.steps - first.denoising_steps
             if first.denoising_steps == 0:
@@ -217,38 +243,52 @@ class Sampler:
             latents = scheduler.add_noise(init_latent, noise, t_start.repeat(noise.shape[0]))
         else:
             latents = noise
-        pixel_mask = None
-        if first.mode == "inpaint":
-            pixel_mask = self._repeat([job.mask for job in jobs], jobs).to(self.device)  # 1 = generate
-            known = (init_latent, 1 - self.latent_mask(pixel_mask))
 
-            def known_noise(shape):
-                return per_image_noise(gens, shape)
-        else:
-            known_noise = None
+        def known_noise(shape):
+            return per_image_noise(gens, shape)
 
         latents = reverse_process(
-            self._denoiser(jobs), scheduler, latents, steps=first.steps, conditioning=cond, null_conditioning=null,
+            denoiser, scheduler, latents, steps=first.steps, conditioning=cond, null_conditioning=null,
             guidance=guidance, generator=gens, start_step=start_step, known=known, known_noise=known_noise,
-            on_step=on_step)
+            plan=plan, on_step=on_step)
         images = self.decode(latents)
-        if pixel_mask is not None:  # the kept region is the input's own pixels, exactly
-            images = pixel_mask * images + (1 - pixel_mask) * init
+        if pixel_mask is not None:  # the known pixels are the input's own, fading in over a thin band
+            weight = self.feathered(pixel_mask)
+            images = weight * images + (1 - weight) * init.to(self.device)
         return self._split(images, jobs)
 
+    def _inpainting(self, jobs: list[Job], latents: torch.Tensor):
+        """(pixel mask, known latents and their mask, resampling plan, the UNet's extra input
+        channels) of a batch whose input latents are ``latents``: a zero-shot inpainting blends
+        and resamples, an inpainting model sees the known latents and the mask, and sees
+        nothing known when it generates, edits or inverts."""
+        first = jobs[0]
+        if first.mode != "inpaint":
+            return None, None, None, inpainting.nothing_known(latents) if self.info.inpainting else None
+        pixel_mask = self._repeat([job.mask for job in jobs], jobs).to(self.device)  # 1 = generate
+        cells = self.latent_mask(pixel_mask)
+        if self.info.inpainting:
+            return pixel_mask, None, None, inpainting.conditioning_channels(latents, cells)
+        plan = resampling_plan(first.steps, first.jump_length, first.jump_count)
+        return pixel_mask, (latents, 1 - cells), plan, None
+
     @torch.no_grad()
-    def invert(self, latents: torch.Tensor, jobs: list[Job], on_step: Callable[[], None] = lambda: None) -> torch.Tensor:
+    def invert(self, latents: torch.Tensor, jobs: list[Job], on_step: Callable[[], None] = lambda: None,
+               denoiser=None) -> torch.Tensor:
         """Deterministic DDIM inversion (Song et al. 2021; as in Mokady et al. 2023): the
         sampler's ODE run from the scaled latents towards the noise that DDIM at the jobs'
         step count would draw them from, under each image's own condition (``source_label``
-        or ``source_prompt``, unconditional where unknown), without guidance."""
+        or ``source_prompt``, unconditional where unknown), without guidance. ``denoiser``:
+        the UNet (as :meth:`run` calls it) by default."""
+        denoiser = denoiser or self._with_channels(self.unet, None if not self.info.inpainting
+                                                   else inpainting.nothing_known(latents))
         sources = [replace(job, label=job.source_label, prompt=job.source_prompt, to_label=None, to_prompt=None,
                            to_seed=None) for job in jobs]
         conditioning, _ = self._conditioning(sources)
         scheduler = schedules.inversion_scheduler(self.schedule)
         scheduler.set_timesteps(jobs[0].steps, device=latents.device)
         for t in scheduler.timesteps:
-            prediction = self.unet(scheduler.scale_model_input(latents, t), t, **conditioning, return_dict=False)[0]
+            prediction = denoiser(scheduler.scale_model_input(latents, t), t, **conditioning, return_dict=False)[0]
             latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
             on_step()
         return latents
@@ -266,8 +306,10 @@ class Sampler:
         return self.vae.decode(latents / self.info.scale_factor).sample.clamp(-1, 1)
 
     def latent_mask(self, pixel_mask: torch.Tensor) -> torch.Tensor:
-        """(B, 1, h, w): a latent cell is generated if any pixel it covers is."""
-        return (F.adaptive_max_pool2d(pixel_mask.float(), tuple(self.info.latent_shape[1:])) > 0.5).float()
+        return inpainting.latent_mask(pixel_mask, self.info.latent_shape[1:], self.mask_dilation)
+
+    def feathered(self, pixel_mask: torch.Tensor) -> torch.Tensor:
+        return inpainting.feathered(pixel_mask, self.feather_pixels)
 
     def _interpolated(self, jobs: list[Job], noise: torch.Tensor) -> torch.Tensor:
         """``noise`` (one row per image, drawn from its generator) with each interpolating
@@ -303,6 +345,18 @@ class Sampler:
             index = torch.where(class_labels == self.info.null_label, len(table) - 1, index.repeat(len(class_labels) // len(index)))
             return torch.func.functional_call(self.unet, overrides, (sample, timestep), {"class_labels": index, **kwargs})
         return denoiser
+
+    @staticmethod
+    def _with_channels(denoiser, extra: torch.Tensor | None):
+        """``denoiser`` given an inpainting model's ``extra`` input channels (B, C + 1, h, w)
+        after the latent's, as many times as the batch holds the B images (both guidance passes)."""
+        if extra is None:
+            return denoiser
+
+        def call(sample, timestep, **kwargs):
+            repeated = extra.to(sample.dtype).repeat(sample.shape[0] // extra.shape[0], 1, 1, 1)
+            return denoiser(torch.cat([sample, repeated], dim=1), timestep, **kwargs)
+        return call
 
     def _conditioning(self, jobs: list[Job]) -> tuple[dict, dict | None]:
         """The UNet's conditioning for every image of ``jobs``, and the null conditioning of

@@ -20,7 +20,9 @@ class Job:
 
     With ``image`` (3, H, W) in [−1, 1] and ``strength`` < 1 it is an edit (SDEdit); with
     ``mask`` (1, H, W), 1 where new content goes and 0 where the image is kept, it is an
-    inpainting. ``label``/``prompt`` None draws unconditionally.
+    inpainting: zero-shot, with each stretch of ``jump_length`` steps run ``jump_count`` times
+    (RePaint's resampling, :func:`resampling_plan`), or by a model trained for it.
+    ``label``/``prompt`` None draws unconditionally.
     """
 
     n: int = 1
@@ -33,6 +35,8 @@ class Job:
     image: torch.Tensor | None = None
     strength: float = 1.0
     mask: torch.Tensor | None = None
+    jump_length: int = 1  # inpainting: steps a resampling jump goes back
+    jump_count: int = 1  # inpainting: times each stretch of jump_length steps runs (1: no resampling)
     to_seed: int | None = None
     to_label: int | None = None
     to_prompt: str | None = None
@@ -71,15 +75,36 @@ class Job:
     @property
     def denoising_steps(self) -> int:
         """UNet steps the job runs: ``steps``, its ``strength`` share for an edit, twice
-        ``steps`` for an inversion (to the noise, and back)."""
+        ``steps`` for an inversion (to the noise, and back), the resampling plan's length for
+        an inpainting."""
         if self.mode == "edit":
             return min(int(round(self.steps * self.strength)), self.steps)
+        if self.mode == "inpaint":
+            return len(resampling_plan(self.steps, self.jump_length, self.jump_count))
         return 2 * self.steps if self.mode == "invert" else self.steps
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys share a timestep schedule and run as one batch."""
         strength = self.strength if self.mode == "edit" else 1.0
-        return (self.mode, self.sampler, self.steps, strength)
+        jumps = (self.jump_length, self.jump_count) if self.mode == "inpaint" and self.jump_count > 1 else (1, 1)
+        return (self.mode, self.sampler, self.steps, strength, *jumps)
+
+
+def resampling_plan(steps: int, jump_length: int = 1, jump_count: int = 1) -> list[int]:
+    """The denoising steps (indices into the schedule's ``steps`` timesteps) in the order an
+    inpainting runs them: RePaint's resampling (Lugmayr et al. 2022). The schedule is cut into
+    stretches of ``jump_length`` steps; each stretch that ends before the last step is run
+    ``jump_count`` times, the latent re-noised back to the stretch's start between runs, so
+    the generated region is denoised again in the light of the known region it was blended
+    with. A step index not above the one before it marks such a jump back."""
+    if jump_count <= 1 or jump_length < 1:
+        return list(range(steps))
+    plan: list[int] = []
+    start = 0
+    while start + jump_length <= steps - 1:
+        plan.extend(list(range(start, start + jump_length)) * jump_count)
+        start += jump_length
+    return plan + list(range(start, steps))
 
 
 def batch_groups(jobs: list[Job]) -> list[list[int]]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ldmflow.model import inpainting as inpainting_module
 from ldmflow.model.text_encoder import TEXT_DIM
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -24,26 +25,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def build(preset: str, conditioning: str, latent_shape: tuple[int, int, int], num_classes: int = 0, *,
-          lora_rank: int = 0, weights: dict[str, torch.Tensor] | None = None):
+          lora_rank: int = 0, weights: dict[str, torch.Tensor] | None = None, inpainting: bool = False):
     """The UNet for latents of ``latent_shape`` (C, h, w): fresh, or with ``weights`` (a state
-    dict of the same UNet: fine-tuning's parent); with rank-``lora_rank`` LoRA adapters on
-    top when it is not 0 (:func:`add_lora`)."""
-    unet = _unet(preset, conditioning, latent_shape, num_classes)
+    dict of the same UNet: fine-tuning's parent, or the plain UNet an inpainting one starts
+    from); taking the extra input channels of :mod:`ldmflow.model.inpainting` with
+    ``inpainting``; with rank-``lora_rank`` LoRA adapters on top when it is not 0 (:func:`add_lora`)."""
+    unet = _unet(preset, conditioning, latent_shape, num_classes, inpainting)
     if weights is not None:
-        unet.load_state_dict(weights)
+        unet.load_state_dict(inpainting_module.widen_input(weights, latent_shape[0]) if inpainting else weights)
     return add_lora(unet, lora_rank) if lora_rank else unet
 
 
-def _unet(preset: str, conditioning: str, latent_shape: tuple[int, int, int], num_classes: int):
+def _unet(preset: str, conditioning: str, latent_shape: tuple[int, int, int], num_classes: int, inpainting: bool):
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     sizes = PRESETS[preset]
     depth = len(sizes["block_out_channels"])
     channels, side = latent_shape[0], latent_shape[1]
+    in_channels = channels + (inpainting_module.extra_channels(channels) if inpainting else 0)
     if conditioning == "text":
         return UNet2DConditionModel(
             sample_size=side,
-            in_channels=channels,
+            in_channels=in_channels,
             out_channels=channels,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
@@ -60,7 +63,7 @@ def _unet(preset: str, conditioning: str, latent_shape: tuple[int, int, int], nu
         raise ValueError("class conditioning needs class names in the dataset")
     return UNet2DModel(
         sample_size=side,
-        in_channels=channels,
+        in_channels=in_channels,
         out_channels=channels,
         down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (depth - 1),
         up_block_types=("AttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),

@@ -228,4 +228,19 @@ def lineage_tags(info: model_format.ModelInfo) -> dict[str, str]:
     tags["ldmflow.autoencoder"] = str(info.autoencoder.get("uri", ""))
     tags["ldmflow.autoencoder_sha256"] = str(info.autoencoder.get("weights_sha256", ""))
     tags["ldmflow.conditioning"] = info.conditioning
+    if info.inpainting:
+        tags["ldmflow.inpainting"] = "true"  # its UNet takes the known latents and the mask
     return tags
+
+
+def check_inpainting_model(uri: str, served_uri: str, where: str = "serve.inpainting_model") -> None:
+    """Refuse, in one line, a model that cannot stand in for ``served_uri``'s inpainting:
+    one not trained for it (no extra input channels), or of another autoencoder."""
+    info = model_format.read_info(model_format.model_folder(resolve(uri)[0]))
+    if not info.inpainting:
+        raise model_format.ModelError(
+            f"{where} {uri}: not trained for inpainting (its UNet takes the latent's {info.latent_shape[0]} "
+            f"channels only): train one with train: inpainting: true")
+    served = model_format.read_info(model_format.model_folder(resolve(served_uri)[0]))
+    if info.autoencoder.get("weights_sha256") != served.autoencoder.get("weights_sha256"):
+        raise model_format.ModelError(f"{where} {uri}: made with another autoencoder than {served_uri}")

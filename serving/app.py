@@ -13,7 +13,7 @@ from ray import serve
 
 from ldmflow import configs
 from ldmflow.data import cluster
-from ldmflow.registry import tracking
+from ldmflow.registry import models, tracking
 from ldmflow.registry.gate import PromotionConfig
 from ldmflow.serving import auth
 from ldmflow.serving.config import ServeConfig
@@ -68,6 +68,8 @@ def build_app(args: dict):
     promotion = configs.from_dict(PromotionConfig, fields.pop("promotion", {}), "promotion.")
     config = configs.from_dict(ServeConfig, fields)
     keys = key_digests(config, None)  # the Service decides who reaches it
+    if config.inpainting_model:
+        models.check_inpainting_model(config.inpainting_model, uri)
     return SamplerServer.options(**deployment_options(config, uri, keys, promotion)).bind()
 
 
@@ -78,8 +80,11 @@ def run(model_uri: str, config: ServeConfig = ServeConfig(), *, promotion: Promo
         blocking: bool = False):
     """Start (or update) the sampler application on the local or ``RAY_ADDRESS`` cluster,
     promoting (``POST /v1/promote``) behind the gate of ``promotion``; returns the base URL.
-    Refused on an address other than loopback without API keys, unless the config allows it."""
+    Refused on an address other than loopback without API keys, unless the config allows it,
+    and with an ``inpainting_model`` that is not one (:func:`ldmflow.registry.models.check_inpainting_model`)."""
     keys = key_digests(config, config.host)
+    if config.inpainting_model:
+        models.check_inpainting_model(config.inpainting_model, model_uri)
     cluster.ensure_ray()
     serve.start(proxy_location=config.proxy_location, http_options={"host": config.host, "port": config.port})
     serve.run(SamplerServer.options(**deployment_options(config, model_uri, keys, promotion)).bind(), name=APP_NAME,

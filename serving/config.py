@@ -35,6 +35,10 @@ class ServeConfig:
     max_image_bytes: Annotated[int, Field(ge=1, description="largest upload (image or mask), decoded")] = 4_000_000
     max_image_pixels: Annotated[int, Field(
         ge=1, description="largest upload in pixels (decompression bombs)")] = 4_194_304
+    inpainting_model: Annotated[str, Field(
+        description="a model trained for inpainting (`train: inpainting: true`), made with the served model's "
+                    "autoencoder: `/v1/inpaint` requests that name no `version` use it (loaded when the server "
+                    "starts or is reconfigured); empty: the served model inpaints zero-shot")] = ""
     follow_seconds: Annotated[float, Field(ge=0, description="how often an alias is checked; 0: never")] = 10.0
     api_keys_file: Annotated[str, Field(
         description="a file of API keys, one a line (keys never go in a config file; `LDMFLOW_API_KEYS` "

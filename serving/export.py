@@ -18,8 +18,13 @@ from ldmflow.serving import diffusers_pipeline
 
 
 def export(model_uri: str, dest: str | Path) -> Path:
-    """Write the model at ``model_uri`` to ``dest`` as a diffusers pipeline folder."""
+    """Write the model at ``model_uri`` to ``dest`` as a diffusers pipeline folder (not an
+    inpainting model's: the pipeline feeds its UNet the noisy latent alone)."""
     folder, _ = models.resolve(model_uri)
+    if model_format.read_info(model_format.model_folder(folder)).inpainting:
+        raise model_format.ModelError(f"export {model_uri}: trained for inpainting, its UNet takes the known latents "
+                                      "and the mask too, which the exported pipeline does not feed: serve it with "
+                                      "ldmflow serve")
     unet, vae, info = model_format.load_parts(folder)
     schedule = schedules.NoiseSchedule(**info.noise)
     scheduler = schedules.sampling_scheduler(schedule, info.defaults.sampler)

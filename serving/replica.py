@@ -144,6 +144,7 @@ class SamplerServer:
         self._follower: AliasFollower | None = None
         self._batcher = Batcher(self._sample, self.config.max_batch_size, self.config.batch_wait_timeout_s)
         self.others: dict[str, Loaded] = {}  # other versions of the served model, by number, last used last
+        self.inpainter: Loaded | None = None  # serve.inpainting_model: /v1/inpaint's model
         self._loading = asyncio.Lock()
 
     @property
@@ -163,6 +164,11 @@ class SamplerServer:
         self._batcher.wait_s = self.config.batch_wait_timeout_s
         if uri != self.slot.uri or self.model is None:
             self.slot.put(uri, await asyncio.to_thread(load_model, uri))
+        wanted = self.config.inpainting_model
+        if not wanted:
+            self.inpainter = None
+        elif self.inpainter is None or self.inpainter.uri != wanted:
+            self.inpainter = await asyncio.to_thread(load_model, wanted)
         if self._follower is None and self.config.follow_seconds > 0 and "@" in uri:
             self._follower = AliasFollower(self.slot, lambda: self.config.follow_seconds)
             self._follower.start()
@@ -230,15 +236,16 @@ class SamplerServer:
 
     # -- validation -------------------------------------------------------------------
 
-    async def _job(self, body: GenerateRequest, uploads: bool = False) -> ImagesResponse:
-        """Draw what the body asks: built into a job for the version it names
-        (:func:`ldmflow.data.jobs.build`, within this server's limits; with ``uploads``,
-        decoded in a thread, off the event loop the replica's other requests share), then
-        batched."""
+    async def _job(self, body: GenerateRequest, uploads: bool = False, default: Loaded | None = None) -> ImagesResponse:
+        """Draw what the body asks: built into a job for the version it names, or ``default``
+        (None: the one followed) (:func:`ldmflow.data.jobs.build`, within this server's
+        limits; with ``uploads``, decoded in a thread, off the event loop the replica's other
+        requests share), then batched."""
         config = self.config
         limits = jobs.Limits(config.max_images, config.max_steps, config.max_image_bytes, config.max_image_pixels)
         fields = body.model_dump()
-        model = await self._version(fields.pop("version"))
+        version = fields.pop("version")
+        model = await self._version(version) if version is not None else default
         sampler = (model or self.model).sampler
         if uploads:
             job = await asyncio.to_thread(jobs.build, sampler, fields, limits)
@@ -269,8 +276,10 @@ class SamplerServer:
 
     @api.post("/v1/inpaint", response_model=ImagesResponse, responses=REFUSALS)
     async def inpaint(self, body: InpaintRequest) -> ImagesResponse:
-        """Keep the image where the mask is black; generate where it is white."""
-        return await self._job(body, uploads=True)
+        """Keep the image where the mask is black; generate where it is white: with the
+        server's inpainting model (``serve.inpainting_model``) unless the body names a
+        ``version``, else zero-shot with RePaint's resampling (``jump_length``, ``jump_count``)."""
+        return await self._job(body, uploads=True, default=self.inpainter)
 
     @api.get("/v1/model", responses={401: REFUSALS[401]})
     async def model_info(self) -> dict:
@@ -282,7 +291,9 @@ class SamplerServer:
             "uri": model.uri, "name": model.name, "version": model.version, "alias": alias,
             "conditioning": info.conditioning, "class_names": info.class_names, "resolution": info.resolution,
             "defaults": asdict(info.defaults), "lineage": {**info.lineage, "autoencoder": info.autoencoder},
-            "tags": model.tags, "loaded_at": model.loaded_at,
+            "tags": model.tags, "loaded_at": model.loaded_at, "inpainting": info.inpainting,
+            "inpainting_model": None if self.inpainter is None else {
+                "uri": self.inpainter.uri, "name": self.inpainter.name, "version": self.inpainter.version},
             "limits": {"max_steps": self.config.max_steps, "max_images": self.config.max_images,
                        "max_image_bytes": self.config.max_image_bytes,
                        "max_image_pixels": self.config.max_image_pixels},

@@ -37,10 +37,12 @@ class InterpolateRequest(GenerateRequest):
 
 class EditRequest(GenerateRequest):
     image: str = Field(description="Base64 PNG or JPEG to edit, or a data: URL of one.")
-    mode: Literal["sdedit", "invert"] = Field(
-        "sdedit", description="sdedit: noise the input to strength and denoise; invert: DDIM-invert it to its "
-                              "noise (under source_label/source_prompt) and draw from that noise.")
-    strength: float = Field(0.6, ge=0, le=1, description="sdedit: share of the schedule re-run; 0 returns the input.")
+    mode: Literal["sdedit", "restore", "invert"] = Field(
+        "sdedit", description="sdedit: noise the input to strength and denoise; restore: sdedit at the strength "
+                              "chosen for the noise the input carries (a noisy photo); invert: DDIM-invert it to "
+                              "its noise (under source_label/source_prompt) and draw from that noise.")
+    strength: float | None = Field(None, ge=0, le=1, description="sdedit: share of the schedule re-run; 0 returns "
+                                                                 "the input (0.6 when absent).")
     source_label: int | None = Field(None, description="invert: the input's own class, where known.")
     source_prompt: str | None = Field(None, max_length=1000, description="invert: the input's own text, where known.")
 
@@ -48,6 +50,10 @@ class EditRequest(GenerateRequest):
 class InpaintRequest(GenerateRequest):
     image: str = Field(description="Base64 PNG or JPEG, or a data: URL of one.")
     mask: str = Field(description="Base64 image (or data: URL) of the same size: white where new content goes.")
+    jump_length: int | None = Field(None, ge=1, description="Zero-shot resampling (RePaint): steps each jump goes "
+                                                            "back (the sampler's default when absent).")
+    jump_count: int | None = Field(None, ge=1, le=10, description="Zero-shot resampling: times each stretch of "
+                                                                  "jump_length steps runs; 1: none.")
 
 
 class ModelRef(BaseModel):

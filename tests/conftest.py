@@ -161,3 +161,20 @@ def digits_model(ray_local, digits16, tmp_path_factory):
     return train(latents, training_config(DiffusionConfig, 
         steps=300, batch_size=32, workers=0, lr=2e-3, warmup_steps=20, checkpoint_every=300, log_every=50,
         sample_steps=10, shuffle_buffer=100, experiment="test-digits", model_name="test-digits"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def inpainting_model(digits_model, tmp_path_factory):
+    """The digits model's inpainting version, registered as ``test-inpainting``: its weights,
+    the extra input channels (``inpainting: true``), 20 steps on its own latents, in Ray
+    Train's local mode. Served for /v1/inpaint by test_serving; tested in test_finetune."""
+    from ldmflow.model import model_format
+    from ldmflow.training.stage_configs import DiffusionConfig
+    from ldmflow.training.train import train
+
+    latents = model_format.read_info(digits_model.folder).lineage["latents"]
+    return train(latents, training_config(
+        DiffusionConfig, batch_size=32, workers=0, lr=5e-4, warmup_steps=5, log_every=5, sample_steps=10,
+        shuffle_buffer=100, steps=20, checkpoint_every=20, inpainting=True, init_from=digits_model.model_uri,
+        experiment="test-finetune", model_name="test-inpainting"),
+        storage_path=str(tmp_path_factory.mktemp("inpainting")), progress=False)

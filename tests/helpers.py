@@ -93,9 +93,11 @@ def truncated_png() -> bytes:
     return data[: len(data) // 2]
 
 
-def tiny_diffusion_parts(work_dir, conditioning: str = "class", seed: int = 0, resolution: int = 16):
+def tiny_diffusion_parts(work_dir, conditioning: str = "class", seed: int = 0, resolution: int = 16,
+                         inpainting: bool = False):
     """(UNet, autoencoder, autoencoder folder, ModelInfo) with random tiny weights, made in about
-    a second: enough for everything sampling promises that does not need a trained model."""
+    a second: enough for everything sampling promises that does not need a trained model
+    (``inpainting``: a UNet with an inpainting model's extra input channels)."""
     import torch
 
     from ldmflow.model import autoencoders, unets
@@ -107,19 +109,20 @@ def tiny_diffusion_parts(work_dir, conditioning: str = "class", seed: int = 0, r
     vae_info = autoencoders.save(vae, vae_folder, scale_factor=0.8, resolution=resolution, config={}, lineage={})
     latent_shape = vae_info.latent_shape()
     classes = [str(i) for i in range(10)] if conditioning == "class" else None
-    network = unets.build("tiny", conditioning, latent_shape, len(classes or ())).eval()
-    config = DiffusionConfig(conditioning=conditioning, sample_steps=4, guidance=2.0)
+    network = unets.build("tiny", conditioning, latent_shape, len(classes or ()), inpainting=inpainting).eval()
+    config = DiffusionConfig(conditioning=conditioning, sample_steps=4, guidance=2.0, inpainting=inpainting)
     info = model_info(config, latent_shape, classes, 0.8, vae,
                       autoencoder={"uri": str(vae_folder), "weights_sha256": vae_info.weights_sha256, "scale_factor": 0.8},
                       lineage={"run_id": "test"})
     return network, vae, vae_folder, info
 
 
-def tiny_diffusion_model(folder, conditioning: str = "class", seed: int = 0, resolution: int = 16):
+def tiny_diffusion_model(folder, conditioning: str = "class", seed: int = 0, resolution: int = 16,
+                         inpainting: bool = False):
     """A complete model folder (ldmflow.model.model_format) with random tiny weights."""
     from ldmflow.model import model_format
 
-    network, _, vae_folder, info = tiny_diffusion_parts(folder.parent, conditioning, seed, resolution)
+    network, _, vae_folder, info = tiny_diffusion_parts(folder.parent, conditioning, seed, resolution, inpainting)
     model_format.save(folder, network, vae_folder, info)
     return folder
 

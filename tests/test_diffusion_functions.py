@@ -113,3 +113,23 @@ def test_samplers_are_fresh_and_unclipped(sampler):
     first = schedules.sampling_scheduler(schedules.NoiseSchedule(), sampler)
     second = schedules.sampling_scheduler(schedules.NoiseSchedule(), sampler)
     assert first is not second and not first.config.get("clip_sample", False)
+
+
+def test_training_masks_are_boxes_bands_strokes_and_whole_images():
+    from ldmflow.model import inpainting
+
+    masks = inpainting.training_masks(400, (8, 8), torch.Generator().manual_seed(0))
+    again = inpainting.training_masks(400, (8, 8), torch.Generator().manual_seed(0))
+    assert masks.shape == (400, 1, 8, 8) and torch.equal(masks, again)
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    covered = masks.mean(dim=(1, 2, 3))
+    whole = covered == 1
+    assert 0.12 < whole.float().mean() < 0.3  # a fifth are the whole image
+    assert (covered > 0).all() and (covered[~whole] < 1).float().mean() > 0.9  # the rest keep a known region
+    # Bands reach an edge across the whole side; a box or a stroke need not.
+    rows_full = masks[~whole, 0].amin(dim=2).amax(dim=1) == 1
+    cols_full = masks[~whole, 0].amin(dim=1).amax(dim=1) == 1
+    assert 0.15 < (rows_full | cols_full).float().mean() < 0.6
+    channels = inpainting.conditioning_channels(torch.ones(2, 4, 8, 8), masks[:2])
+    assert channels.shape == (2, 5, 8, 8) and torch.equal(channels[:, 4:], masks[:2])
+    assert torch.equal(channels[:, :4], (1 - masks[:2]).expand(-1, 4, -1, -1))

@@ -92,3 +92,31 @@ def latent_other_autoencoder(ray_local, digits16, tmp_path_factory) -> str:
     ref = latent_shards.AutoencoderRef(uri=str(root / "autoencoder"), weights_sha256=info.weights_sha256, scale_factor=0.8)
     precompute(digits16, str(root / "latents"), root / "autoencoder", ref, PrecomputeConfig(actors=1), progress=False)
     return str(root / "latents")
+
+
+def test_an_inpainting_model_trains_from_a_plain_one_and_is_recorded(digits_model, digits_latents, inpainting_model):
+    from ldmflow.model.sampler import Sampler
+
+    trained = inpainting_model
+    info = model_format.read_info(trained.folder)
+    assert info.inpainting and info.config["inpainting"] and info.lineage["parent_model"] == digits_model.model_uri
+    version = models.resolve_version(trained.model_uri)
+    assert tracking.client().get_model_version(version.name, version.version).tags["ldmflow.inpainting"] == "true"
+    parent, _, _ = model_format.load_parts(digits_model.folder)
+    child, _, _ = model_format.load_parts(trained.folder)
+    channels = info.latent_shape[0]
+    assert child.config.in_channels == 2 * channels + 1
+    # The new channels started at zero and were fed: training moved their weights.
+    assert child.conv_in.weight[:, channels:].abs().sum() > 0
+    model = Sampler.from_folder(trained.folder)
+    image = model.generate(label=3, seed=1)[0]
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 10:] = 1
+    out = model.run([model.job(image=image, mask=mask, seed=2)])[0]
+    assert torch.equal(out[0, :, :8], image[:, :8])  # known rows beyond the feathered band: the input's
+    with pytest.raises(InputError, match="it is trained for inpainting"):
+        train(digits_latents, training_config(DiffusionConfig, **RUN, steps=1, init_from=trained.model_uri),
+              progress=False)
+    with pytest.raises(InputError, match="lora_rank would freeze"):
+        train(digits_latents, training_config(DiffusionConfig, **RUN, steps=1, inpainting=True, lora_rank=4),
+              progress=False)

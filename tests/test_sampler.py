@@ -16,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmflow.model import autoencoders, model_format
+from ldmflow.model import autoencoders, inpainting, model_format, unets
 from ldmflow.model.grids import to_pil
 from ldmflow.model.sampler import Sampler
+from ldmflow.model.sampling import resampling_plan
 from ldmflow.registry import models
 from tests.helpers import tiny_diffusion_parts
 
@@ -129,11 +130,73 @@ def test_inpainting_keeps_the_unmasked_region(sampler):
     image = sampler.generate(label=5, seed=2)[0]
     mask = torch.zeros(1, 16, 16)
     mask[:, :, 8:] = 1  # regenerate the right half
+    band = sampler.feather_pixels
     for name in ("ddpm", "ddim", "dpm++"):
-        result = sampler.run([sampler.job(image=image, mask=mask, label=1, n=2, seed=4, sampler=name)])[0]
-        torch.testing.assert_close(result[:, :, :, :8], image[:, :, :8].expand(2, -1, -1, -1), atol=0, rtol=0)
+        job = sampler.job(image=image, mask=mask, label=1, n=2, seed=4, sampler=name)
+        assert (job.jump_count > 1) == (name != "dpm++")  # resampling by default where the sampler can step back
+        result = sampler.run([job])[0]
+        # Beyond the feathered band the known pixels are the input's, exactly; within it they fade.
+        torch.testing.assert_close(result[:, :, :, : 8 - band], image[:, :, : 8 - band].expand(2, -1, -1, -1),
+                                   atol=0, rtol=0)
         assert (result[:, :, :, 8:] - image[:, :, 8:]).abs().mean() > 0.01
-    assert sampler.latent_mask(mask[None]).sum() == 8  # 4×4 latents: the right two columns
+    weight = sampler.feathered(mask[None])[0, 0, 0]
+    assert weight[: 8 - band].eq(0).all() and weight[8:].eq(1).all() and (0 < weight[8 - band : 8]).all()
+    assert weight[8 - band : 8].lt(1).all() and weight[8 - band : 8].diff().gt(0).all()
+    # 4×4 latents: the right two columns are generated, and the column beside them by dilation.
+    assert sampler.latent_mask(mask[None]).sum() == 4 * (2 + sampler.mask_dilation)
+
+
+def test_resampling_reruns_each_stretch_and_steps_back(sampler):
+    assert resampling_plan(10, 3, 2) == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8, 6, 7, 8, 9]
+    assert resampling_plan(10) == resampling_plan(10, 4, 1) == list(range(10))
+    image = sampler.generate(label=5, seed=2, steps=8)[0]
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 10:] = 1
+    plain = sampler.job(image=image, mask=mask, label=1, seed=4, steps=8, jump_count=1)
+    jumping = replace(plain, jump_length=2, jump_count=3)
+    assert plain.denoising_steps == 8 and jumping.denoising_steps == len(resampling_plan(8, 2, 3)) == 20
+    assert plain.batch_key() != jumping.batch_key()
+    steps = []
+    out = sampler.run([jumping], on_step=lambda: steps.append(1))[0]
+    assert len(steps) == 20 and not torch.allclose(out, sampler.run([plain])[0])
+    torch.testing.assert_close(out, sampler.run([jumping])[0], atol=1e-5, rtol=0)  # seeded: the same again
+
+
+def test_an_inpainting_model_is_fed_the_known_latents_and_the_mask(parts, tmp_path):
+    plain_unet, vae, vae_folder, _ = parts
+    unet, _, _, info = tiny_diffusion_parts(tmp_path, inpainting=True)
+    assert info.inpainting and unet.config.in_channels == 2 * info.latent_shape[0] + 1
+    # Started from a plain model: the new input channels' weights are zero, the rest its own.
+    widened = unets.build("tiny", "class", tuple(info.latent_shape), 10, inpainting=True,
+                          weights=plain_unet.state_dict())
+    conv = widened.conv_in.weight
+    torch.testing.assert_close(conv[:, : info.latent_shape[0]], plain_unet.conv_in.weight)
+    assert conv[:, info.latent_shape[0] :].eq(0).all()
+
+    model = Sampler(unet, vae, info)
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    image = model.generate(label=5, seed=2)[0]
+    assert all(x.shape[1] == 9 for x in seen) and seen[0][:, 4:8].eq(0).all() and seen[0][:, 8].eq(1).all()
+    seen.clear()
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 8:] = 1  # the bottom half: latent rows 2 and 3, and row 1 by dilation
+    job = model.job(image=image, mask=mask, label=1, seed=4)
+    assert job.jump_count == 1 and job.denoising_steps == job.steps  # no resampling: it was trained for this
+    result = model.run([job])[0]
+    cells = model.latent_mask(mask[None])
+    expected = inpainting.conditioning_channels(model.encode(image[None]), cells)
+    assert len(seen) == job.steps and cells[0, 0, :, 0].tolist() == [0, 1, 1, 1]
+    for x in seen:  # both guidance passes see the same known latents and mask
+        torch.testing.assert_close(x[:, 4:], expected.repeat(x.shape[0], 1, 1, 1))
+    band = model.feather_pixels
+    torch.testing.assert_close(result[:, :, : 8 - band], image[:, : 8 - band][None], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="^jump_count: this model is trained for inpainting"):
+        model.check(replace(job, jump_count=2, jump_length=1))
+
+    model_format.save(tmp_path / "model", unet, vae_folder, info)
+    assert model_format.read_info(tmp_path / "model").inpainting
+    torch.testing.assert_close(Sampler.from_folder(tmp_path / "model").run([job])[0], result)
 
 
 def test_inversion_is_deterministic_ddim_and_follows_the_new_condition(sampler):
@@ -168,6 +231,10 @@ def test_requests_the_model_cannot_run_name_their_field(sampler):
         (dict(invert=True, image=torch.zeros(3, 16, 16), sampler="dpm++"), "sampler"),
         (dict(invert=True, image=torch.zeros(3, 16, 16), source_label=11), "source_label"),
         (dict(invert=True, image=torch.zeros(3, 16, 16), source_prompt="a seven"), "source_prompt"),
+        (dict(jump_count=2), "jump_count"),
+        (dict(image=torch.zeros(3, 16, 16), mask=torch.zeros(1, 16, 16), jump_count=11), "jump_count"),
+        (dict(image=torch.zeros(3, 16, 16), mask=torch.zeros(1, 16, 16), jump_count=2, sampler="dpm++"), "sampler"),
+        (dict(image=torch.zeros(3, 16, 16), mask=torch.zeros(1, 16, 16), jump_length=25, steps=25), "jump_length"),
     ]
     for fields, name in cases:
         with pytest.raises(ValueError, match=f"^{name}:"):

@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(digits_model, tmp_path_factory):
+def server(digits_model, inpainting_model, tmp_path_factory):
     from ray import serve
 
     run = tracking.client().create_run(tracking.experiment_id("test-serving")).info.run_id
@@ -44,7 +44,8 @@ def server(digits_model, tmp_path_factory):
     promote_keys.write_text(f"ana:{PROMOTE_KEY}\n")
     config = app.ServeConfig(port=free_port(), num_cpus=0.5, follow_seconds=0.5, max_batch_size=8,
                              batch_wait_timeout_s=0.05, max_steps=50, max_images=8, max_image_bytes=50_000,
-                             max_image_pixels=1_000_000, api_keys_file=str(keys), promote_keys_file=str(promote_keys))
+                             max_image_pixels=1_000_000, api_keys_file=str(keys), promote_keys_file=str(promote_keys),
+                             inpainting_model=inpainting_model.model_uri)
     url = app.run(f"models:/{NAME}@production", config)
     yield url
     serve.shutdown()
@@ -121,9 +122,27 @@ def test_edit_and_inpaint(server):
     status, filled = call(server, "/v1/inpaint", {"image": image, "mask": b64(helpers.encode(Image.fromarray(mask))),
                                                   "label": 4, "n": 2, "seed": 3, "steps": 10})
     assert status == 200, filled
+    assert filled["model"]["name"] == "test-inpainting"  # serve.inpainting_model draws it
+    band = 2  # the feathered band beside the mask
     for result in filled["images"]:
-        assert (pixels(result)[:, :8] == pixels(image)[:, :8]).all()  # the kept half, exactly
+        assert (pixels(result)[:, : 8 - band] == pixels(image)[:, : 8 - band]).all()  # the kept half, exactly
     assert np.abs(pixels(filled["images"][0])[:, 8:] - pixels(image)[:, 8:]).mean() > 1
+    # Naming a version: that version, zero-shot, with RePaint's resampling as asked.
+    status, zero_shot = call(server, "/v1/inpaint", {"image": image, "mask": b64(helpers.encode(Image.fromarray(mask))),
+                                                     "label": 4, "seed": 3, "steps": 10, "version": "production",
+                                                     "jump_length": 2, "jump_count": 2})
+    assert status == 200 and zero_shot["model"]["name"] == NAME, zero_shot
+    assert (pixels(zero_shot["images"][0])[:, : 8 - band] == pixels(image)[:, : 8 - band]).all()
+    _, model = call(server, "/v1/model", method="GET")
+    assert model["inpainting"] is False and model["inpainting_model"]["name"] == "test-inpainting"
+    # A noisy image restored at the strength its noise asks for.
+    noisy = np.clip(pixels(image) + np.random.default_rng(0).normal(0, 60, (16, 16, 1)), 0, 255).astype(np.uint8)
+    status, restored = call(server, "/v1/edit", {"image": b64(helpers.encode(Image.fromarray(noisy))),
+                                                 "mode": "restore", "seed": 1, "steps": 10})
+    assert status == 200, restored
+    assert np.abs(pixels(restored["images"][0]) - pixels(image)).mean() < np.abs(noisy - pixels(image)).mean()
+    status, refused = call(server, "/v1/edit", {"image": image, "mode": "restore", "strength": 0.5})
+    assert status == 422 and refused["field"] == "strength", refused
 
 
 def test_interpolate_ends_at_each_seeds_image(server):
@@ -427,6 +446,14 @@ def test_no_keys_means_loopback_only_unless_allowed(monkeypatch):
     auth.check_exposure("0.0.0.0", auth.digests(["k" * 20]), allow_unauthenticated=False)
     with pytest.raises(auth.AuthError, match="a served application without API keys"):
         app.build_app({"model_uri": "models:/anything@production"})
+
+
+def test_an_inpainting_model_that_is_not_one_is_refused_in_one_line(digits_model):
+    from ldmflow.model.model_format import ModelError
+
+    with pytest.raises(ModelError, match=r"^serve.inpainting_model \S+: not trained for inpainting \(its UNet takes "
+                                         r"the latent's 4 channels only\)"):
+        app.run(digits_model.model_uri, app.ServeConfig(inpainting_model=digits_model.model_uri))
 
 
 def test_http_pyfunc_and_the_command_line_refuse_alike(server, tmp_path, capsys):

@@ -24,7 +24,7 @@ import torch
 
 from ldmflow.data import latent_shards, shard_stream
 from ldmflow.errors import LdmflowError
-from ldmflow.model import precision, schedules, text_encoder, unets
+from ldmflow.model import inpainting, precision, schedules, text_encoder, unets
 from ldmflow.registry import runs
 from ldmflow.training import checkpoints, diffusion, loop, parallel
 
@@ -83,9 +83,13 @@ def draw_latents(batch: LatentBatch, scale_factor: float, generator: torch.Gener
 
 
 def denoising_loss(model, scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                   cond: dict[str, torch.Tensor], config: DiffusionConfig, autocast: bool) -> torch.Tensor:
-    """One batch's loss: noise x0 to ``timesteps``, predict, weight (the model is an argument)."""
+                   cond: dict[str, torch.Tensor], config: DiffusionConfig, autocast: bool,
+                   extra: torch.Tensor | None = None) -> torch.Tensor:
+    """One batch's loss: noise x0 to ``timesteps``, predict (with an inpainting model's
+    ``extra`` input channels after the noisy latent's), weight (the model is an argument)."""
     x_t = scheduler.add_noise(x0, noise, timesteps)
+    if extra is not None:
+        x_t = torch.cat([x_t, extra], dim=1)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
         prediction = model(x_t, timesteps, **cond, return_dict=False)[0]
     return diffusion.diffusion_loss(
@@ -140,7 +144,7 @@ def build_training(config: DiffusionConfig, loop_config: dict[str, Any], rank: i
 
     def build(weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
         return unets.build(config.preset, config.conditioning, shape, num_classes, lora_rank=config.lora_rank,
-                           weights=weights)
+                           weights=weights, inpainting=config.inpainting)
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build(_parent_weights(loop_config))
@@ -185,8 +189,9 @@ def restore_training(training: Training, rank: int, world: int) -> tuple[dict[st
 
 def noised_inputs(batch: LatentBatch, config: DiffusionConfig, scale_factor: float, num_classes: int,
                   embed: Callable[[LatentBatch], torch.Tensor] | None, generator: torch.Generator, device):
-    """A batch's clean latents, noise, timesteps and conditioning (labels dropped to the null
-    class, or embeddings to zero, at ``cond_dropout`` for classifier-free guidance)."""
+    """A batch's clean latents, noise, timesteps, conditioning (labels dropped to the null
+    class, or embeddings to zero, at ``cond_dropout`` for classifier-free guidance), and an
+    inpainting model's extra input channels under random masks (None for a plain model)."""
     x0 = draw_latents(batch, scale_factor, generator).to(device)
     noise = diffusion.offset_noise(torch.randn(x0.shape, generator=generator), config.noise_offset, generator).to(device)
     timesteps = torch.randint(0, config.noise.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
@@ -195,7 +200,11 @@ def noised_inputs(batch: LatentBatch, config: DiffusionConfig, scale_factor: flo
     text = None
     if embed is not None:
         text = diffusion.drop_embeddings(embed(batch), config.cond_dropout, generator).to(device)
-    return x0, noise, timesteps, unets.conditioning_kwargs(config.conditioning, labels, text)
+    extra = None
+    if config.inpainting:
+        cells = inpainting.training_masks(x0.shape[0], tuple(x0.shape[2:]), generator).to(device)
+        extra = inpainting.conditioning_channels(x0, cells)
+    return x0, noise, timesteps, unets.conditioning_kwargs(config.conditioning, labels, text), extra
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -231,10 +240,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for read, batch in loop.batches(batched, loader, rank, data_start, wait):
         if step >= config.steps:
             break
-        x0, noise, timesteps, cond = noised_inputs(batch, config, scale_factor, num_classes, embed, generator, device)
+        x0, noise, timesteps, cond, extra = noised_inputs(batch, config, scale_factor, num_classes, embed, generator,
+                                                          device)
         accumulating = micro + 1 < config.grad_accum and world > 1  # sync gradients on the last micro-batch only
         with parallel.no_sync(model, accumulating):
-            loss = denoising_loss(model, scheduler, x0, noise, timesteps, cond, config, autocast)
+            loss = denoising_loss(model, scheduler, x0, noise, timesteps, cond, config, autocast, extra)
             finite = _all_finite(loss, world)
             if finite:
                 (loss / config.grad_accum).backward()

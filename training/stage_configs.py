@@ -87,6 +87,10 @@ class DiffusionConfig:
         ge=0, description="0: train every weight; R: train rank-R LoRA adapters (peft) on the UNet's attention and "
                           "projection layers instead, merged into the registered model")] = 0
     conditioning: Annotated[Literal["class", "text", "none"], Field(description="`class`, `text` or `none`")] = "class"
+    inpainting: Annotated[bool, Field(
+        description="a model trained for inpainting: the UNet also takes the known latents and the mask as input "
+                    "channels, trained on random masks (boxes, bands, strokes, the whole image); with `init_from` a "
+                    "plain model it starts from that model's weights")] = False
     noise: Annotated[schedules.NoiseSchedule, Field(
         description="the noise schedule (table below)")] = field(default_factory=schedules.NoiseSchedule)
     loss_weighting: Annotated[Literal["uniform", "min_snr"], Field(description="`uniform` or `min_snr`")] = "min_snr"
@@ -142,6 +146,7 @@ def model_info(config: DiffusionConfig, latent_shape, class_names, scale_factor:
         class_names=list(class_names) if class_names else None,
         text_encoder=model_format.TEXT_ENCODER if config.conditioning == "text" else None,
         defaults=model_format.SamplerDefaults(config.sampler, config.sample_steps, config.guidance),
+        inpainting=config.inpainting,
         autoencoder=autoencoder,
         lineage=lineage,
         config=configs.to_dict(config),

@@ -58,9 +58,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     if config.conditioning == "class" and not manifest.class_names:
         raise InputError(f"{latents_url}: class conditioning needs labelled data (the manifest has no class names); "
                          "train with conditioning: none, or shard images with labels")
-    if config.lora_rank and config.parallel == "fsdp":
-        raise InputError("train: lora_rank trains a few adapter weights beside frozen ones, which FSDP's flat "
-                         "shards do not keep apart here: use parallel: ddp (the adapters are small)")
+    check_combination(config)
     parent = parent_model(config, manifest, vae_info) if config.init_from else None
     name = configs.run_name("diffusion", config, latents=manifest_sha)
     stored_text = manifest.text_encoder == text_encoder.TEXT_ENCODER  # precompute stored the caption embeddings
@@ -69,7 +67,8 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         "ldmflow.autoencoder": manifest.autoencoder.uri, "ldmflow.autoencoder_sha256": vae_info.weights_sha256,
         **({"ldmflow.caption_embeddings": "stored" if stored_text else "encoded in training"}
            if config.conditioning == "text" else {}),
-        **({"ldmflow.parent_model": parent.uri} if parent else {})})
+        **({"ldmflow.parent_model": parent.uri} if parent else {}),
+        **({"ldmflow.inpainting": "true"} if config.inpainting else {})})
 
     cluster.ensure_ray()
     autoencoder_files = None
@@ -92,7 +91,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
                     label="train", progress=progress) as checkpoint:
         num_classes = len(manifest.class_names or ())
         ema = unets.build(config.preset, config.conditioning, tuple(manifest.latent_shape), num_classes,
-                          lora_rank=config.lora_rank)
+                          lora_rank=config.lora_rank, inpainting=config.inpainting)
         checkpoints.load_weights(checkpoint, "ema", ema)
     if config.lora_rank:
         ema = unets.merge_lora(ema)
@@ -138,6 +137,16 @@ class ParentModel:
         return ray.put((self.folder / model_format.UNET / "diffusion_pytorch_model.safetensors").read_bytes())
 
 
+def check_combination(config: DiffusionConfig) -> None:
+    """Refuse settings that each hold but not together."""
+    if config.lora_rank and config.parallel == "fsdp":
+        raise InputError("train: lora_rank trains a few adapter weights beside frozen ones, which FSDP's flat "
+                         "shards do not keep apart here: use parallel: ddp (the adapters are small)")
+    if config.lora_rank and config.inpainting:
+        raise InputError("train: an inpainting model trains its first convolution's new input channels, which "
+                         "lora_rank would freeze: train every weight (lora_rank: 0)")
+
+
 def parent_model(config: DiffusionConfig, manifest: latent_shards.LatentManifest,
                  vae_info: autoencoders.AutoencoderInfo) -> ParentModel:
     """The model ``config.init_from`` names, refused unless this run can start from it: made
@@ -159,6 +168,8 @@ def parent_model(config: DiffusionConfig, manifest: latent_shards.LatentManifest
         problems.append(f"its preset is {info.config.get('preset')!r}, this run's {config.preset!r}")
     if list(info.latent_shape) != list(manifest.latent_shape):
         problems.append(f"its latents are {tuple(info.latent_shape)}, these {tuple(manifest.latent_shape)}")
+    if info.inpainting and not config.inpainting:
+        problems.append("it is trained for inpainting (extra input channels), this run is not (inpainting: true)")
     if config.conditioning == "class" and list(info.class_names or ()) != list(manifest.class_names or ()):
         problems.append(f"its classes are {info.class_names}, these latents' {list(manifest.class_names or ())}")
     if problems:
