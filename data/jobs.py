@@ -27,7 +27,7 @@ FIELDS: dict[str, str] = {
     "label": "long", "prompt": "string", "n": "long", "seed": "long", "steps": "long", "sampler": "string",
     "guidance": "double", "to_seed": "long", "to_label": "long", "to_prompt": "string", "at": "double",
     "image": "string", "mode": "string", "strength": "double", "source_label": "long", "source_prompt": "string",
-    "mask": "string", "jump_length": "long", "jump_count": "long",
+    "mask": "string", "jump_length": "long", "jump_count": "long", "infer_label": "boolean",
 }
 INTEGERS = frozenset(name for name, kind in FIELDS.items() if kind == "long")
 MODES = ("sdedit", "invert", "restore")
@@ -83,7 +83,7 @@ def build(sampler, fields: Mapping[str, Any], limits: Limits = Limits()) -> Any:
     if image is None:
         if mask is not None:
             raise RequestError("mask", "inpainting needs an image")
-        for name in ("strength", "source_label", "source_prompt"):
+        for name in ("strength", "source_label", "source_prompt", "infer_label"):
             if name in given:
                 raise RequestError(name, "an edit's: give an image")
         if mode == "invert":
@@ -103,6 +103,8 @@ def build(sampler, fields: Mapping[str, Any], limits: Limits = Limits()) -> Any:
         elif mode == "restore" and ("strength" in given or mask is not None):
             raise RequestError("strength" if mask is None else "mask",
                                "mode restore chooses the strength for the image's noise, and takes no mask")
+        elif mode == "restore" and "label" not in given and sampler.info.conditioning == "class":
+            given.setdefault("infer_label", True)  # restore the digit that is there
         elif "source_label" in given or "source_prompt" in given:
             raise RequestError("source_label" if "source_label" in given else "source_prompt",
                                "the input's own condition is for mode invert")

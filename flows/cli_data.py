@@ -142,6 +142,11 @@ def train(
         "--lora-rank", metavar="R",
         help="Train rank-R LoRA adapters on the UNet's attention and projection layers instead of every weight; "
              "they are merged into the registered model.")] = None,
+    inpainting: Annotated[Optional[bool], typer.Option(
+        "--inpainting/--no-inpainting",
+        help="A model trained for inpainting: the UNet also takes the known latents and the mask, on random masks; "
+             "with --init-from a plain model it starts from its weights (docs/training.md).")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Registered model name in MLflow.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress line (step, loss, steps/s, ETA).")] = True,
 ) -> None:
     """Train the denoising UNet on precomputed latents with Ray Train (DDP), EMA and checkpoints.
@@ -150,14 +155,16 @@ def train(
     learning rate, gradient norm and throughput to MLflow, a grid of samples decoded with
     the autoencoder, and the EMA model. Rerunning the same job resumes from its checkpoint.
     With --init-from the run starts from a registered model's weights, with its own
-    learning-rate schedule, and the new version names it as ldmflow.parent_model.
+    learning-rate schedule, and the new version names it as ldmflow.parent_model. With
+    --inpainting it is a model trained for inpainting, registered as one.
     """
     from ldmflow.data.latent_shards import LineageError
     from ldmflow.training.stage_configs import DiffusionConfig
 
     stage_config = load_config(DiffusionConfig, config, "train",
                                 dict(steps=steps, batch_size=batch_size, autoencoder=autoencoder, init_from=init_from,
-                                     lora_rank=lora_rank, ray_train={"workers": workers}))
+                                     lora_rank=lora_rank, inpainting=inpainting, model_name=model_name,
+                                     ray_train={"workers": workers}))
     runtime.prefect_api()  # before Prefect is imported
     from ldmflow.flows.train import train_flow
     from ldmflow.model.autoencoders import AutoencoderError

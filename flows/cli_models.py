@@ -125,6 +125,10 @@ def sample(
     jump_count: Annotated[Optional[int], typer.Option(
         help="Zero-shot inpainting's resampling: times each stretch of --jump-length steps runs (1: none; "
              "default 3 with ddpm and ddim).")] = None,
+    infer_label: Annotated[Optional[bool], typer.Option(
+        "--infer-label/--no-infer-label",
+        help="Without --label, condition an edit or inpainting of a class model on the label the image fits best "
+             "(default: on for --mask and --restore).")] = None,
     restore: Annotated[bool, typer.Option(
         help="Restore a noisy --init-image: SDEdit at the strength chosen for the noise it carries.")] = False,
     invert: Annotated[bool, typer.Option(
@@ -155,7 +159,8 @@ def sample(
         fields = dict(n=n, label=label, prompt=prompt, steps=steps, sampler=sampler, guidance=guidance, seed=seed,
                       to_seed=interpolate_to, to_label=label_to, to_prompt=prompt_to, strength=strength,
                       source_label=source_label, source_prompt=source_prompt, jump_length=jump_length,
-                      jump_count=jump_count, mode="invert" if invert else "restore" if restore else None,
+                      jump_count=jump_count, infer_label=infer_label,
+                      mode="invert" if invert else "restore" if restore else None,
                       image=Path(init_image).read_bytes() if init_image else None,
                       mask=Path(mask).read_bytes() if mask else None)
         job = jobs.build(model, fields)  # as an HTTP request or a pyfunc row is, with the same limits

@@ -22,83 +22,10 @@ from dataclasses import replace
 
 import torch
 
-from ldmflow.model import inpainting, model_format, schedules, unets
+from ldmflow.model import inpainting, model_format, schedules, self_classifier, unets
+from ldmflow.model.reverse_process import reverse_process
 from ldmflow.model.sampling import SAMPLERS, Job, generators, per_image_noise, resampling_plan, slerp
 from ldmflow.model.text_encoder import SentenceEncoder
-
-
-@torch.no_grad()
-def reverse_process(
-    unet,
-    scheduler,
-    latents: torch.Tensor,
-    *,
-    steps: int,
-    conditioning: dict,
-    null_conditioning: dict | None,
-    guidance: torch.Tensor | float,
-    generator: list[torch.Generator] | torch.Generator | None,
-    start_step: int = 0,
-    known: tuple[torch.Tensor, torch.Tensor] | None = None,
-    known_noise=None,
-    plan: list[int] | None = None,
-    on_step: Callable[[], None] = lambda: None,
-) -> torch.Tensor:
-    """The reverse process with classifier-free guidance (Ho & Salimans 2022).
-
-    ``latents`` is pure noise (``start_step`` 0) or a latent already noised to the level of
-    timestep ``start_step`` (SDEdit, Meng et al. 2022). Both guidance passes run as one
-    batch of 2B; ``guidance`` is a scalar or a (B, 1, 1, 1) tensor. ``known = (latent, mask)``
-    with mask 1 where the latent is kept re-imposes the known region, noised to each step's
-    level by ``known_noise(shape)``, after every step (inpainting by latent blending).
-    ``plan`` (:func:`~ldmflow.model.sampling.resampling_plan`) orders the steps with RePaint's
-    jumps back, each re-noising the latent by ``known_noise``; by default each step runs once.
-    ``scheduler`` must be fresh for this call, and stateless between steps (DDPM, DDIM) when
-    the plan jumps; ``on_step`` is called after each step.
-    """
-    scheduler.set_timesteps(steps, device=latents.device)
-    timesteps = scheduler.timesteps
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start_step * scheduler.order)
-    if start_step == 0:
-        latents = latents * scheduler.init_noise_sigma
-    guided = null_conditioning is not None and not _all_one(guidance)
-    order = plan if plan is not None else range(start_step, len(timesteps))
-    last = None
-    for i in order:
-        if last is not None and i <= last:  # a jump back: noise from after step `last` to before step i
-            latents = renoise(scheduler, latents, timesteps[last + 1], timesteps[i], known_noise(latents.shape[1:]))
-        last, t = i, timesteps[i]
-        model_input = torch.cat([latents, latents]) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        kwargs = {k: torch.cat([null_conditioning[k], v]) for k, v in conditioning.items()} if guided else conditioning
-        prediction = unet(model_input, t, **kwargs, return_dict=False)[0]
-        if guided:
-            uncond, cond = prediction.chunk(2)
-            prediction = uncond + guidance * (cond - uncond)
-        latents = scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
-        if known is not None:
-            known_latent, mask = known
-            if i + 1 < len(timesteps):
-                noise = known_noise(known_latent.shape[1:]).to(latents.device)
-                known_latent = scheduler.add_noise(known_latent, noise, timesteps[i + 1 : i + 2])
-            latents = mask * known_latent + (1 - mask) * latents
-        on_step()
-    return latents
-
-
-def renoise(scheduler, latents: torch.Tensor, t_from, t_to, noise: torch.Tensor) -> torch.Tensor:
-    """``latents`` at the noise level of timestep ``t_from`` taken forward to ``t_to`` (a
-    higher one): q(x_to | x_from) = N(√(ᾱ_to/ᾱ_from)·x_from, (1 − ᾱ_to/ᾱ_from)·I)."""
-    alphas = scheduler.alphas_cumprod.to(latents.device)
-    ratio = alphas[int(t_to)] / alphas[int(t_from)]
-    return ratio.sqrt() * latents + (1 - ratio).sqrt() * noise.to(latents.device)
-
-
-def _all_one(guidance) -> bool:
-    if isinstance(guidance, torch.Tensor):
-        return bool((guidance == 1).all())
-    return guidance == 1
 
 
 class Sampler:
@@ -130,8 +57,10 @@ class Sampler:
         job = Job(sampler="ddim" if given.get("invert") else defaults.sampler, steps=defaults.steps,
                   guidance=defaults.guidance)
         job = replace(job, **given)
-        if job.mode == "inpaint" and "jump_count" not in given and not self.info.inpainting:
-            job = replace(job, **{**inpainting.default_jumps(job.steps, job.sampler), **given})
+        if job.mode == "inpaint" and "jump_length" not in given and not self.info.inpainting:
+            job = replace(job, **inpainting.default_jumps(job.steps, job.sampler, given))
+        if job.mode == "inpaint" and "infer_label" not in given and job.label is None and self.info.conditioning == "class":
+            job = replace(job, infer_label=True)  # continue the digit that is there
         return job
 
     def check(self, job: Job) -> None:
@@ -166,6 +95,13 @@ class Sampler:
             if tuple(job.mask.shape) != (1, side, side):
                 raise ValueError(f"mask: must be (1, {side}, {side}), got {tuple(job.mask.shape)}")
         inpainting.check_resampling(job, self.info.inpainting)
+        if job.infer_label:
+            if self.info.conditioning != "class":
+                raise ValueError(f"infer_label: this model is conditioned on {self.info.conditioning}, not class labels")
+            if job.mode not in ("edit", "inpaint"):
+                raise ValueError("infer_label: infers the label of an image to edit or inpaint: give one")
+            if job.label is not None:
+                raise ValueError("infer_label: give a label or have it inferred, not both")
 
     def _check_interpolation(self, job: Job) -> None:
         if job.image is not None:
@@ -221,9 +157,6 @@ class Sampler:
         latent_shape = tuple(self.info.latent_shape)
         scheduler = schedules.sampling_scheduler(self.schedule, first.sampler)
         scheduler.set_timesteps(first.steps)
-        cond, null = self._conditioning(jobs)
-        if not any(job.label is not None or job.prompt or job.to_label is not None or job.to_prompt for job in jobs):
-            null = None  # every image is unconditional: guidance would add nothing to the null pass
         guidance = torch.tensor([job.guidance for job in jobs for _ in range(job.n)]).view(-1, 1, 1, 1).to(self.device)
         noise = self._interpolated(jobs, per_image_noise(gens, latent_shape)).to(self.device)
 
@@ -232,6 +165,11 @@ class Sampler:
             init = self._repeat([job.image for job in jobs], jobs)  # (B, 3, H, W)
             init_latent = self.encode(init)
         pixel_mask, known, plan, extra = self._inpainting(jobs, init_latent if init is not None else noise)
+        cond, null = self._conditioning(jobs)
+        if any(job.infer_label for job in jobs):
+            cond["class_labels"] = self._inferred(jobs, cond["class_labels"], init_latent, known, extra, gens)
+        elif not any(job.label is not None or job.prompt or job.to_label is not None or job.to_prompt for job in jobs):
+            null = None  # every image is unconditional: guidance would add nothing to the null pass
         denoiser = self._with_channels(self._denoiser(jobs), extra)
         if first.mode == "invert":
             latents = self.invert(init_latent, jobs, on_step, denoiser)
@@ -256,6 +194,23 @@ class Sampler:
             weight = self.feathered(pixel_mask)
             images = weight * images + (1 - weight) * init.to(self.device)
         return self._split(images, jobs)
+
+    def _inferred(self, jobs: list[Job], labels: torch.Tensor, latents: torch.Tensor, known, extra, gens) -> torch.Tensor:
+        """``labels`` with each image of a job that asks (``infer_label``) given the label
+        its known latents fit best (:func:`~ldmflow.model.self_classifier.infer_labels`):
+        all its cells for an edit, those outside the mask for an inpainting."""
+        rows = torch.tensor([job.infer_label for job in jobs for _ in range(job.n)])
+        index = rows.nonzero().squeeze(1)
+        cells = known[1] if known is not None else torch.ones_like(latents[:, :1])
+        if extra is not None:  # an inpainting model: the known cells are the complement of its mask channel
+            cells = 1 - extra[:, -1:]
+        denoiser = self._with_channels(self.unet, None if extra is None else extra[index.to(extra.device)])
+        found = self_classifier.infer_labels(denoiser, self.schedule, latents[index.to(latents.device)],
+                                             cells[index.to(cells.device)], len(self.info.class_names or ()),
+                                             [gens[i] for i in index.tolist()])
+        labels = labels.clone()
+        labels[index.to(labels.device)] = found.to(labels.device)
+        return labels
 
     def _inpainting(self, jobs: list[Job], latents: torch.Tensor):
         """(pixel mask, known latents and their mask, resampling plan, the UNet's extra input

@@ -37,6 +37,7 @@ class Job:
     mask: torch.Tensor | None = None
     jump_length: int = 1  # inpainting: steps a resampling jump goes back
     jump_count: int = 1  # inpainting: times each stretch of jump_length steps runs (1: no resampling)
+    infer_label: bool = False  # edit, inpainting: condition on the label the known region fits best
     to_seed: int | None = None
     to_label: int | None = None
     to_prompt: str | None = None

@@ -68,9 +68,9 @@ def is_better(candidate: float, production: float, metric: str, margin: float) -
     return candidate > production + margin
 
 
-def candidate_version(name: str, version: str | None = None) -> str:
-    """The version to decide on: ``version`` (a number or an alias), else the newest; it takes
-    the ``candidate`` alias."""
+def candidate_version(name: str, version: str | None = None, *, mark: bool = True) -> str:
+    """The version to decide on: ``version`` (a number or an alias), else the newest; with
+    ``mark`` it takes the ``candidate`` alias."""
     if version and not str(version).isdigit():
         alias, version = version, aliases.version_of(name, version)
         if version is None:
@@ -85,7 +85,8 @@ def candidate_version(name: str, version: str | None = None) -> str:
     candidate = str(version) if version else str(max(int(v.version) for v in versions))
     if candidate not in {str(v.version) for v in versions}:
         raise RegistryError(f"{name}: no version {candidate}")
-    client.set_registered_model_alias(name, CANDIDATE, candidate)
+    if mark:
+        client.set_registered_model_alias(name, CANDIDATE, candidate)
     return candidate
 
 
@@ -157,8 +158,8 @@ def promote_recorded(name: str, version: str, config: PromotionConfig = Promotio
 
 
 def reject(name: str, version: str, *, who: str = "", why: str = "") -> Decision:
-    """Record that a person looked at ``version`` and refused it; nothing moves."""
-    candidate = candidate_version(name, version)
+    """Record that a person looked at ``version`` and refused it; nothing moves, no alias either."""
+    candidate = candidate_version(name, version, mark=False)
     production = aliases.version_of(name, PRODUCTION)
     decision = Decision(name, candidate, production, False, f"rejected by {who or 'a reviewer'}: {why}".rstrip(": "),
                         "")

@@ -21,6 +21,7 @@ Requests, latency, batch sizes, images and the model version are Prometheus metr
 """
 
 import asyncio
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -145,6 +146,7 @@ class SamplerServer:
         self._batcher = Batcher(self._sample, self.config.max_batch_size, self.config.batch_wait_timeout_s)
         self.others: dict[str, Loaded] = {}  # other versions of the served model, by number, last used last
         self.inpainter: Loaded | None = None  # serve.inpainting_model: /v1/inpaint's model
+        self._resolutions: dict[str, tuple[str, float]] = {}  # a request's version URI -> (number, when asked)
         self._loading = asyncio.Lock()
 
     @property
@@ -220,10 +222,7 @@ class SamplerServer:
         if followed.name is None:
             raise RequestError("version", "this server serves a model folder, which has no other versions")
         uri = f"models:/{followed.name}/{version}" if version.isdigit() else f"models:/{followed.name}@{version}"
-        try:
-            number = (await asyncio.to_thread(models.resolve_version, uri)).version
-        except models.ModelNotFound:
-            raise RequestError("version", f"{followed.name} has no version or alias {version!r}") from None
+        number = await self._resolved(uri, followed.name, version)
         if number == followed.version:
             return None
         async with self._loading:  # one load of a version, however many requests ask for it at once
@@ -233,6 +232,22 @@ class SamplerServer:
                     del self.others[next(iter(self.others))]
             self.others[number] = self.others.pop(number)  # last used last
             return self.others[number]
+
+    async def _resolved(self, uri: str, name: str, version: str) -> str:
+        """The version number ``uri`` names, asked of the registry at most once every
+        ``follow_seconds`` per URI (an alias moves no faster than the server follows it)."""
+        now = time.monotonic()
+        known = self._resolutions.get(uri)
+        if known is not None and now - known[1] < self.config.follow_seconds:
+            return known[0]
+        try:
+            number = (await asyncio.to_thread(models.resolve_version, uri)).version
+        except models.ModelNotFound:
+            raise RequestError("version", f"{name} has no version or alias {version!r}") from None
+        if len(self._resolutions) > 64:  # requests name few versions; bound it all the same
+            self._resolutions.clear()
+        self._resolutions[uri] = (number, now)
+        return number
 
     # -- validation -------------------------------------------------------------------
 

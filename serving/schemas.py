@@ -45,6 +45,9 @@ class EditRequest(GenerateRequest):
                                                                  "the input (0.6 when absent).")
     source_label: int | None = Field(None, description="invert: the input's own class, where known.")
     source_prompt: str | None = Field(None, max_length=1000, description="invert: the input's own text, where known.")
+    infer_label: bool | None = Field(None, description="A class model without a label: condition on the label the "
+                                                       "input fits best (the model as its own classifier); on by "
+                                                       "default for restore.")
 
 
 class InpaintRequest(GenerateRequest):
@@ -54,6 +57,8 @@ class InpaintRequest(GenerateRequest):
                                                             "back (the sampler's default when absent).")
     jump_count: int | None = Field(None, ge=1, le=10, description="Zero-shot resampling: times each stretch of "
                                                                   "jump_length steps runs; 1: none.")
+    infer_label: bool | None = Field(None, description="A class model without a label: condition on the label the "
+                                                       "kept region fits best (on by default; false: unconditional).")
 
 
 class ModelRef(BaseModel):

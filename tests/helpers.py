@@ -279,3 +279,51 @@ def page_images(driver, where: str) -> list[str]:
     """The data URLs of the images the page shows in element ``where``."""
     return [img.get_attribute("src") for img in driver.find_elements("css selector", f"#{where} img")]
 
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, path: str, body=None, raw: bytes | None = None, method: str | None = None, timeout: float = 60,
+         authorization: str | None = None):
+    """(status, JSON body) of an HTTP request to ``url + path``: ``body`` as JSON, or ``raw``
+    bytes; a refusal's body too (``{"error": text}`` when it is not JSON)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"content-type": "application/json"}
+    if authorization is not None:
+        headers["authorization"] = authorization
+    request = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        text = error.read()
+        try:
+            return error.code, json.loads(text)
+        except ValueError:
+            return error.code, {"error": text.decode(errors="replace")}
+
+
+def random_unet_copy(folder, dest):
+    """The model in ``folder`` with an untrained UNet, copied to ``dest``: a clearly worse candidate."""
+    import shutil
+
+    import torch
+
+    from ldmflow.model import model_format, unets
+
+    info = model_format.read_info(folder)
+    shutil.copytree(folder, dest)
+    torch.manual_seed(123)
+    fresh = unets.build("tiny", info.conditioning, tuple(info.latent_shape), len(info.class_names))
+    fresh.save_pretrained(dest / model_format.UNET, safe_serialization=True)
+    return dest

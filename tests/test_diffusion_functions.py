@@ -133,3 +133,31 @@ def test_training_masks_are_boxes_bands_strokes_and_whole_images():
     channels = inpainting.conditioning_channels(torch.ones(2, 4, 8, 8), masks[:2])
     assert channels.shape == (2, 5, 8, 8) and torch.equal(channels[:, 4:], masks[:2])
     assert torch.equal(channels[:, :4], (1 - masks[:2]).expand(-1, 4, -1, -1))
+
+
+def test_the_model_as_its_own_classifier_picks_the_label_that_denoises_the_known_cells_best():
+    from ldmflow.model import self_classifier
+    from ldmflow.model.schedules import NoiseSchedule
+
+    schedule = NoiseSchedule()
+    scheduler = schedules.training_scheduler(schedule)
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    known = torch.ones(4, 1, 8, 8)
+    known[:, :, 5:] = 0  # the bottom rows are to be generated: what they hold must not count
+    truth = torch.tensor([3, 0, 7, 7])
+
+    def denoiser(noisy, timesteps, class_labels, return_dict=False):
+        """An image's own label: exact ε on the known rows, off by 0.2 on the rows to generate.
+        Label 9: exact on the rows to generate, off by 0.1 on the known ones (less error in
+        all, more where it counts). Any other label: off by 0.3 everywhere."""
+        k = len(noisy) // len(x0)
+        alphas = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        exact = (noisy - alphas.sqrt() * (x0 * known).repeat(k, 1, 1, 1)) / (1 - alphas).sqrt()
+        where_known = known.repeat(k, 1, 1, 1)
+        own = (class_labels == truth.repeat(k)).view(-1, 1, 1, 1)
+        nine = (class_labels == 9).view(-1, 1, 1, 1)
+        return (torch.where(own, exact + 0.2 * (1 - where_known),
+                            torch.where(nine, exact + 0.1 * where_known, exact + 0.3)),)
+
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    assert self_classifier.infer_labels(denoiser, schedule, x0, known, 10, generators).tolist() == truth.tolist()

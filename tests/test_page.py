@@ -19,7 +19,6 @@ from ldmflow.data import builtin
 from ldmflow.registry import gate, models, tracking
 from ldmflow.serving import app
 from tests import helpers
-from tests.test_serving import call, free_port
 
 pytestmark = pytest.mark.skipif(not helpers.chromium_available(), reason=helpers.CHROMIUM_MISSING)
 
@@ -34,20 +33,18 @@ def served(digits_model, tmp_path_factory):
     version 2 (an untrained UNet) the candidate, both with a recorded FD."""
     from ray import serve
 
-    from tests.test_registry import random_unet_copy
-
     folder = tmp_path_factory.mktemp("page")
     client = tracking.client()
     run = client.create_run(tracking.experiment_id("test-page")).info.run_id
     production = models.register(digits_model.folder, NAME, run).version
     client.set_registered_model_alias(NAME, "production", production)
-    candidate = models.register(random_unet_copy(digits_model.folder, folder / "untrained"), NAME, run).version
+    candidate = models.register(helpers.random_unet_copy(digits_model.folder, folder / "untrained"), NAME, run).version
     for version, fd in ((production, 20.0), (candidate, 10.0)):  # the evaluations the gate reads
         client.set_model_version_tag(NAME, version, "ldmflow.eval.fd", repr(fd))
         client.set_model_version_tag(NAME, version, "ldmflow.eval.config", "page-test")
     (folder / "keys").write_text(KEY + "\n")
     (folder / "promote-keys").write_text(f"ana:{PROMOTE_KEY}\n")
-    config = app.ServeConfig(port=free_port(), num_cpus=0.5, follow_seconds=0.5, max_steps=50,
+    config = app.ServeConfig(port=helpers.free_port(), num_cpus=0.5, follow_seconds=0.5, max_steps=50,
                              api_keys_file=str(folder / "keys"), promote_keys_file=str(folder / "promote-keys"))
     url = app.run(f"models:/{NAME}@production", config, promotion=gate.PromotionConfig(metric="fd"))
     yield url, production, candidate
@@ -110,7 +107,7 @@ def test_the_page_compares_inpaints_and_promotes_in_a_real_browser(served, brows
                        == len(helpers.page_images(driver, "right-images")), 60, "both sides drawn")
     for side, version in (("left-images", candidate), ("right-images", production)):
         assert driver.find_element("id", side).get_attribute("data-version") == version
-        _, answer = call(url, "/v1/generate", {"label": 7, "seed": 3, "n": 3, "steps": 8, "version": version},
+        _, answer = helpers.call(url, "/v1/generate", {"label": 7, "seed": 3, "n": 3, "steps": 8, "version": version},
                          authorization=f"Bearer {KEY}")
         for shown, sent in zip(helpers.page_images(driver, side), answer["images"]):
             assert np.array_equal(pixels(shown), pixels("data:," + sent))
@@ -139,7 +136,7 @@ def test_the_page_compares_inpaints_and_promotes_in_a_real_browser(served, brows
     helpers.wait_until(lambda: len(helpers.page_images(driver, "edit-images")) == 1, 60, "the inpainted digit")
     source = driver.execute_script("return document.getElementById('source-canvas').toDataURL()")
     sent_mask = driver.execute_script("return document.getElementById('mask-canvas').toDataURL()")
-    _, answer = call(url, "/v1/inpaint", {"label": 0, "seed": 0, "n": 1, "image": source, "mask": sent_mask,
+    _, answer = helpers.call(url, "/v1/inpaint", {"label": 0, "seed": 0, "n": 1, "image": source, "mask": sent_mask,
                                           "version": "production"}, authorization=f"Bearer {KEY}")
     result = pixels(helpers.page_images(driver, "edit-images")[0])
     assert np.array_equal(result, pixels("data:," + answer["images"][0]))

@@ -12,6 +12,7 @@ from ldmflow.model import model_format
 from ldmflow.model.sampler import Sampler
 from ldmflow.registry import aliases, gate, models, tracking
 from ldmflow.training import evaluation, features, promotion
+from tests import helpers
 from tests.helpers import tiny_diffusion_parts
 
 
@@ -121,18 +122,6 @@ EVAL = evaluation.EvaluationConfig(num_samples=60, reference_samples=200, steps=
                                    kid_subset_size=50, kid_subsets=10)
 
 
-def random_unet_copy(folder, dest):
-    """The same model with an untrained UNet: a clearly worse candidate."""
-    from ldmflow.model import unets
-
-    info = model_format.read_info(folder)
-    shutil.copytree(folder, dest)
-    torch.manual_seed(123)
-    fresh = unets.build("tiny", info.conditioning, tuple(info.latent_shape), len(info.class_names))
-    fresh.save_pretrained(dest / model_format.UNET, safe_serialization=True)
-    return dest
-
-
 def test_reference_features_are_computed_once_per_dataset_and_extractor(digits16, tmp_path):
     """A second evaluation against the same dataset reads the cached features, not the images:
     with the shards gone it still gets them; another extractor or limit computes anew."""
@@ -219,7 +208,7 @@ def test_evaluate_with_local_inception_weights(digits_model, tmp_path):
 def test_promotion_refuses_a_worse_candidate_accepts_a_better_one_and_rolls_back(digits_model, tmp_path):
     name = "gate-test"
     good = digits_model.folder
-    bad = random_unet_copy(good, tmp_path / "bad")
+    bad = helpers.random_unet_copy(good, tmp_path / "bad")
     config = gate.PromotionConfig(metric="fd")
 
     register_folder_copy(bad, name)  # v1: the first version goes to production whatever its score
@@ -266,8 +255,10 @@ def test_promotion_refuses_a_worse_candidate_accepts_a_better_one_and_rolls_back
     assert (tags["ldmflow.promotion.decision"], tags["ldmflow.promotion.by"], tags["ldmflow.promotion.why"]) == (
         "promoted", "ana", "sharper sevens")
     assert float(tags["ldmflow.promotion.candidate_score"]) == pytest.approx(better.candidate_score)
+    candidate_before = alias(name, "candidate")
     refused = gate.reject(name, "3", who="ana", why="blurry")
     assert not refused.promoted and client.get_model_version(name, "3").tags["ldmflow.promotion.decision"] == "rejected"
+    assert alias(name, "candidate") == candidate_before  # a rejection moves no alias
     register_folder_copy(good, name)  # v4: never evaluated
     with pytest.raises(gate.GateError, match="version 4 has no recorded fd: evaluate it first"):
         gate.promote_recorded(name, "4", config)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldmflow.model import autoencoders, inpainting, model_format, unets
+from ldmflow.model import autoencoders, inpainting, model_format, self_classifier, unets
 from ldmflow.model.grids import to_pil
 from ldmflow.model.sampler import Sampler
 from ldmflow.model.sampling import resampling_plan
@@ -133,7 +133,8 @@ def test_inpainting_keeps_the_unmasked_region(sampler):
     band = sampler.feather_pixels
     for name in ("ddpm", "ddim", "dpm++"):
         job = sampler.job(image=image, mask=mask, label=1, n=2, seed=4, sampler=name)
-        assert (job.jump_count > 1) == (name != "dpm++")  # resampling by default where the sampler can step back
+        assert job.jump_count == (inpainting.JUMP_COUNT if name != "dpm++" else 1)  # dpm++ cannot step back
+        assert sampler.job(image=image, mask=mask, sampler=name, jump_count=2).jump_count == (2 if name != "dpm++" else 2)
         result = sampler.run([job])[0]
         # Beyond the feathered band the known pixels are the input's, exactly; within it they fade.
         torch.testing.assert_close(result[:, :, :, : 8 - band], image[:, :, : 8 - band].expand(2, -1, -1, -1),
@@ -144,6 +145,28 @@ def test_inpainting_keeps_the_unmasked_region(sampler):
     assert weight[8 - band : 8].lt(1).all() and weight[8 - band : 8].diff().gt(0).all()
     # 4×4 latents: the right two columns are generated, and the column beside them by dilation.
     assert sampler.latent_mask(mask[None]).sum() == 4 * (2 + sampler.mask_dilation)
+
+
+def test_inpainting_without_a_label_is_conditioned_on_the_label_the_image_fits(sampler):
+    image = sampler.generate(label=5, seed=2)[0]
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 10:] = 1
+    job = sampler.job(image=image, mask=mask, seed=4)
+    assert job.infer_label and not sampler.job(image=image, mask=mask, seed=4, label=2).infer_label
+    assert not sampler.job(image=image, mask=mask, seed=4, infer_label=False).infer_label
+    seen = []
+    hook = sampler.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"]),
+                                                  with_kwargs=True)
+    try:
+        sampler.run([job])
+    finally:
+        hook.remove()
+    null = sampler.info.null_label
+    probes = len(seen) - job.denoising_steps
+    assert probes == self_classifier.PROBES + self_classifier.REFINES  # every label a batch, then the finalists
+    chosen = seen[-1]  # a sampling step: the null pass, then the inferred label
+    assert chosen.tolist()[0] == null and 0 <= chosen.tolist()[1] < null
+    assert len(set(seen[0].tolist())) == null  # the first probe measures every label
 
 
 def test_resampling_reruns_each_stretch_and_steps_back(sampler):
@@ -180,13 +203,13 @@ def test_an_inpainting_model_is_fed_the_known_latents_and_the_mask(parts, tmp_pa
     assert all(x.shape[1] == 9 for x in seen) and seen[0][:, 4:8].eq(0).all() and seen[0][:, 8].eq(1).all()
     seen.clear()
     mask = torch.zeros(1, 16, 16)
-    mask[:, 8:] = 1  # the bottom half: latent rows 2 and 3, and row 1 by dilation
+    mask[:, 8:] = 1  # the bottom half: latent rows 2 and 3
     job = model.job(image=image, mask=mask, label=1, seed=4)
     assert job.jump_count == 1 and job.denoising_steps == job.steps  # no resampling: it was trained for this
     result = model.run([job])[0]
     cells = model.latent_mask(mask[None])
     expected = inpainting.conditioning_channels(model.encode(image[None]), cells)
-    assert len(seen) == job.steps and cells[0, 0, :, 0].tolist() == [0, 1, 1, 1]
+    assert len(seen) == job.steps and cells[0, 0, :, 0].tolist() == [0, 0, 1, 1]
     for x in seen:  # both guidance passes see the same known latents and mask
         torch.testing.assert_close(x[:, 4:], expected.repeat(x.shape[0], 1, 1, 1))
     band = model.feather_pixels
@@ -232,9 +255,11 @@ def test_requests_the_model_cannot_run_name_their_field(sampler):
         (dict(invert=True, image=torch.zeros(3, 16, 16), source_label=11), "source_label"),
         (dict(invert=True, image=torch.zeros(3, 16, 16), source_prompt="a seven"), "source_prompt"),
         (dict(jump_count=2), "jump_count"),
+        (dict(infer_label=True), "infer_label"),
+        (dict(image=torch.zeros(3, 16, 16), mask=torch.zeros(1, 16, 16), infer_label=True, label=3), "infer_label"),
         (dict(image=torch.zeros(3, 16, 16), mask=torch.zeros(1, 16, 16), jump_count=11), "jump_count"),
         (dict(image=torch.zeros(3, 16, 16), mask=torch.zeros(1, 16, 16), jump_count=2, sampler="dpm++"), "sampler"),
-        (dict(image=torch.zeros(3, 16, 16), mask=torch.zeros(1, 16, 16), jump_length=25, steps=25), "jump_length"),
+        (dict(image=torch.zeros(3, 16, 16), mask=torch.zeros(1, 16, 16), jump_length=25, jump_count=2, steps=25), "jump_length"),
     ]
     for fields, name in cases:
         with pytest.raises(ValueError, match=f"^{name}:"):

@@ -5,11 +5,8 @@ picked up without a failed request."""
 import base64
 import io
 import json
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,10 +22,7 @@ KEY = "test-key-0123456789abcdefghijklmnop"  # the server below is configured wi
 PROMOTE_KEY = "promote-key-0123456789abcdefghijkl"  # ... and with this promotion key, held by "ana"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = helpers.free_port
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +45,9 @@ def server(digits_model, inpainting_model, tmp_path_factory):
     serve.shutdown()
 
 
-def call(url: str, path: str, body=None, raw: bytes | None = None, method: str | None = None, timeout: float = 60,
-         authorization: str | None = f"Bearer {KEY}"):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    headers = {"content-type": "application/json"}
-    if authorization is not None:
-        headers["authorization"] = authorization
-    request = urllib.request.Request(url + path, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        text = error.read()
-        try:
-            return error.code, json.loads(text)
-        except ValueError:
-            return error.code, {"error": text.decode(errors="replace")}
+def call(*args, authorization: str | None = f"Bearer {KEY}", **kwargs):
+    """:func:`tests.helpers.call` with the test client's API key unless told otherwise."""
+    return helpers.call(*args, authorization=authorization, **kwargs)
 
 
 def pixels(encoded: str) -> np.ndarray:

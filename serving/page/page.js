@@ -241,6 +241,7 @@ async function edit() {
                  mode: $("mode").value };
   const target = condition($("edit-form"));
   if (body.mode === "sdedit") Object.assign(body, condition($("draw-form")), { strength: Number($("strength").value) });
+  else if (body.mode === "restore") Object.assign(body, condition($("draw-form")));
   else Object.assign(body, target);
   const drawn = await api("/v1/edit", body);
   showImages($("edit-images"), drawn.images, [`${body.mode}, seed ${drawn.seeds[0]}`]);
