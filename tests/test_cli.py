@@ -134,6 +134,8 @@ def test_every_expected_failure_is_one_line(subprocess_env, tmp_path):
 def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):
     from PIL import Image
 
+    from model.inpainting import FEATHER_PIXELS
+
     from tests.helpers import tiny_diffusion_model
 
     model = tiny_diffusion_model(tmp_path / "model")
@@ -152,8 +154,9 @@ def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):
     result = run(["sample", str(model), "--init-image", "drawn/000000.png", "--mask", "mask.png", "--n", "1",
                   "--steps", "3", "--out", "filled"], subprocess_env, tmp_path)
     assert result.returncode == 0, result.stderr
-    kept = np.asarray(Image.open(tmp_path / "filled" / "000000.png"))[:, :8]
-    assert (kept == np.asarray(Image.open(tmp_path / "drawn" / "000000.png"))[:, :8]).all()
+    exact = 8 - FEATHER_PIXELS  # the known pixels outside the feathered band at the mask's edge
+    kept = np.asarray(Image.open(tmp_path / "filled" / "000000.png"))[:, :exact]
+    assert (kept == np.asarray(Image.open(tmp_path / "drawn" / "000000.png"))[:, :exact]).all()
 
     result = run(["sample", str(model), "--label", "12", "--out", "x"], subprocess_env, tmp_path)
     # A refused request is a usage error (2), worded as the HTTP API words it.
