@@ -293,8 +293,8 @@ def main() -> None:
     figure_rows: list = []
     for name in args.datasets:
         bench_dataset(name, args, root, figure_rows)
-    if args.figure:
-        save_figure(figure_rows, args.figure)
+        if args.figure and name == args.datasets[0]:  # written as soon as its dataset is done
+            save_figure(figure_rows, args.figure)
 
 
 if __name__ == "__main__":

@@ -202,10 +202,11 @@ class Sampler:
         rows = torch.tensor([job.infer_label for job in jobs for _ in range(job.n)])
         index = rows.nonzero().squeeze(1)
         cells = known[1] if known is not None else torch.ones_like(latents[:, :1])
-        if extra is not None:  # an inpainting model: the known cells are the complement of its mask channel
-            cells = 1 - extra[:, -1:]
-        denoiser = self._with_channels(self.unet, None if extra is None else extra[index.to(extra.device)])
-        found = self_classifier.infer_labels(denoiser, self.schedule, latents[index.to(latents.device)],
+        probed = latents[index.to(latents.device)]
+        if extra is not None:  # an inpainting model: the known cells are the complement of its mask channel,
+            cells = 1 - extra[:, -1:]  # and its probe sees nothing known, or the known latents would answer it
+        denoiser = self._with_channels(self.unet, None if extra is None else inpainting.nothing_known(probed))
+        found = self_classifier.infer_labels(denoiser, self.schedule, probed,
                                              cells[index.to(cells.device)], len(self.info.class_names or ()),
                                              [gens[i] for i in index.tolist()])
         labels = labels.clone()
