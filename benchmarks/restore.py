@@ -14,15 +14,17 @@ Each is restored without its label: unconditionally (the model's null class), or
 label the model infers from the image itself (:mod:`ldmflow.model.self_classifier`). Noise
 by SDEdit at fixed strengths and at the strength ``mode: restore`` chooses; masks by
 zero-shot inpainting as it was before (a hard composite, unconditional), as it is now
-(feathered composite, label inferred) and by the inpainting model. Per corruption and
+(feathered composite, label inferred) and by the inpainting model; for reference, the
+restoration and the zero-shot inpainting given the true label. Per corruption and
 method it prints the classifier's accuracy on the original label, the mean error against
 the original and (masks) the largest error on the known pixels outside the 2-pixel
 feathered band, in grey levels; the FD of the restored set against the originals in the
 classifier's features; and seconds per image. The corrupted input itself is the baseline.
 
-``--figure`` writes a picture: per corruption, the original, the corrupted input and each
-method's restoration of a few images. ``--sweep`` adds the settings the defaults were
-chosen from (RePaint's resampling jumps, a grown latent mask, the restore margin).
+``--figure`` writes a picture of the first dataset: per corruption, the original, the
+corrupted input and each method's restoration of a few images (the sweep's settings left
+out). ``--sweep`` adds the settings the defaults were chosen from (RePaint's resampling
+jumps, a grown latent mask, the restore margin).
 
 Usage: python benchmarks/restore.py [--datasets digits mnist] [--train 1500] [--held-out 200]
        [--figure docs/figures/restoration.png] [--sweep]
@@ -150,8 +152,10 @@ def corruptions(clean: torch.Tensor, seed: int = 0) -> dict[str, tuple[torch.Ten
     return out
 
 
-def restore(sampler, corrupted: torch.Tensor, mask: torch.Tensor | None, batch: int = 100, **fields) -> torch.Tensor:
-    """Each image restored alone (no label), seed = its index, in batches of ``batch``."""
+def restore(sampler, corrupted: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor, batch: int = 100,
+            **fields) -> torch.Tensor:
+    """Each image restored alone, seed = its index, in batches of ``batch``; without its label
+    unless the fields say ``true_label=True`` (the reference: what a perfect inference gives)."""
     from ldmflow.model import restoration
 
     out = []
@@ -160,6 +164,8 @@ def restore(sampler, corrupted: torch.Tensor, mask: torch.Tensor | None, batch: 
         for i in range(start, min(start + batch, len(corrupted))):
             given = dict(fields)
             margin = given.pop("margin", None)
+            if given.pop("true_label", False):
+                given["label"] = int(labels[i])
             job = sampler.job(image=corrupted[i], mask=None if mask is None else mask[i], seed=i, **given)
             if margin is not None:
                 job = replace(job, strength=restoration.strength(sampler, corrupted[i], job.steps, job.sampler, i,
@@ -195,6 +201,9 @@ def scores(models: Models, restored, clean, labels, mask, real_features, seconds
             "s": seconds / len(restored)}
 
 
+SWEPT = ("margin", "jumps", "grown", "true")  # words in the labels of the figure's absentees: the sweep, the references
+
+
 def methods(args, models: Models, noisy: bool) -> dict[str, tuple[object, dict, dict]]:
     """label → (sampler, job fields, sampler attributes)."""
     from ldmflow.model import restoration
@@ -204,6 +213,7 @@ def methods(args, models: Models, noisy: bool) -> dict[str, tuple[object, dict, 
         chosen = {f"sdedit {s}": (models.plain, {"strength": s, **unconditional}, {}) for s in (0.3, 0.5, 0.7)}
         chosen["restore, unconditional"] = (models.plain, {"margin": restoration.MARGIN, **unconditional}, {})
         chosen["restore, label inferred"] = (models.plain, {"margin": restoration.MARGIN, "infer_label": True}, {})
+        chosen["restore, true label given"] = (models.plain, {"margin": restoration.MARGIN, "true_label": True}, {})
         if args.sweep:
             chosen |= {f"restore, label inferred, margin {m}": (models.plain, {"margin": m, "infer_label": True}, {})
                        for m in (1.0, 3.0)}
@@ -216,6 +226,7 @@ def methods(args, models: Models, noisy: bool) -> dict[str, tuple[object, dict, 
         "zero-shot, label inferred": (models.plain, {"jump_count": 1}, now),
         "inpainting model, unconditional": (models.inpainting, unconditional, now),
         "inpainting model, label inferred": (models.inpainting, {}, now),
+        "zero-shot, true label given": (models.plain, {"jump_count": 1, "true_label": True}, now),
     }
     if args.sweep:
         for length, count in ((2, 3), (5, 3), (10, 3)):
@@ -226,7 +237,7 @@ def methods(args, models: Models, noisy: bool) -> dict[str, tuple[object, dict, 
     return chosen
 
 
-def bench_dataset(name: str, args, root: Path, figure_rows: list) -> None:
+def bench_dataset(name: str, args, root: Path, figure: dict) -> None:
     from ldmflow.training import features
 
     models = train_models(name, args, root)
@@ -246,7 +257,7 @@ def bench_dataset(name: str, args, root: Path, figure_rows: list) -> None:
                 setattr(sampler, key, value)
             started = time.perf_counter()
             try:
-                restored = restore(sampler, corrupted, mask, **fields)
+                restored = restore(sampler, corrupted, mask, labels, **fields)
             finally:
                 for key, value in saved.items():
                     setattr(sampler, key, value)
@@ -258,19 +269,38 @@ def bench_dataset(name: str, args, root: Path, figure_rows: list) -> None:
                   f"{s['s']:.3f} |", flush=True)
         if name == args.datasets[0]:
             shown = slice(0, args.figure_images)
-            figure_rows.append([clean[shown], *[restored[shown] for _, restored, _ in rows]])
+            figure[corruption] = [("original", clean[shown])] + [
+                (label, restored[shown]) for label, restored, _ in rows if not any(word in label for word in SWEPT)]
 
 
-def save_figure(blocks: list[list[torch.Tensor]], path: str) -> None:
-    """The corruptions side by side, each a block of the first images: its rows the original,
-    the corrupted input and each method's restoration, in the table's order."""
+def save_figure(figure: dict[str, list[tuple[str, torch.Tensor]]], path: str, scale: int = 2) -> None:
+    """A panel per corruption (its name above it): a row per method, the original and the
+    corrupted input first, each row the same images; the noises in one line of panels, the
+    masks in the next, each line's row names at its left."""
+    from PIL import Image, ImageDraw
+
     from ldmflow.model.grids import grid
 
-    height = max(len(block) for block in blocks)
-    padded = [block + [torch.ones_like(block[0])] * (height - len(block)) for block in blocks]
-    gap = torch.ones_like(blocks[0][0][:1])  # a white column between blocks
-    rows = [torch.cat([part for block in padded for part in (block[r], gap)][:-1]) for r in range(height)]
-    grid(rows).save(path)
+    gap, label_width, title = 4, 230, 16
+    noises = [name for name in figure if name.startswith("noise")]
+    lines = [line for line in (noises, [name for name in figure if name not in noises]) if line]
+    panels = {name: grid([images for _, images in rows]) for name, rows in figure.items()}
+    panels = {name: im.resize((im.width * scale, im.height * scale), Image.NEAREST) for name, im in panels.items()}
+    row_height = next(iter(figure.values()))[0][1].shape[-2] * scale
+    heights = [title + max(panels[name].height for name in line) for line in lines]
+    width = label_width + max(sum(panels[name].width + gap * 4 for name in line) for line in lines)
+    canvas = Image.new("RGB", (width, sum(heights) + gap * 4 * len(heights)), "white")
+    draw, top = ImageDraw.Draw(canvas), 0
+    for line, height in zip(lines, heights):
+        for r, (label, _) in enumerate(figure[line[0]]):
+            draw.text((4, top + title + r * row_height + row_height // 2 - 6), label, fill="black")
+        left = label_width
+        for name in line:
+            draw.text((left, top + 2), name, fill="black")
+            canvas.paste(panels[name], (left, top + title))
+            left += panels[name].width + gap * 4
+        top += height + gap * 4
+    canvas.save(path)
     print(f"figure: {path}")
 
 
@@ -290,11 +320,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     root = Path(tempfile.mkdtemp(prefix="ldmflow-bench-restore-"))
-    figure_rows: list = []
+    figure: dict = {}
     for name in args.datasets:
-        bench_dataset(name, args, root, figure_rows)
+        bench_dataset(name, args, root, figure)
         if args.figure and name == args.datasets[0]:  # written as soon as its dataset is done
-            save_figure(figure_rows, args.figure)
+            save_figure(figure, args.figure)
 
 
 if __name__ == "__main__":
