@@ -134,7 +134,7 @@ def test_every_expected_failure_is_one_line(subprocess_env, tmp_path):
 def test_sample_edit_inpaint_and_export(subprocess_env, tmp_path):
     from PIL import Image
 
-    from model.inpainting import FEATHER_PIXELS
+    from ldmflow.model.inpainting import FEATHER_PIXELS
 
     from tests.helpers import tiny_diffusion_model
 
