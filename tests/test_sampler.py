@@ -216,6 +216,14 @@ def test_an_inpainting_model_is_fed_the_known_latents_and_the_mask(parts, tmp_pa
     torch.testing.assert_close(result[:, :, : 8 - band], image[:, : 8 - band][None], atol=0, rtol=0)
     with pytest.raises(ValueError, match="^jump_count: this model is trained for inpainting"):
         model.check(replace(job, jump_count=2, jump_length=1))
+    seen.clear()
+    model.run([replace(job, label=None, infer_label=True)])
+    probes = len(seen) - job.steps  # the label's probes come first, then the sampling
+    assert probes > 0
+    for x in seen[:probes]:  # the probe sees nothing known: the known latents would answer it under any label
+        assert x[:, 4:8].eq(0).all() and x[:, 8].eq(1).all()
+    for x in seen[probes:]:
+        torch.testing.assert_close(x[:, 4:], expected.repeat(x.shape[0], 1, 1, 1))
 
     model_format.save(tmp_path / "model", unet, vae_folder, info)
     assert model_format.read_info(tmp_path / "model").inpainting
