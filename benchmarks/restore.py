@@ -13,8 +13,10 @@ weights, a model trained for inpainting (``inpainting: true``, ``--init-from``).
 Each is restored without its label: unconditionally (the model's null class), or under the
 label the model infers from the image itself (:mod:`ldmflow.model.self_classifier`). Noise
 by SDEdit at fixed strengths and at the strength ``mode: restore`` chooses; masks by
-zero-shot inpainting as it was before (a hard composite, unconditional), as it is now
-(feathered composite, label inferred) and by the inpainting model; for reference, the
+zero-shot inpainting as it was first (a hard composite, unconditional), as it is now
+(feathered composite, label inferred: a completion under each finalist label, the best
+kept) and by the inpainting model; the same two under the label the probe alone finds (the
+inference before analysis by synthesis, "label probed"); and for reference, the
 restoration and the zero-shot inpainting given the true label. Per corruption and
 method it prints the classifier's accuracy on the original label, the mean error against
 the original and (masks) the largest error on the known pixels outside the 2-pixel
@@ -161,11 +163,15 @@ def restore(sampler, corrupted: torch.Tensor, mask: torch.Tensor | None, labels:
     out = []
     for start in range(0, len(corrupted), batch):
         jobs = []
-        for i in range(start, min(start + batch, len(corrupted))):
+        stop = min(start + batch, len(corrupted))
+        probed = probed_labels(sampler, corrupted, mask, start, stop) if fields.get("probed_label") else None
+        for i in range(start, stop):
             given = dict(fields)
             margin = given.pop("margin", None)
             if given.pop("true_label", False):
                 given["label"] = int(labels[i])
+            if given.pop("probed_label", False):
+                given["label"] = probed[i - start]
             job = sampler.job(image=corrupted[i], mask=None if mask is None else mask[i], seed=i, **given)
             if margin is not None:
                 job = replace(job, strength=restoration.strength(sampler, corrupted[i], job.steps, job.sampler, i,
@@ -180,6 +186,21 @@ def restore(sampler, corrupted: torch.Tensor, mask: torch.Tensor | None, labels:
                 drawn[i] = image[0]
         out.extend(drawn)
     return torch.stack(out)
+
+
+def probed_labels(sampler, corrupted: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> list[int]:
+    """Images start … stop − 1's labels as inpainting inferred them before it inpainted under
+    its finalists: the label whose probe of the known latents is best (the finalists
+    measured again, as an edit's label is; :func:`ldmflow.model.self_classifier.infer_labels`)."""
+    from ldmflow.model import self_classifier
+
+    with torch.no_grad():
+        latents = sampler.encode(corrupted[start:stop])
+        kept = 1 - sampler.latent_mask(mask[start:stop].to(latents.device))
+        generators = [torch.Generator().manual_seed(i) for i in range(start, stop)]
+        found = self_classifier.infer_labels(sampler.label_probe(latents), sampler.schedule, latents, kept,
+                                             len(sampler.info.class_names), generators)
+    return found.tolist()
 
 
 def band_free(mask: torch.Tensor) -> torch.Tensor:
@@ -201,7 +222,7 @@ def scores(models: Models, restored, clean, labels, mask, real_features, seconds
             "s": seconds / len(restored)}
 
 
-SWEPT = ("margin", "jumps", "grown", "true")  # words in the labels of the figure's absentees: the sweep, the references
+SWEPT = ("margin", "jumps", "grown", "true", "probed")  # left out of the figure: the sweep, the references
 
 
 def methods(args, models: Models, noisy: bool) -> dict[str, tuple[object, dict, dict]]:
@@ -223,8 +244,10 @@ def methods(args, models: Models, noisy: bool) -> dict[str, tuple[object, dict, 
     chosen = {
         "zero-shot, before": (models.plain, {"jump_count": 1, **unconditional}, before),
         "zero-shot, unconditional": (models.plain, {"jump_count": 1, **unconditional}, now),
+        "zero-shot, label probed": (models.plain, {"jump_count": 1, "probed_label": True}, now),
         "zero-shot, label inferred": (models.plain, {"jump_count": 1}, now),
         "inpainting model, unconditional": (models.inpainting, unconditional, now),
+        "inpainting model, label probed": (models.inpainting, {"probed_label": True}, now),
         "inpainting model, label inferred": (models.inpainting, {}, now),
         "zero-shot, true label given": (models.plain, {"jump_count": 1, "true_label": True}, now),
     }

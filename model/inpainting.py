@@ -37,6 +37,13 @@ def latent_mask(pixel_mask: torch.Tensor, latent_hw: tuple[int, int], dilation: 
     return F.max_pool2d(cells, 2 * dilation + 1, stride=1, padding=dilation) if dilation else cells
 
 
+def mostly_known(pixel_mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, h, w) of a (B, 1, H, W) pixel mask (1 = generate): 1 where at least half of
+    a latent cell's pixels are known. Judging a completion (not generating one), a cell
+    beside the mask's edge is mostly the input's."""
+    return (F.adaptive_avg_pool2d(1 - pixel_mask.float(), tuple(latent_hw)) >= 0.5).float()
+
+
 def feathered(pixel_mask: torch.Tensor, band: int = FEATHER_PIXELS) -> torch.Tensor:
     """The weight of the generated image per pixel: 1 under the mask, fading to 0 across
     ``band`` known pixels around it, and 0 beyond them, where the output is the input exactly."""

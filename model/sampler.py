@@ -24,7 +24,7 @@ import torch
 
 from ldmflow.model import inpainting, model_format, schedules, self_classifier, unets
 from ldmflow.model.reverse_process import reverse_process
-from ldmflow.model.sampling import SAMPLERS, Job, generators, per_image_noise, resampling_plan, slerp
+from ldmflow.model.sampling import SAMPLERS, Job, copies, generators, per_image_noise, resampling_plan, slerp
 from ldmflow.model.text_encoder import SentenceEncoder
 
 
@@ -142,14 +142,15 @@ class Sampler:
     def run(self, jobs: list[Job], on_step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
         """Sample every job in one batch; returns, per job, images (n, 3, H, W) in [−1, 1].
 
-        All jobs must share :meth:`Job.batch_key` (sampler, steps, mode, edit strength).
+        All jobs must share :meth:`Job.batch_key` (sampler, steps, mode, edit strength,
+        resampling, whether an inpainting infers its label).
         ``on_step`` is called after each denoising step (:attr:`Job.denoising_steps` of them).
         """
         if not jobs:
             return []
         keys = {job.batch_key() for job in jobs}
         if len(keys) > 1:
-            raise ValueError(f"jobs of one batch must share sampler, steps, mode and strength, got {sorted(keys)}")
+            raise ValueError(f"jobs of one batch must share Job.batch_key, got {sorted(keys)}")
         for job in jobs:
             self.check(job)
         first = jobs[0]
@@ -166,8 +167,16 @@ class Sampler:
             init_latent = self.encode(init)
         pixel_mask, known, plan, extra = self._inpainting(jobs, init_latent if init is not None else noise)
         cond, null = self._conditioning(jobs)
-        if any(job.infer_label for job in jobs):
-            cond["class_labels"] = self._inferred(jobs, cond["class_labels"], init_latent, known, extra, gens)
+        labels, sampling_gens = None, gens
+        if first.mode == "inpaint" and first.infer_label:  # a completion under each finalist label, the best kept
+            labels = self._finalists(init_latent, 1 - self.latent_mask(pixel_mask), gens)
+            count = labels.shape[1]
+            cond, null = {"class_labels": labels.T.reshape(-1)}, {"class_labels": null["class_labels"].repeat(count)}
+            noise, guidance = noise.repeat(count, 1, 1, 1), guidance.repeat(count, 1, 1, 1)
+            known = None if known is None else (known[0].repeat(count, 1, 1, 1), known[1].repeat(count, 1, 1, 1))
+            sampling_gens = copies(gens, count)
+        elif any(job.infer_label for job in jobs):
+            cond["class_labels"] = self._inferred(jobs, cond["class_labels"], init_latent, gens)
         elif not any(job.label is not None or job.prompt or job.to_label is not None or job.to_prompt for job in jobs):
             null = None  # every image is unconditional: guidance would add nothing to the null pass
         denoiser = self._with_channels(self._denoiser(jobs), extra)
@@ -183,35 +192,61 @@ class Sampler:
             latents = noise
 
         def known_noise(shape):
-            return per_image_noise(gens, shape)
+            return per_image_noise(sampling_gens, shape)
 
         latents = reverse_process(
             denoiser, scheduler, latents, steps=first.steps, conditioning=cond, null_conditioning=null,
-            guidance=guidance, generator=gens, start_step=start_step, known=known, known_noise=known_noise,
+            guidance=guidance, generator=sampling_gens, start_step=start_step, known=known, known_noise=known_noise,
             plan=plan, on_step=on_step)
-        images = self.decode(latents)
+        if labels is not None:
+            images = self._best_completions(latents, labels, init, pixel_mask, gens)
+        else:
+            images = self.decode(latents)
         if pixel_mask is not None:  # the known pixels are the input's own, fading in over a thin band
             weight = self.feathered(pixel_mask)
             images = weight * images + (1 - weight) * init.to(self.device)
         return self._split(images, jobs)
 
-    def _inferred(self, jobs: list[Job], labels: torch.Tensor, latents: torch.Tensor, known, extra, gens) -> torch.Tensor:
-        """``labels`` with each image of a job that asks (``infer_label``) given the label
-        its known latents fit best (:func:`~ldmflow.model.self_classifier.infer_labels`):
-        all its cells for an edit, those outside the mask for an inpainting."""
-        rows = torch.tensor([job.infer_label for job in jobs for _ in range(job.n)])
-        index = rows.nonzero().squeeze(1)
-        cells = known[1] if known is not None else torch.ones_like(latents[:, :1])
+    def _inferred(self, jobs: list[Job], labels: torch.Tensor, latents: torch.Tensor, gens) -> torch.Tensor:
+        """``labels`` with each image of an edit that asks (``infer_label``) given the label
+        its latents fit best (:func:`~ldmflow.model.self_classifier.infer_labels`)."""
+        index = torch.tensor([job.infer_label for job in jobs for _ in range(job.n)]).nonzero().squeeze(1)
         probed = latents[index.to(latents.device)]
-        if extra is not None:  # an inpainting model: the known cells are the complement of its mask channel,
-            cells = 1 - extra[:, -1:]  # and its probe sees nothing known, or the known latents would answer it
-        denoiser = self._with_channels(self.unet, None if extra is None else inpainting.nothing_known(probed))
-        found = self_classifier.infer_labels(denoiser, self.schedule, probed,
-                                             cells[index.to(cells.device)], len(self.info.class_names or ()),
+        found = self_classifier.infer_labels(self.label_probe(probed), self.schedule, probed,
+                                             torch.ones_like(probed[:, :1]), len(self.info.class_names or ()),
                                              [gens[i] for i in index.tolist()])
         labels = labels.clone()
         labels[index.to(labels.device)] = found.to(labels.device)
         return labels
+
+    def _finalists(self, latents: torch.Tensor, kept: torch.Tensor, gens) -> torch.Tensor:
+        """(B, k) the labels an inpainting's latents fit best on its ``kept`` cells, each to
+        inpaint under (:func:`~ldmflow.model.self_classifier.finalists`)."""
+        return self_classifier.finalists(self.label_probe(latents), self.schedule, latents, kept,
+                                         len(self.info.class_names or ()), gens)[0]
+
+    def _best_completions(self, completions: torch.Tensor, labels: torch.Tensor, init: torch.Tensor,
+                          pixel_mask: torch.Tensor, gens) -> torch.Tensor:
+        """(B, 3, H, W) decoded, of the k·B ``completions`` (label-major: image i's under
+        ``labels[i, j]`` at row j·B + i), the one per image its label explains best. Each is
+        decoded, put under the input's known pixels and encoded again, and measured on the
+        cells mostly known (:func:`~ldmflow.model.inpainting.mostly_known`): the cells along
+        the mask's edge, part known, part the completion's, are where a continuation fits its
+        label or does not, and the sampling counted them as unknown."""
+        batch = len(labels)
+        count = len(completions) // batch
+        decoded = self.decode(completions)
+        hole = pixel_mask.repeat(count, 1, 1, 1)
+        composites = self.encode(hole * decoded + (1 - hole) * init.to(decoded.device).repeat(count, 1, 1, 1))
+        cells = inpainting.mostly_known(pixel_mask, self.info.latent_shape[1:])
+        best = self_classifier.best_completions(self.label_probe(composites[:batch]), self.schedule, composites,
+                                                cells, labels, gens)
+        return decoded[best.to(decoded.device) * batch + torch.arange(batch, device=decoded.device)]
+
+    def label_probe(self, latents: torch.Tensor):
+        """The UNet as a label's probe calls it. An inpainting model's probe sees nothing
+        known, or the known latents would answer it under any label."""
+        return self._with_channels(self.unet, inpainting.nothing_known(latents) if self.info.inpainting else None)
 
     def _inpainting(self, jobs: list[Job], latents: torch.Tensor):
         """(pixel mask, known latents and their mask, resampling plan, the UNet's extra input
@@ -351,3 +386,4 @@ class Sampler:
     @staticmethod
     def _split(images: torch.Tensor, jobs: list[Job]) -> list[torch.Tensor]:
         return list(images.cpu().split([job.n for job in jobs]))
+

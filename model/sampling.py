@@ -85,10 +85,11 @@ class Job:
         return 2 * self.steps if self.mode == "invert" else self.steps
 
     def batch_key(self) -> tuple:
-        """Jobs with equal keys share a timestep schedule and run as one batch."""
+        """Jobs with equal keys share a timestep schedule and run as one batch (an inpainting
+        that infers its label runs as one batch of its finalists' completions)."""
         strength = self.strength if self.mode == "edit" else 1.0
         jumps = (self.jump_length, self.jump_count) if self.mode == "inpaint" and self.jump_count > 1 else (1, 1)
-        return (self.mode, self.sampler, self.steps, strength, *jumps)
+        return (self.mode, self.sampler, self.steps, strength, *jumps, self.mode == "inpaint" and self.infer_label)
 
 
 def resampling_plan(steps: int, jump_length: int = 1, jump_count: int = 1) -> list[int]:
@@ -119,6 +120,18 @@ def batch_groups(jobs: list[Job]) -> list[list[int]]:
 
 def generators(jobs: list[Job]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed) for job in jobs for seed in job.seeds()]
+
+
+def copies(gens: list[torch.Generator], count: int) -> list[torch.Generator]:
+    """``count`` copies of ``gens`` one after another, each drawing what its original would
+    draw next: the same image sampled ``count`` times over, under ``count`` conditions."""
+    out = []
+    for _ in range(count):
+        for original in gens:
+            copy = torch.Generator(device=original.device)
+            copy.set_state(original.get_state())
+            out.append(copy)
+    return out
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

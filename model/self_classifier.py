@@ -4,11 +4,17 @@ Inpainting or restoring a digit without its label, an unconditional model may dr
 that fits the known pixels a little; told the label, it draws that digit well. The model
 can find the label itself (Li et al. 2023, "Your diffusion model is secretly a zero-shot
 classifier"): noised to a timestep, the known latents are denoised best under the label
-they belong to. :func:`infer_labels` sums each label's ε error over the known cells at a few
-timesteps (the cells to generate zeroed), keeps the :data:`FINALISTS` best labels, measures
-them at more timesteps, and returns the best of those. It costs ``classes × PROBES +
-FINALISTS × REFINES`` UNet passes per image (152 for ten classes): about three 25-step
-guided samplings. Measured with benchmarks/restore.py (docs/editing.md).
+they belong to. :func:`finalists` sums each label's ε error over the known cells at a few
+timesteps (the cells to generate zeroed) and keeps the :data:`FINALISTS` best labels.
+
+An edit (everything known) measures the finalists at more timesteps and takes the best of
+them (:func:`infer_labels`): ``classes × PROBES + FINALISTS × REFINES`` UNet passes per
+image (152 for ten classes), about three 25-step guided samplings. An inpainting knows
+too little for that: the zeroed cells are no digit's, and the probe reads the wrong label
+for about one digit in five with its bottom 40% masked. It inpaints under every finalist
+instead and measures each completion, whole now, at the same timesteps under its own
+label (:func:`best_completions`): analysis by synthesis, the finalists' samplings plus
+``FINALISTS × REFINES`` passes. Measured with benchmarks/restore.py (docs/editing.md).
 """
 
 from __future__ import annotations
@@ -27,33 +33,59 @@ SPAN = (0.05, 0.85)  # the share of the training schedule probed: the clean end 
 
 
 @torch.no_grad()
+def finalists(denoiser: Callable, schedule: schedules.NoiseSchedule, latents: torch.Tensor, known: torch.Tensor,
+              num_classes: int, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The :data:`FINALISTS` labels (B, k) that denoise each of ``latents`` (B, C, h, w) best
+    where ``known`` (B, 1, h, w) is 1, best first, and their errors (B, k); the noise of image
+    i is drawn from ``generators[i]``. ``denoiser`` is called as a UNet is, with ``class_labels``."""
+    every = torch.arange(num_classes, device=latents.device).expand(len(latents), -1)
+    errors = measure(denoiser, schedule, latents * known, known, every, generators, PROBES)
+    best = errors.topk(min(FINALISTS, num_classes), dim=1, largest=False)
+    return best.indices, best.values
+
+
+@torch.no_grad()
 def infer_labels(denoiser: Callable, schedule: schedules.NoiseSchedule, latents: torch.Tensor, known: torch.Tensor,
                  num_classes: int, generators: list[torch.Generator]) -> torch.Tensor:
-    """(B,) the label that denoises each of ``latents`` (B, C, h, w) best where ``known``
-    (B, 1, h, w) is 1; the noise of image i is drawn from ``generators[i]``. ``denoiser`` is
-    called as a UNet is, with ``class_labels``."""
+    """(B,) the label that denoises each of ``latents`` best where ``known`` is 1: the
+    :func:`finalists` measured again at :data:`REFINES` more timesteps, their errors summed."""
+    labels, errors = finalists(denoiser, schedule, latents, known, num_classes, generators)
+    errors = errors + measure(denoiser, schedule, latents * known, known, labels, generators, REFINES, refine=True)
+    return labels.gather(1, errors.argmin(dim=1, keepdim=True)).squeeze(1)
+
+
+@torch.no_grad()
+def best_completions(denoiser: Callable, schedule: schedules.NoiseSchedule, completions: torch.Tensor,
+                     known: torch.Tensor, labels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """(B,) which of the k completions of each image fits its label best: ``completions``
+    (k·B, C, h, w) holds image i's under ``labels[i, j]`` at row j·B + i, each measured on
+    the cells ``known`` (B, 1, h, w) at :data:`REFINES` timesteps, every completion of an
+    image with the same noise."""
+    return measure(denoiser, schedule, completions, known, labels, generators, REFINES, refine=True).argmin(dim=1)
+
+
+def measure(denoiser: Callable, schedule: schedules.NoiseSchedule, x0: torch.Tensor, known: torch.Tensor,
+            labels: torch.Tensor, generators: list[torch.Generator], count: int, refine: bool = False) -> torch.Tensor:
+    """(B, k) the ε (or v) error summed over the ``known`` cells and ``count`` timesteps of
+    :data:`SPAN` of ``x0`` noised under each of ``labels`` (B, k); ``x0`` is (B, …), the
+    same for every label, or (k·B, …), one per label, label-major. ``refine``: the timesteps
+    halfway between the probes', which are all new."""
     scheduler = schedules.training_scheduler(schedule)
     total = scheduler.config.num_train_timesteps
-    x0 = latents * known
-    batch = len(latents)
-    errors = torch.zeros(batch, num_classes, device=latents.device)
-    rows = torch.arange(batch, device=latents.device)
-
-    def measure(timesteps: torch.Tensor, candidates: torch.Tensor) -> None:  # candidates (B, k)
-        k = candidates.shape[1]
-        labels = candidates.T.reshape(-1)  # candidate-major: label j of every image, then j + 1
-        for t in timesteps.tolist():
-            noise = per_image_noise(generators, tuple(latents.shape[1:])).to(latents.device, latents.dtype)
-            steps = torch.full((batch,), int(t), device=latents.device, dtype=torch.long)
-            noisy = scheduler.add_noise(x0, noise, steps)
-            target = noise if schedule.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, steps)
-            prediction = denoiser(noisy.repeat(k, 1, 1, 1), steps.repeat(k), class_labels=labels, return_dict=False)[0]
-            error = ((prediction - target.repeat(k, 1, 1, 1)) ** 2 * known.repeat(k, 1, 1, 1)).sum(dim=(1, 2, 3))
-            errors[rows.repeat(k), labels] += error.float()
-
     low, high = (int(total * share) for share in SPAN)
-    measure(torch.linspace(low, high, PROBES).round().long(), torch.arange(num_classes).expand(batch, -1).to(rows))
-    finalists = errors.topk(min(FINALISTS, num_classes), dim=1, largest=False).indices
-    offset = (high - low) / (2 * REFINES)
-    measure(torch.linspace(low + offset, high - offset, REFINES).round().long(), finalists)
-    return finalists.gather(1, errors.gather(1, finalists).argmin(dim=1, keepdim=True)).squeeze(1)
+    if refine:
+        offset = (high - low) / (2 * count)
+        low, high = low + offset, high - offset
+    batch, k = labels.shape
+    flat = labels.T.reshape(-1)  # label-major: label j of every image, then j + 1
+    x0 = x0 if len(x0) == k * batch else x0.repeat(k, 1, 1, 1)
+    where = known.repeat(k, 1, 1, 1)
+    errors = torch.zeros(k, batch, device=x0.device)
+    for t in torch.linspace(low, high, count).round().long().tolist():
+        noise = per_image_noise(generators, tuple(x0.shape[1:])).to(x0.device, x0.dtype).repeat(k, 1, 1, 1)
+        steps = torch.full((k * batch,), int(t), device=x0.device, dtype=torch.long)
+        noisy = scheduler.add_noise(x0, noise, steps)
+        target = noise if schedule.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, steps)
+        prediction = denoiser(noisy, steps, class_labels=flat, return_dict=False)[0]
+        errors += ((prediction - target) ** 2 * where).sum(dim=(1, 2, 3)).float().view(k, batch)
+    return errors.T

@@ -161,3 +161,22 @@ def test_the_model_as_its_own_classifier_picks_the_label_that_denoises_the_known
 
     generators = [torch.Generator().manual_seed(i) for i in range(4)]
     assert self_classifier.infer_labels(denoiser, schedule, x0, known, 10, generators).tolist() == truth.tolist()
+
+    # Analysis by synthesis: each image's completion under each finalist, label-major; the
+    # one under its own label (at a different place for each image) is explained best.
+    candidates = torch.stack([truth, (truth + 1) % 10, (truth + 2) % 10], dim=1)
+    candidates[1] = candidates[1].roll(1)
+    candidates[2] = candidates[2].roll(2)
+    completions = torch.randn(3 * 4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def judge(noisy, timesteps, class_labels, return_dict=False):
+        """Exact ε for the row's own completion under the image's own label, off by 0.3 on
+        the known rows under any other (and by 1 on the rows to generate, which do not count)."""
+        alphas = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        exact = (noisy - alphas.sqrt() * completions) / (1 - alphas).sqrt()
+        own = (class_labels == truth.repeat(3)).view(-1, 1, 1, 1)
+        return (torch.where(own, exact, exact + 0.3) + (1 - known.repeat(3, 1, 1, 1)),)
+
+    best = self_classifier.best_completions(judge, schedule, completions, known, candidates, generators)
+    assert best.tolist() == [0, 1, 2, 0]
+    assert candidates.gather(1, best[:, None]).squeeze(1).tolist() == truth.tolist()

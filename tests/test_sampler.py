@@ -147,26 +147,56 @@ def test_inpainting_keeps_the_unmasked_region(sampler):
     assert sampler.latent_mask(mask[None]).sum() == 4 * (2 + sampler.mask_dilation)
 
 
-def test_inpainting_without_a_label_is_conditioned_on_the_label_the_image_fits(sampler):
+def test_inpainting_without_a_label_completes_under_each_finalist_and_keeps_the_best(sampler, monkeypatch):
     image = sampler.generate(label=5, seed=2)[0]
     mask = torch.zeros(1, 16, 16)
     mask[:, 10:] = 1
-    job = sampler.job(image=image, mask=mask, seed=4)
+    job = sampler.job(image=image, mask=mask, seed=4, n=2)
     assert job.infer_label and not sampler.job(image=image, mask=mask, seed=4, label=2).infer_label
     assert not sampler.job(image=image, mask=mask, seed=4, infer_label=False).infer_label
-    seen = []
+    assert job.batch_key() != replace(job, infer_label=False).batch_key()  # its batch is its finalists' completions
+    seen, judged, decoded = [], [], []
+    real = self_classifier.best_completions
+
+    def best_completions(*args):
+        judged.append((args[2].clone(), args[3].clone(), real(*args)))
+        return judged[-1][-1]
+
+    def decode(latents):
+        decoded.append(latents.clone())
+        return Sampler.decode(sampler, latents)
+
+    monkeypatch.setattr(self_classifier, "best_completions", best_completions)
+    monkeypatch.setattr(sampler, "decode", decode)
     hook = sampler.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"]),
                                                   with_kwargs=True)
     try:
-        sampler.run([job])
+        result = sampler.run([job])[0]
     finally:
         hook.remove()
-    null = sampler.info.null_label
-    probes = len(seen) - job.denoising_steps
-    assert probes == self_classifier.PROBES + self_classifier.REFINES  # every label a batch, then the finalists
-    chosen = seen[-1]  # a sampling step: the null pass, then the inferred label
-    assert chosen.tolist()[0] == null and 0 <= chosen.tolist()[1] < null
-    assert len(set(seen[0].tolist())) == null  # the first probe measures every label
+    null, k = sampler.info.null_label, self_classifier.FINALISTS
+    assert len(seen) == self_classifier.PROBES + job.denoising_steps + self_classifier.REFINES
+    assert all(len(set(labels.tolist())) == null for labels in seen[: self_classifier.PROBES])  # every label
+    sampling = seen[self_classifier.PROBES : -self_classifier.REFINES]
+    finalists = sampling[0][2 * k :].view(k, 2)  # null passes, then label j of both images, label-major
+    assert sampling[0][: 2 * k].eq(null).all() and all(labels.equal(sampling[0]) for labels in sampling)
+    assert all(len(set(column.tolist())) == k for column in finalists.T) and finalists.lt(null).all()
+    assert all(labels.equal(finalists.reshape(-1)) for labels in seen[-self_classifier.REFINES :])
+    # Each completion is judged put under the input's known pixels and encoded again, and the
+    # image returned is the best one's, composited over the input.
+    (composites, cells, best), = judged
+    completions = decoded[0]
+    # Measured on the cells mostly known: latent row 2 (pixel rows 8-11, half known) too,
+    # which the sampling generated.
+    assert cells[0, 0, :, 0].tolist() == [1, 1, 1, 0]
+    assert sampler.latent_mask(mask[None])[0, 0, :, 0].tolist() == [0, 0, 1, 1]
+    assert len(completions) == 2 * k and best.shape == (2,)
+    drawn = Sampler.decode(sampler, completions)
+    hole = mask.expand(2 * k, -1, -1, -1)
+    torch.testing.assert_close(composites, sampler.encode(hole * drawn + (1 - hole) * image), atol=1e-5, rtol=0)
+    weight = sampler.feathered(mask[None])
+    expected = weight * drawn[best * 2 + torch.arange(2)] + (1 - weight) * image
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
 
 
 def test_resampling_reruns_each_stretch_and_steps_back(sampler):
@@ -218,11 +248,11 @@ def test_an_inpainting_model_is_fed_the_known_latents_and_the_mask(parts, tmp_pa
         model.check(replace(job, jump_count=2, jump_length=1))
     seen.clear()
     model.run([replace(job, label=None, infer_label=True)])
-    probes = len(seen) - job.steps  # the label's probes come first, then the sampling
-    assert probes > 0
-    for x in seen[:probes]:  # the probe sees nothing known: the known latents would answer it under any label
+    probes, scores = self_classifier.PROBES, self_classifier.REFINES  # the finalists' probes, sampling, their scores
+    assert len(seen) == probes + job.steps + scores
+    for x in seen[:probes] + seen[-scores:]:  # the probe sees nothing known: the known latents would answer it
         assert x[:, 4:8].eq(0).all() and x[:, 8].eq(1).all()
-    for x in seen[probes:]:
+    for x in seen[probes:-scores]:
         torch.testing.assert_close(x[:, 4:], expected.repeat(x.shape[0], 1, 1, 1))
 
     model_format.save(tmp_path / "model", unet, vae_folder, info)
