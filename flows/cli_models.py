@@ -123,12 +123,13 @@ def sample(
     jump_length: Annotated[Optional[int], typer.Option(
         help="Zero-shot inpainting's resampling (RePaint): steps each jump goes back.")] = None,
     jump_count: Annotated[Optional[int], typer.Option(
-        help="Zero-shot inpainting's resampling: times each stretch of --jump-length steps runs (1: none; "
-             "default 3 with ddpm and ddim).")] = None,
+        help="Zero-shot inpainting's resampling (ddpm, ddim): times each stretch of --jump-length steps runs "
+             "(default 1: none).")] = None,
     infer_label: Annotated[Optional[bool], typer.Option(
         "--infer-label/--no-infer-label",
-        help="Without --label, condition an edit or inpainting of a class model on the label the image fits best "
-             "(default: on for --mask and --restore).")] = None,
+        help="Without --label, condition an edit or inpainting of a class model on the label the image fits best; "
+             "an inpainting is drawn under the three labels that fit best and the completion its label explains "
+             "best is kept (default: on for --mask and --restore).")] = None,
     restore: Annotated[bool, typer.Option(
         help="Restore a noisy --init-image: SDEdit at the strength chosen for the noise it carries.")] = False,
     invert: Annotated[bool, typer.Option(

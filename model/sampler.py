@@ -386,4 +386,3 @@ class Sampler:
     @staticmethod
     def _split(images: torch.Tensor, jobs: list[Job]) -> list[torch.Tensor]:
         return list(images.cpu().split([job.n for job in jobs]))
-

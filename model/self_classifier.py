@@ -10,11 +10,13 @@ timesteps (the cells to generate zeroed) and keeps the :data:`FINALISTS` best la
 An edit (everything known) measures the finalists at more timesteps and takes the best of
 them (:func:`infer_labels`): ``classes × PROBES + FINALISTS × REFINES`` UNet passes per
 image (152 for ten classes), about three 25-step guided samplings. An inpainting knows
-too little for that: the zeroed cells are no digit's, and the probe reads the wrong label
-for about one digit in five with its bottom 40% masked. It inpaints under every finalist
-instead and measures each completion, whole now, at the same timesteps under its own
-label (:func:`best_completions`): analysis by synthesis, the finalists' samplings plus
-``FINALISTS × REFINES`` passes. Measured with benchmarks/restore.py (docs/editing.md).
+too little for that: the probe sees only the cells wholly outside the mask, and reads the
+wrong label for about one digit in five with its bottom 40% masked. It is drawn under
+every finalist instead, and :func:`best_completions` measures each completion (put under
+the input's known pixels and encoded again by the sampler, so that the cells along the
+mask's edge count too) under its own label at :data:`REFINES` timesteps: analysis by
+synthesis, the finalists' samplings plus ``FINALISTS × REFINES`` passes. Measured with
+benchmarks/restore.py (docs/editing.md).
 """
 
 from __future__ import annotations

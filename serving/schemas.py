@@ -57,8 +57,10 @@ class InpaintRequest(GenerateRequest):
                                                             "back (the sampler's default when absent).")
     jump_count: int | None = Field(None, ge=1, le=10, description="Zero-shot resampling: times each stretch of "
                                                                   "jump_length steps runs; 1: none.")
-    infer_label: bool | None = Field(None, description="A class model without a label: condition on the label the "
-                                                       "kept region fits best (on by default; false: unconditional).")
+    infer_label: bool | None = Field(None, description="A class model without a label: inpaint under the three "
+                                                       "labels the kept region fits best and return the completion "
+                                                       "its label explains best (on by default; false: "
+                                                       "unconditional).")
 
 
 class ModelRef(BaseModel):
