@@ -159,6 +159,7 @@ def restore(sampler, corrupted: torch.Tensor, mask: torch.Tensor | None, labels:
     """Each image restored alone, seed = its index, in batches of ``batch``; without its label
     unless the fields say ``true_label=True`` (the reference: what a perfect inference gives)."""
     from ldmflow.model import restoration
+    from ldmflow.model.sampling import batch_groups
 
     out = []
     for start in range(0, len(corrupted), batch):
@@ -177,11 +178,8 @@ def restore(sampler, corrupted: torch.Tensor, mask: torch.Tensor | None, labels:
                 job = replace(job, strength=restoration.strength(sampler, corrupted[i], job.steps, job.sampler, i,
                                                                  margin=margin))
             jobs.append(job)
-        groups: dict[tuple, list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.batch_key(), []).append(i)
         drawn: list[torch.Tensor | None] = [None] * len(jobs)
-        for indices in groups.values():
+        for indices in batch_groups(jobs):
             for i, image in zip(indices, sampler.run([jobs[i] for i in indices])):
                 drawn[i] = image[0]
         out.extend(drawn)
@@ -222,7 +220,7 @@ def scores(models: Models, restored, clean, labels, mask, real_features, seconds
             "s": seconds / len(restored)}
 
 
-SWEPT = ("margin", "jumps", "grown", "true", "probed")  # left out of the figure: the sweep, the references
+NOT_IN_FIGURE = ("margin", "jumps", "grown", "true", "probed")  # words of the sweep's and the references' rows
 
 
 def methods(args, models: Models, noisy: bool) -> dict[str, tuple[object, dict, dict]]:
@@ -293,7 +291,8 @@ def bench_dataset(name: str, args, root: Path, figure: dict) -> None:
         if name == args.datasets[0]:
             shown = slice(0, args.figure_images)
             figure[corruption] = [("original", clean[shown])] + [
-                (label, restored[shown]) for label, restored, _ in rows if not any(word in label for word in SWEPT)]
+                (label, restored[shown]) for label, restored, _ in rows
+                if not any(word in label for word in NOT_IN_FIGURE)]
 
 
 def save_figure(figure: dict[str, list[tuple[str, torch.Tensor]]], path: str, scale: int = 2) -> None:
