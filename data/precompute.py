@@ -45,7 +45,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from ldmflow import configs, console
+from ldmflow import configs, console, state
 from ldmflow.console import Progress
 from ldmflow.data import cluster, image_shards, latent_shards, storage
 from ldmflow.data.encode_stages import EncodeTask, LatentEncoder, decode_shard, write_latent_shard
@@ -323,13 +323,14 @@ def _encode_round(tasks: list[EncodeTask], autoencoder_dir: str | Path, config: 
         )
     errors: dict[int, str] = {}
     try:
-        for row in dataset.iter_rows():
-            index = EncodeTask.from_json(row["task"]).index
-            if row["error"]:
-                errors[index] = row["error"]
-            else:
-                results[index] = latent_shards.LatentShardInfo(**json.loads(row["info"]))
-                bar.advance()
+        with console.native_lines_to(state.state_dir() / "logs" / "ray-driver.log"):
+            for row in dataset.iter_rows():
+                index = EncodeTask.from_json(row["task"]).index
+                if row["error"]:
+                    errors[index] = row["error"]
+                else:
+                    results[index] = latent_shards.LatentShardInfo(**json.loads(row["info"]))
+                    bar.advance()
     except Exception as exc:  # the pipeline itself failed: an actor out of restarts, the cluster lost
         cause = f"precompute pipeline failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         errors |= {task.index: cause for task in tasks if task.index not in results and task.index not in errors}

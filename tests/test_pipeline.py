@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from ldmflow import console
 from ldmflow.data import storage
 
 CLI = [sys.executable, "-m", "ldmflow.flows.cli"]
@@ -64,6 +65,8 @@ def test_pipeline_on_s3_resumes_training_after_a_kill_then_skips_every_stage(buc
         assert checkpoint_registered(f"{bucket}/checkpoints"), "no training checkpoint in time"
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+    # The command line's own lines only: none of Ray's core worker (its log lines in the state folder).
+    assert not any(console.NATIVE_LINE.match(line) for line in (tmp_path / "first.log").read_bytes().splitlines())
     records = [entry.url.rsplit("/", 1)[1].split("-")[0] for entry in storage.list_prefix(f"{bucket}/datasets/pipe/_stages")]
     assert sorted(records) == ["autoencoder", "precompute", "shard"]
 

@@ -96,3 +96,36 @@ def test_progress_that_is_off_writes_nothing():
     with Progress("sample", 5, "step", enabled=False, stream=out) as bar:
         bar.advance(5)
     assert out.getvalue() == "" and bar.done == 5
+
+
+NATIVE = "[2026-12-07 16:14:02,710 E 9156 9156] core_worker.cc:2465: Actor with class name: 'MapWorker' ..."
+WRITER = f"""
+import os, sys, time
+from pathlib import Path
+from ldmflow import console
+console.set_quiet(sys.argv[2] == "quiet")
+print("before", file=sys.stderr, flush=True)
+with console.native_lines_to(Path(sys.argv[1])):
+    os.write(2, b"precompute: 0/4 shards\\n[not one of Ray's] kept\\n")
+    os.write(2, {NATIVE[:20]!r}.encode())  # a native line in three writes, as a C++ stream may
+    time.sleep(0.2)
+    os.write(2, {NATIVE[20:70]!r}.encode())
+    os.write(2, {NATIVE[70:]!r}.encode() + b"\\n\\rprecompute: 4/4 shards")
+    print("\\ndone [1/1]", file=sys.stderr, flush=True)
+print("after", file=sys.stderr, flush=True)
+"""
+
+
+def test_rays_native_lines_leave_a_quiet_stderr_for_a_file_and_everything_else_passes_in_order(tmp_path):
+    import subprocess
+    import sys
+
+    log = tmp_path / "logs" / "ray-driver.log"
+    kept = "before\nprecompute: 0/4 shards\n[not one of Ray's] kept\n\rprecompute: 4/4 shards\ndone [1/1]\nafter\n"
+    quiet = subprocess.run([sys.executable, "-c", WRITER, str(log), "quiet"], capture_output=True, timeout=60)
+    assert quiet.returncode == 0 and quiet.stderr.decode() == kept, quiet.stderr
+    assert log.read_text() == NATIVE + "\n"
+
+    log.unlink()
+    verbose = subprocess.run([sys.executable, "-c", WRITER, str(log), "verbose"], capture_output=True, timeout=60)
+    assert verbose.stderr.decode() == kept.replace("kept\n", "kept\n" + NATIVE + "\n") and not log.exists()
