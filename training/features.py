@@ -136,33 +136,38 @@ class DomainClassifier(torch.nn.Module):
 def train_classifier(reference: Reference, epochs: int = CLASSIFIER_EPOCHS, seed: int = 0,
                      limit: int = CLASSIFIER_SAMPLES) -> tuple[DomainClassifier, float]:
     """Train on the labelled images among ``limit`` drawn from ``reference`` (all of a smaller
-    dataset), each batch shifted by up to :data:`CLASSIFIER_SHIFT` pixels; returns the model
-    and its accuracy on a held-out tenth (by key) after training on the rest."""
+    dataset) by :func:`fit_classifier`; returns the model and its accuracy on a held-out
+    tenth (by key) after training on the rest."""
     if not reference.manifest.class_names:
         raise InputError(f"{reference.url}: a domain classifier needs labelled data")
     samples = [s for s in reference.drawn(limit, seed, image_shards.decode_sample) if s.label >= 0]
-    held = [shard_stream.is_held_out(s.key, 0.1) for s in samples]
+    held = torch.tensor([shard_stream.is_held_out(s.key, 0.1) for s in samples], dtype=torch.bool)
     x = torch.stack([torch.from_numpy(s.image) for s in samples])
     y = torch.tensor([s.label for s in samples])
-    train_x, train_y = x[[not h for h in held]], y[[not h for h in held]]
+    model = fit_classifier(x[~held], y[~held], len(reference.manifest.class_names), epochs, seed)
+    with torch.no_grad():
+        accuracy = (model(x[held]).argmax(1) == y[held]).float().mean().item() if held.any() else float("nan")
+    return model, accuracy
+
+
+def fit_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int = CLASSIFIER_EPOCHS,
+                   seed: int = 0) -> DomainClassifier:
+    """A :class:`DomainClassifier` trained on images ``x`` (N, 3, H, W) in [-1, 1] with labels
+    ``y``: Adam, batches of 64, each shifted by up to :data:`CLASSIFIER_SHIFT` pixels; in eval mode."""
     torch.manual_seed(seed)
-    model = DomainClassifier(len(reference.manifest.class_names))
+    model = DomainClassifier(num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        order = torch.randperm(len(train_x), generator=generator)
+        order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(order), 64):
             index = order[start : start + 64]
             dy, dx = (int(v) for v in torch.randint(-CLASSIFIER_SHIFT, CLASSIFIER_SHIFT + 1, (2,), generator=generator))
-            loss = F.cross_entropy(model(torch.roll(train_x[index], (dy, dx), (2, 3))), train_y[index])
+            loss = F.cross_entropy(model(torch.roll(x[index], (dy, dx), (2, 3))), y[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    model.eval()
-    held_mask = torch.tensor(held)
-    with torch.no_grad():
-        accuracy = (model(x[held_mask]).argmax(1) == y[held_mask]).float().mean().item() if held_mask.any() else float("nan")
-    return model, accuracy
+    return model.eval()
 
 
 def classifier_for(reference: Reference) -> DomainClassifier:
