@@ -18,12 +18,12 @@ zero-shot inpainting as it was first (a hard composite, unconditional), as it is
 kept) and by the inpainting model; the same two under the label the probe alone finds (the
 inference before analysis by synthesis, "label probed"); and for reference, the
 restoration and the zero-shot inpainting given the true label. Per corruption and
-method it prints the classifier's accuracy on the original label (and, per mask, that of
-the classifier's recipe trained on the training images under such masks: what the known
-region alone tells), the mean error against
+method it prints the classifier's accuracy on the original label, the mean error against
 the original and (masks) the largest error on the known pixels outside the 2-pixel
 feathered band, in grey levels; the FD of the restored set against the originals in the
 classifier's features; and seconds per image. The corrupted input itself is the baseline.
+Per mask, one more reference: what the known region alone tells, the accuracy of the
+classifier's recipe trained on the training images under such masks.
 
 ``--figure`` writes a picture of the first dataset: per corruption, the original, the
 corrupted input and each method's restoration of a few images (the sweep's settings left
