@@ -203,17 +203,15 @@ def probed_labels(sampler, corrupted: torch.Tensor, mask: torch.Tensor, start: i
     return found.tolist()
 
 
-def read_from_known(training: tuple[torch.Tensor, torch.Tensor], corruption: str, corrupted: torch.Tensor,
-                    labels: torch.Tensor, seeds: int = 3) -> float:
+def read_from_known(masked: torch.Tensor, classes: torch.Tensor, corrupted: torch.Tensor, labels: torch.Tensor,
+                    seeds: int = 3) -> float:
     """What the known region alone tells: the evaluation classifier's recipe trained on the
-    training images under masks of the same kind, its accuracy on ``corrupted``, the mean of
-    ``seeds`` trainings. A restoration read by the evaluation's classifier is itself a
-    classifier of the known region: it can beat this only as far as this recipe falls short
-    of the best one."""
+    training images ``masked`` as ``corrupted`` is (a mask of the same kind), its accuracy on
+    ``corrupted``, the mean of ``seeds`` trainings. A restoration read by the evaluation's
+    classifier is itself a classifier of the known region: it can beat this only as far as
+    this recipe falls short of the best one."""
     from ldmflow.training import features
 
-    images, classes = training
-    masked = corruptions(images)[corruption][0]
     accuracies = []
     for seed in range(seeds):
         model = features.fit_classifier(masked, classes, int(classes.max()) + 1, seed=seed)
@@ -284,7 +282,8 @@ def bench_dataset(name: str, args, root: Path, figure: dict) -> None:
 
     models = train_models(name, args, root)
     clean, labels = held_out(name, args.train, args.held_out)
-    training = held_out(name, 0, args.train)
+    training, classes = held_out(name, 0, args.train)
+    masked_training = corruptions(training)
     real_features = models.features(features.to_uint8(clean))
     print(f"\n{name}: {len(clean)} held-out images, restored without their label\n")
     print("| corruption | method | accuracy | MAE (grey levels) | known Δmax outside band | FD | s/image |")
@@ -295,7 +294,8 @@ def bench_dataset(name: str, args, root: Path, figure: dict) -> None:
     for corruption, (corrupted, mask) in corruptions(clean).items():
         if mask is not None:
             print(f"| {corruption} | known region, read by a classifier trained on it | "
-                  f"{read_from_known(training, corruption, corrupted, labels):.3f} | | | | |", flush=True)
+                  f"{read_from_known(masked_training[corruption][0], classes, corrupted, labels):.3f} | | | | |",
+                  flush=True)
         rows = [("as given", corrupted, 0.0)]
         for label, (sampler, fields, attributes) in methods(args, models, mask is None).items():
             saved = {key: getattr(sampler, key) for key in attributes}

@@ -195,8 +195,6 @@ def _open_log(path: Path) -> int | None:
 
 def _write_all(fd: int, data: bytes) -> None:
     """All of ``data`` to ``fd``; what it refuses (a closed reader, a full disk) is dropped."""
-    try:
+    with contextlib.suppress(OSError):
         while data:
             data = data[os.write(fd, data):]
-    except OSError:
-        pass
