@@ -9,6 +9,8 @@ A model folder holds everything sampling needs and nothing pickled::
     unet/            the EMA UNet (diffusers' config.json + safetensors)
     autoencoder/     a copy of the autoencoder folder (:mod:`ldmflow.model.autoencoders`): the
                      decoder (and encoder, for editing and inpainting) with its scale factor
+    label_reader/    class models, where one is trained: the classifier of masked latents that
+                     picks an inpainting's labels (:mod:`ldmflow.model.label_reader`)
 
 A registered model version is an MLflow pyfunc model (:mod:`ldmflow.registry.models`) whose
 ``data/ldm`` is that folder, loaded by :mod:`ldmflow.registry.pyfunc` without unpickling
@@ -64,6 +66,7 @@ class ModelInfo:
     lineage: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the diffusion stage's config
     inpainting: bool = False  # the UNet takes ldmflow.model.inpainting's extra input channels
+    label_reader: bool = False  # the folder holds a label reader (ldmflow.model.label_reader)
     kind: str = KIND
     version: int = VERSION
 
@@ -73,10 +76,17 @@ class ModelInfo:
         return len(self.class_names or ())
 
 
-def save(folder: str | Path, unet, autoencoder_folder: str | Path, info: ModelInfo) -> None:
-    """Write the UNet, a copy of the autoencoder folder, and ``ldmflow.json`` into ``folder``."""
+def save(folder: str | Path, unet, autoencoder_folder: str | Path, info: ModelInfo, reader=None) -> None:
+    """Write the UNet, a copy of the autoencoder folder, the label reader (where ``info`` says
+    there is one) and ``ldmflow.json`` into ``folder``."""
+    from ldmflow.model import label_reader
+
+    if info.label_reader != (reader is not None):
+        raise ValueError("save: info.label_reader says whether a label reader is given")
     folder = Path(folder)
     unet.save_pretrained(folder / UNET, safe_serialization=True)
+    if reader is not None:
+        label_reader.save(folder, reader)
     shutil.copytree(autoencoder_folder, folder / AUTOENCODER, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns(".*"))
     (folder / META).write_text(json.dumps(asdict(info), indent=2, sort_keys=True) + "\n")
@@ -103,6 +113,13 @@ def read_info(folder: str | Path) -> ModelInfo:
         return {**body, "defaults": SamplerDefaults(**body.get("defaults", {}))}
 
     return meta.read(Path(folder) / META, KIND, VERSION, ModelInfo, ModelError, prepare)
+
+
+def load_reader(folder: str | Path, info: ModelInfo, device: str = "cpu"):
+    """The label reader of a model folder, in eval mode on ``device``; None where it has none."""
+    from ldmflow.model import label_reader
+
+    return label_reader.load(model_folder(folder), device) if info.label_reader else None
 
 
 def load_parts(folder: str | Path, device: str = "cpu"):

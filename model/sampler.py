@@ -31,8 +31,10 @@ from ldmflow.model.text_encoder import SentenceEncoder
 class Sampler:
     """A diffusion model ready to sample: UNet, autoencoder and the facts of ``ldmflow.json``."""
 
-    def __init__(self, unet, vae, info: model_format.ModelInfo, *, device: str = "cpu", text_encoder=None) -> None:
+    def __init__(self, unet, vae, info: model_format.ModelInfo, *, device: str = "cpu", text_encoder=None,
+                 label_reader=None) -> None:
         self.unet = unet.to(device).eval()
+        self.label_reader = None if label_reader is None else label_reader.to(device).eval()
         self.vae = vae.to(device).eval()
         self.info = info
         self.device = device
@@ -45,7 +47,7 @@ class Sampler:
     def from_folder(cls, folder, device: str = "cpu") -> "Sampler":
         """From a model folder or an MLflow model folder wrapping one."""
         unet, vae, info = model_format.load_parts(folder, device)
-        return cls(unet, vae, info, device=device)
+        return cls(unet, vae, info, device=device, label_reader=model_format.load_reader(folder, info, device))
 
     # -- what a request may ask for ---------------------------------------------------
 
@@ -167,9 +169,9 @@ class Sampler:
             init_latent = self.encode(init)
         pixel_mask, known, plan, extra = self._inpainting(jobs, init_latent if init is not None else noise)
         cond, null = self._conditioning(jobs)
-        labels, sampling_gens = None, gens
+        labels, prior, sampling_gens = None, None, gens
         if first.mode == "inpaint" and first.infer_label:  # a completion under each finalist label, the best kept
-            labels = self._finalists(init_latent, 1 - self.latent_mask(pixel_mask), gens)
+            labels, prior = self._finalists(init_latent, 1 - self.latent_mask(pixel_mask), gens)
             count = labels.shape[1]
             cond, null = {"class_labels": labels.T.reshape(-1)}, {"class_labels": null["class_labels"].repeat(count)}
             noise, guidance = noise.repeat(count, 1, 1, 1), guidance.repeat(count, 1, 1, 1)
@@ -199,7 +201,7 @@ class Sampler:
             guidance=guidance, generator=sampling_gens, start_step=start_step, known=known, known_noise=known_noise,
             plan=plan, on_step=on_step)
         if labels is not None:
-            images = self._best_completions(latents, labels, init, pixel_mask, gens)
+            images = self._best_completions(latents, labels, init, pixel_mask, gens, prior)
         else:
             images = self.decode(latents)
         if pixel_mask is not None:  # the known pixels are the input's own, fading in over a thin band
@@ -219,20 +221,26 @@ class Sampler:
         labels[index.to(labels.device)] = found.to(labels.device)
         return labels
 
-    def _finalists(self, latents: torch.Tensor, kept: torch.Tensor, gens) -> torch.Tensor:
+    def _finalists(self, latents: torch.Tensor, kept: torch.Tensor, gens) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, k) the labels an inpainting's latents fit best on its ``kept`` cells, each to
-        inpaint under (:func:`~ldmflow.model.self_classifier.finalists`)."""
-        return self_classifier.finalists(self.label_probe(latents), self.schedule, latents, kept,
-                                         len(self.info.class_names or ()), gens)[0]
+        inpaint under, found by the UNet's probe, with the label reader where the model has one,
+        and the weight the reader has in choosing among them (B, k; None without a reader):
+        :mod:`~ldmflow.model.self_classifier`."""
+        errors = self_classifier.probe(self.label_probe(latents), self.schedule, latents, kept,
+                                       len(self.info.class_names or ()), gens)
+        if self.label_reader is not None:
+            return self_classifier.read_finalists(self.label_reader, errors, latents, kept)
+        return errors.topk(min(self_classifier.FINALISTS, errors.shape[1]), dim=1, largest=False).indices, None
 
     def _best_completions(self, completions: torch.Tensor, labels: torch.Tensor, init: torch.Tensor,
-                          pixel_mask: torch.Tensor, gens) -> torch.Tensor:
+                          pixel_mask: torch.Tensor, gens, prior: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) decoded, of the k·B ``completions`` (label-major: image i's under
         ``labels[i, j]`` at row j·B + i), the one per image its label explains best. Each is
         decoded, put under the input's known pixels and encoded again, and measured on the
         cells mostly known (:func:`~ldmflow.model.inpainting.mostly_known`): the cells along
         the mask's edge, part known, part the completion's, are where a continuation fits its
-        label or does not, and the sampling counted them as unknown."""
+        label or does not, and the sampling counted them as unknown. ``prior``: the reader's
+        log-probabilities of the labels, weighed in (:func:`~ldmflow.model.self_classifier.combined`)."""
         batch = len(labels)
         count = len(completions) // batch
         decoded = self.decode(completions)
@@ -240,7 +248,7 @@ class Sampler:
         composites = self.encode(hole * decoded + (1 - hole) * init.to(decoded.device).repeat(count, 1, 1, 1))
         cells = inpainting.mostly_known(pixel_mask, self.info.latent_shape[1:])
         best = self_classifier.best_completions(self.label_probe(composites[:batch]), self.schedule, composites,
-                                                cells, labels, gens)
+                                                cells, labels, gens, prior)
         return decoded[best.to(decoded.device) * batch + torch.arange(batch, device=decoded.device)]
 
     def label_probe(self, latents: torch.Tensor):

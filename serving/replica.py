@@ -307,6 +307,7 @@ class SamplerServer:
             "conditioning": info.conditioning, "class_names": info.class_names, "resolution": info.resolution,
             "defaults": asdict(info.defaults), "lineage": {**info.lineage, "autoencoder": info.autoencoder},
             "tags": model.tags, "loaded_at": model.loaded_at, "inpainting": info.inpainting,
+            "label_reader": info.label_reader,
             "inpainting_model": None if self.inpainter is None else {
                 "uri": self.inpainter.uri, "name": self.inpainter.name, "version": self.inpainter.version},
             "limits": {"max_steps": self.config.max_steps, "max_images": self.config.max_images,

@@ -143,8 +143,8 @@ def digits16(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def digits_model(ray_local, digits16, tmp_path_factory):
     """A small but trained model of the 16-px digits, registered as ``test-digits`` version 1:
-    autoencoder → latents (Ray Data's encoder actors) → diffusion UNet, both trainings in Ray
-    Train's local mode (``workers=0``: the loops' logic, not their distribution, which
+    autoencoder → latents (Ray Data's encoder actors) → diffusion UNet and its label reader, both
+    trainings in Ray Train's local mode (``workers=0``: the loops' logic, not their distribution, which
     test_train and test_cluster test). Shared by the registry, evaluation, serving, CLI,
     fine-tuning and text-model tests."""
     from ldmflow.data.precompute import PrecomputeConfig
@@ -160,7 +160,8 @@ def digits_model(ray_local, digits16, tmp_path_factory):
     precompute_flow(digits16, latents, ae.model_uri, PrecomputeConfig(actors=1), progress=False)
     return train(latents, training_config(DiffusionConfig, 
         steps=300, batch_size=32, workers=0, lr=2e-3, warmup_steps=20, checkpoint_every=300, log_every=50,
-        sample_steps=10, shuffle_buffer=100, experiment="test-digits", model_name="test-digits"), progress=False)
+        sample_steps=10, shuffle_buffer=100, label_reader_steps=300, experiment="test-digits",
+        model_name="test-digits"), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,16 @@ from PIL import Image
 
 def training_config(cls, **fields):
     """A training stage's config (``DiffusionConfig``, ``AutoencoderConfig``) from flat fields,
-    those of its ``ray_train:`` section (workers, checkpoint cadence, loader…) put there."""
+    those of its ``ray_train:`` section (workers, checkpoint cadence, loader…) put there; a
+    diffusion config trains no label reader unless ``label_reader_steps`` is given."""
     import dataclasses
 
     from ldmflow.training.stage_configs import RayTrainConfig
 
+    from ldmflow.training.stage_configs import DiffusionConfig
+
+    if cls is DiffusionConfig:  # a class model's label reader only where a test asks for one: minutes saved
+        fields.setdefault("label_reader_steps", 0)
     ray_train = {f.name: fields.pop(f.name) for f in dataclasses.fields(RayTrainConfig) if f.name in fields}
     return cls(**fields, ray_train=RayTrainConfig(**ray_train))
 

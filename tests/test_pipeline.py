@@ -20,7 +20,7 @@ shard: {{resolution: 16, shard_size: 100, limit: 300}}
 autoencoder: {{steps: 30, batch_size: 32, ray_train: {{workers: 0, checkpoint_every: 30, log_every: 10}}, scale_samples: 64,
               model_name: pipe-autoencoder, experiment: pipe}}
 precompute: {{actors: 1}}
-train: {{steps: 60, batch_size: 32, sample_steps: 5, experiment: pipe, model_name: pipe-model,
+train: {{steps: 60, batch_size: 32, sample_steps: 5, label_reader_steps: 100, experiment: pipe, model_name: pipe-model,
         ray_train: {{workers: 1, checkpoint_every: 20, log_every: 10, shuffle_buffer: 50,
                     checkpoint_storage: "{bucket}/checkpoints"}}}}
 evaluate: {{num_samples: 30, reference_samples: 100, steps: 5, kid_subset_size: 20, kid_subsets: 5}}

@@ -116,6 +116,7 @@ def test_edit_and_inpaint(server):
     assert (pixels(zero_shot["images"][0])[:, : 8 - band] == pixels(image)[:, : 8 - band]).all()
     _, model = call(server, "/v1/model", method="GET")
     assert model["inpainting"] is False and model["inpainting_model"]["name"] == "test-inpainting"
+    assert model["label_reader"] is True  # the digits model is trained with one
     # A noisy image restored at the strength its noise asks for.
     noisy = np.clip(pixels(image) + np.random.default_rng(0).normal(0, 60, (16, 16, 1)), 0, 255).astype(np.uint8)
     status, restored = call(server, "/v1/edit", {"image": b64(helpers.encode(Image.fromarray(noisy))),

@@ -91,6 +91,10 @@ class DiffusionConfig:
         description="a model trained for inpainting: the UNet also takes the known latents and the mask as input "
                     "channels, trained on random masks (boxes, bands, strokes, the whole image); with `init_from` a "
                     "plain model it starts from that model's weights")] = False
+    label_reader_steps: Annotated[int, Field(
+        ge=0, description="class models: steps of the label reader trained after the UNet, on the driver: a small "
+                          "classifier of masked latents that picks the labels an inpainting without a label is drawn "
+                          "under (docs/editing.md); 0: none, the UNet's own probe picks them")] = 3000
     noise: Annotated[schedules.NoiseSchedule, Field(
         description="the noise schedule (table below)")] = field(default_factory=schedules.NoiseSchedule)
     loss_weighting: Annotated[Literal["uniform", "min_snr"], Field(description="`uniform` or `min_snr`")] = "min_snr"
@@ -134,7 +138,7 @@ class DiffusionConfig:
 
 
 def model_info(config: DiffusionConfig, latent_shape, class_names, scale_factor: float, vae, *,
-               autoencoder: dict, lineage: dict) -> model_format.ModelInfo:
+               autoencoder: dict, lineage: dict, label_reader: bool = False) -> model_format.ModelInfo:
     """What ``ldmflow.json`` says of a model trained with ``config``."""
     latent_shape = [int(x) for x in latent_shape]
     return model_format.ModelInfo(
@@ -147,6 +151,7 @@ def model_info(config: DiffusionConfig, latent_shape, class_names, scale_factor:
         text_encoder=model_format.TEXT_ENCODER if config.conditioning == "text" else None,
         defaults=model_format.SamplerDefaults(config.sampler, config.sample_steps, config.guidance),
         inpainting=config.inpainting,
+        label_reader=label_reader,
         autoencoder=autoencoder,
         lineage=lineage,
         config=configs.to_dict(config),

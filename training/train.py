@@ -1,6 +1,7 @@
 """The diffusion stage's driver: check the latents' lineage, run the worker loop
-(:mod:`ldmflow.training.diffusion_loop`) on Ray Train, then write the EMA model folder, draw
-its sample grid, and register it in MLflow with the alias ``candidate``.
+(:mod:`ldmflow.training.diffusion_loop`) on Ray Train, train a class model's label reader
+(:mod:`ldmflow.training.label_reader`), then write the EMA model folder, draw its sample grid,
+and register it in MLflow with the alias ``candidate``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ldmflow.model import autoencoders, grids, model_format, text_encoder, unets
 from ldmflow.model.sampler import Sampler
 from ldmflow.registry import models, runs, tracking
 from ldmflow.state import state_dir
-from ldmflow.training import checkpoints, launch
+from ldmflow.training import checkpoints, label_reader, launch
 from ldmflow.training.stage_configs import DiffusionConfig, model_info
 
 
@@ -101,10 +102,18 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     lineage = {"run_id": run_id, "latents": latents_url, "latent_manifest_sha256": manifest_sha,
                "image_dataset": manifest.image_dataset, "image_manifest_sha256": manifest.image_manifest_sha256,
                **({"parent_model": parent.uri} if parent else {})}
+    reader = None
+    if config.conditioning == "class" and config.label_reader_steps:
+        if progress:
+            print(f"train: the label reader, {config.label_reader_steps} steps on this machine", flush=True)
+        reader = label_reader.train_reader(urls, [shard.num_samples for shard in manifest.shards], manifest.latent_shape,
+                                           len(manifest.class_names or ()), vae_info.scale_factor,
+                                           config.label_reader_steps, seed=config.seed,
+                                           shuffle_buffer=config.ray_train.shuffle_buffer)
     info = model_info(config, manifest.latent_shape, manifest.class_names, vae_info.scale_factor, vae,
-                      autoencoder=vars(manifest.autoencoder), lineage=lineage)
+                      autoencoder=vars(manifest.autoencoder), lineage=lineage, label_reader=reader is not None)
     model_folder = out / "model"
-    model_format.save(model_folder, ema, vae_folder, info)
+    model_format.save(model_folder, ema, vae_folder, info, reader)
     grid, images = grids.sample_grid(Sampler(ema, vae, info), prompts)
     grid_path = out / "samples.png"
     grid.save(grid_path)
