@@ -102,14 +102,7 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
     lineage = {"run_id": run_id, "latents": latents_url, "latent_manifest_sha256": manifest_sha,
                "image_dataset": manifest.image_dataset, "image_manifest_sha256": manifest.image_manifest_sha256,
                **({"parent_model": parent.uri} if parent else {})}
-    reader = None
-    if config.conditioning == "class" and config.label_reader_steps:
-        if progress:
-            print(f"train: the label reader, {config.label_reader_steps} steps on this machine", flush=True)
-        reader = label_reader.train_reader(urls, [shard.num_samples for shard in manifest.shards], manifest.latent_shape,
-                                           len(manifest.class_names or ()), vae_info.scale_factor,
-                                           config.label_reader_steps, seed=config.seed,
-                                           shuffle_buffer=config.ray_train.shuffle_buffer)
+    reader = train_reader(config, urls, manifest, vae_info.scale_factor, progress)
     info = model_info(config, manifest.latent_shape, manifest.class_names, vae_info.scale_factor, vae,
                       autoencoder=vars(manifest.autoencoder), lineage=lineage, label_reader=reader is not None)
     model_folder = out / "model"
@@ -130,6 +123,19 @@ def train(latents_url: str, config: DiffusionConfig, *, storage_path: str | None
         client.log_metric(run_id, key, value, model_id=registered.model_id)
     client.set_terminated(run_id)
     return TrainedDiffusion(model_folder, run_id, registered.uri, metrics, grid_path)
+
+
+def train_reader(config: DiffusionConfig, urls: list[str], manifest: latent_shards.LatentManifest,
+                 scale_factor: float, progress: bool):
+    """A class model's label reader (:mod:`ldmflow.training.label_reader`), trained here on
+    the driver; None for other models or ``label_reader_steps: 0``."""
+    if config.conditioning != "class" or not config.label_reader_steps:
+        return None
+    if progress:
+        print(f"train: the label reader, {config.label_reader_steps} steps on this machine", flush=True)
+    return label_reader.train_reader(urls, [shard.num_samples for shard in manifest.shards], manifest.latent_shape,
+                                     len(manifest.class_names or ()), scale_factor, config.label_reader_steps,
+                                     seed=config.seed, shuffle_buffer=config.ray_train.shuffle_buffer)
 
 
 @dataclass(frozen=True)
