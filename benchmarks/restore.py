@@ -3,7 +3,8 @@ their label, and judged by the evaluation's domain classifier.
 
 For each dataset (``builtin:digits``, and MNIST at 32 px) the pipeline's stages train, on
 the first ``--train`` images only, an autoencoder, a class model and, from that model's
-weights, a model trained for inpainting (``inpainting: true``, ``--init-from``). The next
+weights, a model trained for inpainting (``inpainting: true``, ``--init-from``), each
+with its label reader (``--reader-steps``). The next
 ``--held-out`` images, never seen in training, are corrupted:
 
 - ``noise 0.2`` and ``noise 0.35``: Gaussian noise of that σ on [0, 1], the same on every
@@ -14,9 +15,11 @@ Each is restored without its label: unconditionally (the model's null class), or
 label the model infers from the image itself (:mod:`ldmflow.model.self_classifier`). Noise
 by SDEdit at fixed strengths and at the strength ``mode: restore`` chooses; masks by
 zero-shot inpainting as it was first (a hard composite, unconditional), as it is now
-(feathered composite, label inferred: a completion under each finalist label, the best
-kept) and by the inpainting model; the same two under the label the probe alone finds (the
-inference before analysis by synthesis, "label probed"); and for reference, the
+(feathered composite, label inferred: a completion under each of the finalist labels the
+model's label reader finds, the one the UNet's error and the reader agree on best kept) and
+by the inpainting model; the same two with the finalists found and judged by the UNet alone
+("without the reader", :mod:`ldmflow.model.label_reader`), and under the label the probe
+alone finds (the inference before analysis by synthesis, "label probed"); and for reference, the
 restoration and the zero-shot inpainting given the true label. Per corruption and
 method it prints the classifier's accuracy on the original label, the mean error against
 the original and (masks) the largest error on the known pixels outside the 2-pixel
@@ -89,6 +92,7 @@ def train_models(name: str, args, root: Path) -> Models:
         progress=False)
     precompute_flow(shards, latents, ae.model_uri, PrecomputeConfig(batch_size=64), progress=False)
     run = dict(batch_size=64, workers=args.workers, log_every=50, sample_steps=25, experiment="bench-restore")
+    run = dict(run, label_reader_steps=args.reader_steps)
     plain = train(latents, training_config(
         DiffusionConfig, **run, steps=args.steps, lr=1e-3, warmup_steps=50, checkpoint_every=args.steps,
         model_name=f"bench-{name}"), progress=False)
@@ -239,7 +243,7 @@ def scores(models: Models, restored, clean, labels, mask, real_features, seconds
             "s": seconds / len(restored)}
 
 
-NOT_IN_FIGURE = ("margin", "jumps", "grown", "true", "probed")  # words of the sweep's and the references' rows
+NOT_IN_FIGURE = ("margin", "jumps", "grown", "true", "probed", "without")  # words of the sweep's and the references' rows
 
 
 def methods(args, models: Models, noisy: bool) -> dict[str, tuple[object, dict, dict]]:
@@ -263,9 +267,12 @@ def methods(args, models: Models, noisy: bool) -> dict[str, tuple[object, dict, 
         "zero-shot, unconditional": (models.plain, {"jump_count": 1, **unconditional}, now),
         "zero-shot, label probed": (models.plain, {"jump_count": 1, "probed_label": True}, now),
         "zero-shot, label inferred": (models.plain, {"jump_count": 1}, now),
+        "zero-shot, label inferred without the reader": (models.plain, {"jump_count": 1},
+                                                         {**now, "label_reader": None}),
         "inpainting model, unconditional": (models.inpainting, unconditional, now),
         "inpainting model, label probed": (models.inpainting, {"probed_label": True}, now),
         "inpainting model, label inferred": (models.inpainting, {}, now),
+        "inpainting model, label inferred without the reader": (models.inpainting, {}, {**now, "label_reader": None}),
         "zero-shot, true label given": (models.plain, {"jump_count": 1, "true_label": True}, now),
     }
     if args.sweep:
@@ -360,6 +367,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="the class model's")
     parser.add_argument("--inpainting-steps", type=int, default=1000,
                         help="the inpainting model's, from the class model")
+    parser.add_argument("--reader-steps", type=int, default=3000, help="each model's label reader's")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--figure", default="", help="write the restorations of the first dataset here (PNG)")
     parser.add_argument("--figure-images", type=int, default=6)
