@@ -230,7 +230,7 @@ class Sampler:
                                        len(self.info.class_names or ()), gens)
         if self.label_reader is not None:
             return self_classifier.read_finalists(self.label_reader, errors, latents, kept)
-        return errors.topk(min(self_classifier.FINALISTS, errors.shape[1]), dim=1, largest=False).indices, None
+        return self_classifier.lowest(errors).indices, None
 
     def _best_completions(self, completions: torch.Tensor, labels: torch.Tensor, init: torch.Tensor,
                           pixel_mask: torch.Tensor, gens, prior: torch.Tensor | None = None) -> torch.Tensor:

@@ -56,9 +56,13 @@ def finalists(denoiser: Callable, schedule: schedules.NoiseSchedule, latents: to
     """The :data:`FINALISTS` labels (B, k) that denoise each of ``latents`` (B, C, h, w) best
     where ``known`` (B, 1, h, w) is 1, best first, and their errors (B, k); the noise of image
     i is drawn from ``generators[i]``. ``denoiser`` is called as a UNet is, with ``class_labels``."""
-    errors = probe(denoiser, schedule, latents, known, num_classes, generators)
-    best = errors.topk(min(FINALISTS, num_classes), dim=1, largest=False)
+    best = lowest(probe(denoiser, schedule, latents, known, num_classes, generators))
     return best.indices, best.values
+
+
+def lowest(scores: torch.Tensor):
+    """The :data:`FINALISTS` lowest of each row of ``scores`` (B, classes): ``.indices``, ``.values``."""
+    return scores.topk(min(FINALISTS, scores.shape[1]), dim=1, largest=False)
 
 
 @torch.no_grad()
@@ -79,8 +83,7 @@ def read_finalists(reader: torch.nn.Module, errors: torch.Tensor, latents: torch
     log-probabilities of them (B, k) where it is sure (its likeliest label above
     :data:`SURE`), else zeros: the weight it has in choosing among their completions."""
     log_probs = reader(inpainting.conditioning_channels(latents, 1 - known)).log_softmax(dim=1).to(errors.device)
-    ranked = combined(errors, log_probs, FINALIST_READER_WEIGHT).topk(min(FINALISTS, errors.shape[1]), dim=1,
-                                                                       largest=False).indices
+    ranked = lowest(combined(errors, log_probs, FINALIST_READER_WEIGHT)).indices
     sure = log_probs.max(dim=1, keepdim=True).values.exp() > SURE
     return ranked, log_probs.gather(1, ranked) * sure
 

@@ -16,9 +16,7 @@ def training_config(cls, **fields):
     diffusion config trains no label reader unless ``label_reader_steps`` is given."""
     import dataclasses
 
-    from ldmflow.training.stage_configs import RayTrainConfig
-
-    from ldmflow.training.stage_configs import DiffusionConfig
+    from ldmflow.training.stage_configs import DiffusionConfig, RayTrainConfig
 
     if cls is DiffusionConfig:  # a class model's label reader only where a test asks for one: minutes saved
         fields.setdefault("label_reader_steps", 0)
